@@ -1,0 +1,285 @@
+"""QLoRA supervised fine-tuning of a causal LM, end to end, in one script.
+
+Edit the constants below, or override any of them on the command line as --NAME=value, then run
+    python Fine-tuning/01_Train.py
+Flow: config -> validate -> plan -> data -> model -> train -> save -> merge -> metadata.
+The output is one tagged directory under OUTPUT_ROOT (see docs/QLoRA.md).
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from config_utils import ConfigError, apply_overrides, validate_config  # noqa: E402
+from data_utils import get_dataset_spec, load_rows, split_rows, to_sft_dataset  # noqa: E402
+from quantization_utils import QuantMethod, build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration: every name here can be overridden as --NAME=value
+_names_before_config = set(globals())
+# -- model and data
+MODEL_NAME = "Qwen/Qwen3-0.6B"  # hub id or local directory (safetensors weights)
+DATASET_CHOICE = "openmath"  # openmath | squad
+DATASET_PATH = None  # None = the hub dataset; else a local .jsonl/.json/.parquet/.csv in DATASET_CHOICE's schema
+max_train_samples = 20000  # rows read from the dataset (hub datasets are streamed, so only these download)
+eval_samples = 64  # held-out rows (same seed -> same split): eval loss and the merge check
+trust_remote_code = False  # True runs Python code shipped with the model repo: only for repos you trust
+# -- quantization
+QUANT_METHOD = "QLORA"  # QLORA (4-bit NF4 + double quant base, bf16 compute) | NONE (bf16 base)
+# -- adapters
+PEFT_CONFIG = "LoRa"  # LoRa | DoRa | Full (full fine-tuning); QLORA always uses LoRa
+lora_r = 256  # rank: higher = more trainable params and memory (Qwen3-0.6B, 7 projections: r=64 ~40M, r=256 ~161M)
+lora_alpha = 16  # LoRA scale is lora_alpha / lora_r
+lora_dropout = 0.05  # dropout on the adapter input, [0, 1)
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # names or globs
+# -- training
+per_device_train_batch_size = 1  # sequences per step per device; memory grows with it
+gradient_accumulation_steps = 16  # effective batch = batch size * this
+gradient_checkpointing = True  # recompute activations in backward: less memory, ~30% slower steps
+learning_rate = 2e-4  # AdamW peak learning rate (linear decay)
+num_train_epochs = 1.0  # used when max_steps is -1
+max_steps = -1  # > 0 stops after this many optimizer steps; -1 = run num_train_epochs
+max_seq_length = 1024  # tokens per example; longer ones are truncated
+optim = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit | adamw_torch | adamw_bnb_8bit | adafactor
+logging_steps = 10  # log the loss every this many optimizer steps
+seed = 42  # data split, adapter init and shuffling
+# -- output
+OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
+if_output_exists = "refuse"  # refuse | suffix (write NAME-2, NAME-3, ... beside the existing one)
+merge_after_train = True  # True: merged bf16 model + adapter/; False: adapter only (research mode)
+merge_base = "dequantized"  # dequantized (the NF4 weights the adapter was trained on) | original | auto
+keep_lm_head_fp16 = False  # True: save lm_head in fp16 (untied from the embedding); needs merge_after_train
+merge_check_max_kl = 1e-3  # mean KL(trained || merged) per token above which the merge is flagged
+# ----------------------------------------------------------------------------------------------------
+
+CONFIG_NAMES = [name for name in globals() if name not in _names_before_config and name != "_names_before_config"]
+OPTIONAL_TYPES = {"DATASET_PATH": str}
+
+log = logging.getLogger("train")
+
+
+def step(name: str, message: str, *args) -> None:
+    log.info(f"{name:<9}| {message}", *args)
+
+
+def resolve_output_dir(root: Path, name: str, policy: str) -> Path:
+    """The final directory for this run; never an existing one."""
+    final = root / name
+    if not final.exists():
+        return final
+    if policy == "refuse":
+        raise ConfigError(f"output directory {final} exists; remove it or set --if_output_exists=suffix")
+    if policy != "suffix":
+        raise ConfigError(f"if_output_exists={policy!r} is unknown; allowed: refuse, suffix")
+    n = 2
+    while (root / f"{name}-{n}").exists():
+        n += 1
+    return root / f"{name}-{n}"
+
+
+def check_model_source(cfg: dict) -> None:
+    """The model path/config exists and the sequence length fits it; reads config.json only, no weights."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(cfg["MODEL_NAME"], trust_remote_code=cfg["trust_remote_code"])
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"MODEL_NAME={cfg['MODEL_NAME']!r} cannot be loaded: {first_line}") from None
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and cfg["max_seq_length"] > context:
+        raise ConfigError(f"max_seq_length={cfg['max_seq_length']} exceeds the model's context of {context} tokens")
+
+
+def tokenize_for_check(tokenizer, examples, max_length: int):
+    """Held-out prompt+completion pairs as single-sequence batches for the merge check."""
+    batches = []
+    for example in examples:
+        text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+        encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
+        batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    return batches
+
+
+def library_versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in
+            ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")}
+
+
+def main(argv=None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    started = time.time()
+
+    # ---- config -------------------------------------------------------------------------------------
+    try:
+        cfg = apply_overrides({name: globals()[name] for name in CONFIG_NAMES},
+                              sys.argv[1:] if argv is None else list(argv), OPTIONAL_TYPES)
+        # ---- validate -------------------------------------------------------------------------------
+        validate_config(cfg)
+        method = QuantMethod.parse(cfg["QUANT_METHOD"])
+        if method is QuantMethod.QLORA and cfg["PEFT_CONFIG"] != "LoRa":
+            step("config", "QLORA trains LoRA adapters: PEFT_CONFIG=%s overridden to LoRa", cfg["PEFT_CONFIG"])
+            cfg["PEFT_CONFIG"] = "LoRa"
+        if cfg["DATASET_PATH"] is not None:
+            from data_utils import check_local_file
+
+            check_local_file(cfg["DATASET_PATH"])
+        check_model_source(cfg)
+        # ---- plan -----------------------------------------------------------------------------------
+        head_dtype = "fp16" if cfg["keep_lm_head_fp16"] else "bf16"
+        spec, bnb_config = build_quantization_plan(
+            method, lm_head_dtype=head_dtype, lora_r=cfg["lora_r"], merge_after_train=cfg["merge_after_train"])
+        peft_name = peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"])
+        root = Path(cfg["OUTPUT_ROOT"])
+        final_dir = resolve_output_dir(root, output_dir_name(cfg["MODEL_NAME"], cfg["DATASET_CHOICE"], peft_name, spec),
+                                       cfg["if_output_exists"])
+        step("config", "%s", json.dumps(cfg))
+        step("plan", "%s %s -> %s", method.value, peft_name, final_dir)
+        # ---- data -----------------------------------------------------------------------------------
+        rows = load_rows(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"], cfg["max_train_samples"] + cfg["eval_samples"])
+        train_rows, eval_rows = split_rows(rows, cfg["eval_samples"], cfg["seed"])
+    except (ConfigError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    train_data, eval_data = to_sft_dataset(train_rows, cfg["DATASET_CHOICE"]), to_sft_dataset(eval_rows, cfg["DATASET_CHOICE"])
+    step("data", "%s: %d train / %d held-out rows from %s", cfg["DATASET_CHOICE"], len(train_data), len(eval_data),
+         cfg["DATASET_PATH"] or get_dataset_spec(cfg["DATASET_CHOICE"]).hub_id)
+
+    # ---- model --------------------------------------------------------------------------------------
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint
+    from merge_utils import compare_logits, logits_on, merge_lora_dequantized, untie_lm_head
+    from model_utils import check_target_modules, load_causal_lm, load_tokenizer, pick_device, target_modules_regex
+
+    set_seed(cfg["seed"])
+    device = pick_device()
+    if device == "cpu":
+        step("model", "no CUDA device: running on CPU (bitsandbytes NF4 CPU kernels; paged optimizers run unpaged)")
+    else:
+        torch.cuda.reset_peak_memory_stats()
+    tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
+    model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"])
+    footprint = weight_footprint(model)
+    step("model", "%s loaded on %s: weights %.3f GB (bf16 would be %.3f GB, %.1f%% less)", cfg["MODEL_NAME"], device,
+         footprint["total_bytes"] / 1e9, footprint["bf16_bytes"] / 1e9,
+         100 * (1 - footprint["total_bytes"] / footprint["bf16_bytes"]))
+    if bnb_config is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg["gradient_checkpointing"],
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg["PEFT_CONFIG"] != "Full":
+        try:
+            check_target_modules(model, cfg["target_modules"])
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                          target_modules=target_modules_regex(cfg["target_modules"]), task_type="CAUSAL_LM",
+                          use_dora=cfg["PEFT_CONFIG"] == "DoRa")
+        model = get_peft_model(model, lora)
+    trainable, total = count_parameters(model)
+    step("model", "trainable params %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    # ---- train --------------------------------------------------------------------------------------
+    staging = root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    args = SFTConfig(
+        output_dir=str(staging / "checkpoints"), per_device_train_batch_size=cfg["per_device_train_batch_size"],
+        gradient_accumulation_steps=cfg["gradient_accumulation_steps"], learning_rate=cfg["learning_rate"],
+        num_train_epochs=cfg["num_train_epochs"], max_steps=cfg["max_steps"], max_length=cfg["max_seq_length"],
+        optim=cfg["optim"], logging_steps=cfg["logging_steps"], seed=cfg["seed"], bf16=True,
+        gradient_checkpointing=cfg["gradient_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="no", report_to=[], completion_only_loss=True, use_cpu=device == "cpu",
+        per_device_eval_batch_size=cfg["per_device_train_batch_size"],
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data,
+                         eval_dataset=eval_data if len(eval_data) else None, processing_class=tokenizer)
+    train_started = time.time()
+    result = trainer.train()
+    train_seconds = time.time() - train_started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    eval_loss = trainer.evaluate()["eval_loss"] if len(eval_data) else None
+    step("train", "%d steps in %.1fs, train loss %.4f, held-out loss %s", trainer.state.global_step, train_seconds,
+         result.training_loss, f"{eval_loss:.4f}" if eval_loss is not None else "n/a")
+
+    # ---- save ---------------------------------------------------------------------------------------
+    model = trainer.model
+    model.eval()
+    written = []
+    if cfg["PEFT_CONFIG"] != "Full":
+        model.save_pretrained(staging / "adapter")
+        written.append("adapter/")
+    tokenizer.save_pretrained(staging)
+
+    # ---- merge --------------------------------------------------------------------------------------
+    merge_check = None
+    if cfg["PEFT_CONFIG"] == "Full":
+        model.to(torch.bfloat16).save_pretrained(staging)
+        artifact = "full_bf16"
+    elif cfg["merge_after_train"]:
+        check_batches = tokenize_for_check(tokenizer, eval_data.select(range(min(8, len(eval_data)))), cfg["max_seq_length"])
+        trained_logits = logits_on(model, check_batches)
+        merged = model.merge_and_unload() if cfg["PEFT_CONFIG"] == "DoRa" else merge_lora_dequantized(model)
+        merged.to(torch.bfloat16)
+        if cfg["keep_lm_head_fp16"]:
+            untie_lm_head(merged, torch.float16)
+        merge_check = compare_logits(trained_logits, logits_on(merged, check_batches), check_batches)
+        merge_check["passed"] = merge_check["mean_kl"] <= cfg["merge_check_max_kl"]
+        step("merge", "%s merge: max |logit diff| %.4g, mean KL %.3g over %d held-out tokens -> %s", cfg["merge_base"],
+             merge_check["max_abs_logit_diff"], merge_check["mean_kl"], merge_check["tokens"],
+             "ok" if merge_check["passed"] else "ABOVE merge_check_max_kl: use adapter/ as the primary artifact")
+        merged.save_pretrained(staging)
+        head = str(merged.get_output_embeddings().weight.dtype).removeprefix("torch.")
+        if {"bfloat16": "bf16", "float16": "fp16"}[head] != spec.lm_head_dtype:
+            raise RuntimeError(f"merged lm_head is {head}, but the plan says {spec.lm_head_dtype}")
+        artifact = "merged_bf16" if merge_check["passed"] else "adapter_primary_merge_flagged"
+        written.append("model.safetensors")
+    else:
+        artifact = "adapter_only"
+
+    # ---- metadata -----------------------------------------------------------------------------------
+    peak = get_peak_vram_gb()
+    metadata = build_metadata(
+        spec,
+        base_model=cfg["MODEL_NAME"],
+        dataset={"name": cfg["DATASET_CHOICE"], "path": cfg["DATASET_PATH"], "train_rows": len(train_data),
+                 "eval_rows": len(eval_data), "split_seed": cfg["seed"]},
+        peft=peft_name,
+        artifact={"kind": artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None,
+                  "merged": artifact != "adapter_only", "merge_base": cfg["merge_base"] if merge_check else None},
+        parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
+        weights_footprint=footprint,
+        training={"steps": trainer.state.global_step, "train_loss": result.training_loss, "loss_curve": losses,
+                  "eval_loss": eval_loss, "train_seconds": round(train_seconds, 2)},
+        merge_check=merge_check,
+        peak_memory=peak,
+        config=cfg,
+        versions=library_versions(),
+        created_unix=int(time.time()),
+    )
+    shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+    (staging / "resolved_config.json").write_text(json.dumps(cfg, indent=2))
+    (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    os.replace(staging, final_dir)
+
+    peak_text = (f"{peak['overall_max_allocated_gb']} GB allocated / {peak['overall_max_reserved_gb']} GB reserved (CUDA)"
+                 if peak["device"] == "cuda" else f"{peak['peak_rss_gb']} GB peak RSS (no CUDA)")
+    step("done", "%.1fs total; peak memory %s; wrote %s (%s)", time.time() - started, peak_text, final_dir,
+         ", ".join(written + ["metadata.json"]))
+    return final_dir
+
+
+if __name__ == "__main__":
+    main()

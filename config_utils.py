@@ -1,0 +1,105 @@
+"""`--NAME=value` overrides of a script's constants, and validation of the resolved training config.
+
+One mechanism, strict: an unknown name, a malformed argument or a value of the wrong type is a
+`ConfigError` with one line saying what is wrong and what is allowed. Values are parsed, never
+evaluated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from data_utils import DATASETS
+from quantization_utils import QuantMethod
+
+PEFT_CHOICES = ("LoRa", "DoRa", "Full")
+MERGE_BASES = ("dequantized",)
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_bnb_8bit", "adafactor")
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line, fit to print as the run's only error."""
+
+
+def _parse_value(name: str, text: str, kind: type, optional: bool) -> Any:
+    if optional and text in ("None", "none", ""):
+        return None
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low not in _TRUE | _FALSE:
+                raise ValueError
+            return low in _TRUE
+        if kind is list:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        if kind is float:
+            return float(text)
+        return kind(text)
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number", list: "a comma-separated list",
+                    str: "a string"}[kind]
+        raise ConfigError(f"--{name}={text!r} is not {expected}" + (" (or None)" if optional else "")) from None
+
+
+def apply_overrides(defaults: Mapping[str, Any], argv: list[str],
+                    optional_types: Mapping[str, type] | None = None) -> dict[str, Any]:
+    """Return `defaults` with each `--NAME=value` of `argv` applied, typed like the default.
+
+    A constant whose default is None takes its type from `optional_types` and also accepts `None`.
+    """
+    optional_types = dict(optional_types or {})
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --NAME=value")
+        name, text = arg[2:].split("=", 1)
+        if name not in defaults:
+            raise ConfigError(f"unknown constant {name!r}; allowed: {', '.join(defaults)}")
+        default = defaults[name]
+        optional = default is None or name in optional_types
+        kind = optional_types.get(name) or type(default)
+        if kind is None or kind is type(None):
+            raise ConfigError(f"constant {name!r} has no declared type")
+        config[name] = _parse_value(name, text, kind, optional)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_config(cfg: Mapping[str, Any]) -> None:
+    """Check a resolved training config before anything loads: types, ranges and combinations."""
+    try:
+        QuantMethod.parse(cfg["QUANT_METHOD"])
+    except ValueError:
+        raise ConfigError(
+            f"QUANT_METHOD={cfg['QUANT_METHOD']!r} is not a training method; allowed: QLORA, NONE"
+        ) from None
+    _require(str(cfg["QUANT_METHOD"]).upper() in ("QLORA", "NONE"),
+             f"QUANT_METHOD={cfg['QUANT_METHOD']!r} is a post-training method (tools/quantize.py); "
+             "allowed here: QLORA, NONE")
+    _require(cfg["DATASET_CHOICE"] in DATASETS,
+             f"DATASET_CHOICE={cfg['DATASET_CHOICE']!r} is unknown; allowed: {', '.join(DATASETS)}")
+    _require(cfg["PEFT_CONFIG"] in PEFT_CHOICES,
+             f"PEFT_CONFIG={cfg['PEFT_CONFIG']!r} is unknown; allowed: {', '.join(PEFT_CHOICES)}")
+    for name in ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
+                 "max_seq_length", "max_train_samples", "save_steps", "logging_steps"):
+        if name in cfg:
+            _require(isinstance(cfg[name], int) and cfg[name] > 0, f"{name}={cfg[name]!r} must be an integer > 0")
+    _require(cfg["learning_rate"] > 0, f"learning_rate={cfg['learning_rate']!r} must be > 0")
+    _require(0 <= cfg["lora_dropout"] < 1, f"lora_dropout={cfg['lora_dropout']!r} must be in [0, 1)")
+    _require(cfg["eval_samples"] >= 0, f"eval_samples={cfg['eval_samples']!r} must be >= 0")
+    _require(cfg["max_steps"] == -1 or cfg["max_steps"] > 0,
+             f"max_steps={cfg['max_steps']!r} must be > 0, or -1 to run num_train_epochs")
+    _require(cfg["max_steps"] > 0 or cfg["num_train_epochs"] > 0,
+             f"num_train_epochs={cfg['num_train_epochs']!r} must be > 0 when max_steps is -1")
+    _require(len(cfg["target_modules"]) > 0, "target_modules is empty; give module names such as q_proj,v_proj")
+    _require(cfg["optim"] in OPTIMIZERS, f"optim={cfg['optim']!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
+    _require(cfg["merge_base"] in MERGE_BASES,
+             f"merge_base={cfg['merge_base']!r} is unknown; allowed: {', '.join(MERGE_BASES)}")
+    _require(not (cfg["keep_lm_head_fp16"] and not cfg["merge_after_train"]),
+             "keep_lm_head_fp16=True needs merge_after_train=True: an adapter-only output has no head of its own")
+    _require(cfg["OUTPUT_ROOT"] != "", "OUTPUT_ROOT is empty; give a directory")

@@ -1,0 +1,126 @@
+"""Model loading and LoRA targeting shared by the training script and the tools.
+
+Also builds small Qwen3-architecture models with a BPE tokenizer (trained with `tokenizers`) and a
+chat template, for tests and the demo: machines without hub access still run the real pipeline.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Iterable
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_causal_lm(model_name: str, quantization_config=None, device: str | None = None,
+                   trust_remote_code: bool = False, dtype=None):
+    """A causal LM from the hub or a local dir; 4-bit when `quantization_config` is given.
+
+    Safetensors only: pickle checkpoints can run code on load, so they are refused.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    return AutoModelForCausalLM.from_pretrained(
+        model_name,
+        quantization_config=quantization_config,
+        dtype=dtype or torch.bfloat16,
+        device_map={"": device},
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+
+
+def load_tokenizer(model_name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def target_modules_regex(patterns: Iterable[str]) -> str:
+    """peft `target_modules` regex for names ('q_proj': any module ending so) and globs
+    ('model.layers.*.self_attn.q_proj': full module names)."""
+    parts = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?[.") :
+            parts.append(fnmatch.translate(pattern).removeprefix("(?s:").removesuffix(")\\Z"))
+        else:
+            parts.append(rf"(.*\.)?{re.escape(pattern)}")
+    return "|".join(f"(?:{p})" for p in parts)
+
+
+def linear_module_names(model) -> list[str]:
+    """Full names of the Linear (incl. 4-bit / 8-bit) modules of a model, lm_head excluded."""
+    import torch
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")]
+
+
+def check_target_modules(model, patterns: Iterable[str]) -> list[str]:
+    """Module names the patterns select; an error naming the modules that exist if a pattern matches none."""
+    names = linear_module_names(model)
+    selected = set()
+    for pattern in patterns:
+        regex = re.compile(target_modules_regex([pattern]))
+        hits = [n for n in names if regex.fullmatch(n)]
+        if not hits:
+            kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise ValueError(f"target module {pattern!r} matches no Linear module; this model has: {', '.join(kinds)}")
+        selected.update(hits)
+    return sorted(selected)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, with Qwen-style chat special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_qwen3_model(out_dir: str | Path, tokenizer, seed: int = 0, **config_overrides):
+    """Save a randomly initialised Qwen3 causal LM (bf16, safetensors) and `tokenizer` into `out_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
+
+    config = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    config.update(config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Qwen3Config(**config), dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return model

@@ -1,0 +1,175 @@
+"""Quantization plans, output names, metadata and detection.
+
+Pure: no I/O, no printing, nothing read from globals. Every quantization method the project knows is
+one `QuantMethod` member plus one entry in `_PLAN_BUILDERS`; names, tags, metadata and detection all
+derive from the `QuantSpec` a builder returns, so adding a method (tools/quantize.py's PTQ ones) is
+one builder, not edits in several places.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+METADATA_SCHEMA_VERSION = 1
+
+# Short dtype names used in tags and metadata ("head{dtype}") <-> torch dtype attribute names.
+DTYPE_SHORT_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+class QuantMethod(str, enum.Enum):
+    """Every weight format an output directory of this project can hold."""
+
+    NONE = "NONE"  # plain bf16 weights, no quantization
+    QLORA = "QLORA"  # NF4 + double quant base during training (bitsandbytes), LoRA adapters on top
+
+    @classmethod
+    def parse(cls, value: str | QuantMethod) -> QuantMethod:
+        if isinstance(value, QuantMethod):
+            return value
+        try:
+            return cls(str(value).upper())
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown quantization method {value!r}; allowed: {allowed}") from None
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What a quantization method does to the weights, as recorded in metadata.json and the tag."""
+
+    method: QuantMethod
+    weights_bits: int
+    lm_head_dtype: str  # short name of the head's dtype in the saved artifact: bf16 | fp16 | fp32
+    backend: str  # library that stores/executes the format: bitsandbytes | torch | ...
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    tag_label: str = ""  # the method's word in the tag; defaults to method.value
+    tag_detail: str = ""  # e.g. "g128" for a group size, appended to w{bits}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method.value,
+            "weights_bits": self.weights_bits,
+            "lm_head_dtype": self.lm_head_dtype,
+            "backend": self.backend,
+            "extras": dict(self.extras),
+        }
+
+
+def short_dtype_name(dtype_name: str) -> str:
+    """'bfloat16' -> 'bf16'; short names pass through; anything else is an error."""
+    name = str(dtype_name).removeprefix("torch.")
+    if name in DTYPE_SHORT_NAMES.values():
+        return name
+    if name not in DTYPE_SHORT_NAMES:
+        raise ValueError(f"unsupported dtype {dtype_name!r}; allowed: {', '.join(DTYPE_SHORT_NAMES)}")
+    return DTYPE_SHORT_NAMES[name]
+
+
+def _plan_none(lm_head_dtype: str, **_: Any):
+    spec = QuantSpec(QuantMethod.NONE, 16, lm_head_dtype, "torch", {"dtype": "bfloat16"}, tag_label="BF16")
+    return spec, None
+
+
+def _plan_qlora(
+    lm_head_dtype: str,
+    lora_r: int | None = None,
+    merge_after_train: bool = True,
+    compute_dtype: str = "bfloat16",
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    quant_storage: str | None = None,
+    **_: Any,
+):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    extras = {
+        "double_quant": double_quant,
+        "base_quant_type": quant_type,
+        "compute_dtype": compute_dtype,
+        "lora_r": lora_r,
+        "merge_after_train": merge_after_train,
+    }
+    bnb_kwargs = dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+    )
+    if quant_storage is not None:  # FSDP needs the packed storage dtype to equal the model dtype
+        bnb_kwargs["bnb_4bit_quant_storage"] = getattr(torch, quant_storage)
+        extras["quant_storage"] = quant_storage
+    spec = QuantSpec(QuantMethod.QLORA, 4, lm_head_dtype, "bitsandbytes", extras)
+    return spec, BitsAndBytesConfig(**bnb_kwargs)
+
+
+_PLAN_BUILDERS: dict[QuantMethod, Callable[..., tuple[QuantSpec, Any]]] = {
+    QuantMethod.NONE: _plan_none,
+    QuantMethod.QLORA: _plan_qlora,
+}
+
+
+def build_quantization_plan(method: QuantMethod | str, *, lm_head_dtype: str = "bf16", **options: Any):
+    """Return `(spec, BitsAndBytesConfig | None)` for a method.
+
+    QLORA: 4-bit NF4, double quantization, bfloat16 compute. `lm_head_dtype` is the dtype the head will
+    have in the saved artifact (bitsandbytes never quantizes lm_head). Options a method does not use
+    are ignored, so callers can pass one set of options for every method.
+    """
+    method = QuantMethod.parse(method)
+    builder = _PLAN_BUILDERS.get(method)
+    if builder is None:
+        raise ValueError(f"{method.value} is a post-training method: use tools/quantize.py")
+    return builder(short_dtype_name(lm_head_dtype), **options)
+
+
+def quant_tag(spec: QuantSpec) -> str:
+    """'QLORA_w4_headbf16', 'BF16_w16_headbf16', 'GPTQ_w4g128_headbf16'."""
+    label = spec.tag_label or spec.method.value
+    return f"{label}_w{spec.weights_bits}{spec.tag_detail}_head{spec.lm_head_dtype}"
+
+
+def peft_tag(peft_config: str, lora_r: int) -> str:
+    """'LoRa' -> 'LoRa256', 'DoRa' -> 'DoRa256', 'Full' -> 'Full'."""
+    return peft_config if peft_config == "Full" else f"{peft_config}{lora_r}"
+
+
+def base_model_name(model_name: str) -> str:
+    """Last path component of a hub id or local path: 'Qwen/Qwen3-0.6B' -> 'Qwen3-0.6B'."""
+    name = re.split(r"[\\/]", str(model_name).rstrip("/\\"))[-1]
+    if not name:
+        raise ValueError(f"cannot take a model name from {model_name!r}")
+    return name
+
+
+def output_dir_name(model_name: str, dataset: str, peft: str, spec: QuantSpec, stage: str = "SFT") -> str:
+    """`{base_model}-{dataset}_{stage}_{peft}_{quant_tag}`, e.g. Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16."""
+    return f"{base_model_name(model_name)}-{dataset}_{stage}_{peft}_{quant_tag(spec)}"
+
+
+def build_metadata(spec: QuantSpec, **fields: Any) -> dict[str, Any]:
+    """metadata.json content: the spec's `quantization` block first, then the caller's fields."""
+    return {"schema_version": METADATA_SCHEMA_VERSION, "quantization": spec.to_dict(), **fields}
+
+
+def detect_quant_method(name: str | None = None, metadata: Mapping[str, Any] | None = None) -> QuantMethod | None:
+    """The method of an output directory: from its metadata when present, else from its name.
+
+    A name is read as `_`-separated words; a word equal to a method's value or tag label counts
+    ("...-openmath_SFT_LoRa256_QLORA_w4_headbf16" -> QLORA). Returns None when nothing matches.
+    """
+    if metadata:
+        method = (metadata.get("quantization") or {}).get("method")
+        if method is not None:
+            return QuantMethod.parse(method)
+    if name:
+        words = set(re.split(r"[_\-/\\]", str(name)))
+        for method in QuantMethod:
+            if method.value in words and method is not QuantMethod.NONE:
+                return method
+        if "BF16" in words:
+            return QuantMethod.NONE
+    return None

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny Qwen3 model the tests build themselves (no hub access needed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TRAIN_SCRIPT = ROOT / "Fine-tuning" / "01_Train.py"
+OPENMATH_SAMPLE = ROOT / "samples" / "openmath_sample.jsonl"
+SQUAD_SAMPLE = ROOT / "samples" / "squad_sample.jsonl"
+
+# Small and fast: a few QLoRA steps on CPU take seconds.
+FAST_TRAIN_ARGS = [
+    "--max_steps=12", "--per_device_train_batch_size=4", "--gradient_accumulation_steps=1",
+    "--learning_rate=2e-3", "--logging_steps=2", "--max_seq_length=128", "--eval_samples=16",
+    "--max_train_samples=200",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Qwen3 in a directory named like the real model, so output names match the spec."""
+    from tools.make_tiny_model import main as make_tiny_model
+
+    out = tmp_path_factory.mktemp("models") / "Qwen3-0.6B"
+    make_tiny_model([str(out)])
+    return out
+
+
+def run_train(args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run Fine-tuning/01_Train.py in a fresh process with --NAME=value overrides."""
+    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def run_python(code: str, timeout=300) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh interpreter (imports nothing from the test process)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=timeout)

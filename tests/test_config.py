@@ -1,0 +1,91 @@
+"""The --NAME=value override mechanism and config validation; bad input fails before any weights load."""
+
+import json
+import shutil
+
+import pytest
+
+from config_utils import ConfigError, apply_overrides, validate_config
+from conftest import OPENMATH_SAMPLE, run_train
+
+DEFAULTS = {"lora_r": 256, "learning_rate": 2e-4, "merge_after_train": True, "target_modules": ["q_proj"],
+            "MODEL_NAME": "Qwen/Qwen3-0.6B", "DATASET_PATH": None}
+
+
+def test_overrides_are_typed_like_their_defaults():
+    cfg = apply_overrides(DEFAULTS, ["--lora_r=64", "--learning_rate=1e-4", "--merge_after_train=false",
+                                     "--target_modules=q_proj,v_proj", "--DATASET_PATH=data.jsonl"],
+                          {"DATASET_PATH": str})
+    assert cfg["lora_r"] == 64 and cfg["learning_rate"] == 1e-4 and cfg["merge_after_train"] is False
+    assert cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["DATASET_PATH"] == "data.jsonl"
+    assert apply_overrides(cfg, ["--DATASET_PATH=None"], {"DATASET_PATH": str})["DATASET_PATH"] is None
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--lora_rank=8", "unknown constant 'lora_rank'; allowed: lora_r, learning_rate"),
+    ("--lora_r=eight", "--lora_r='eight' is not an integer"),
+    ("--merge_after_train=maybe", "is not true or false"),
+    ("lora_r=8", "is not of the form --NAME=value"),
+    ("--lora_r", "is not of the form --NAME=value"),
+])
+def test_bad_overrides_name_what_is_allowed(arg, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        apply_overrides(DEFAULTS, [arg])
+
+
+def _no_weights_model(tiny_model_dir, tmp_path):
+    """A model dir with config and tokenizer but no weights: any weight load would fail loudly."""
+    model = tmp_path / "Qwen3-0.6B"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").unlink()
+    return model
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--lora_r_typo=3", "unknown constant 'lora_r_typo'"),
+    ("--QUANT_METHOD=INT3", "QUANT_METHOD='INT3' is not a training method; allowed: QLORA, NONE"),
+    ("--lora_r=0", "lora_r=0 must be an integer > 0"),
+    ("--lora_r=-4", "lora_r=-4 must be an integer > 0"),
+    ("--DATASET_PATH=/nonexistent/rows.jsonl", "dataset file /nonexistent/rows.jsonl does not exist"),
+    ("--DATASET_CHOICE=imagenet", "DATASET_CHOICE='imagenet' is unknown; allowed: openmath, squad"),
+    ("--per_device_train_batch_size=0", "per_device_train_batch_size=0 must be an integer > 0"),
+    ("--max_seq_length=100000", "max_seq_length=100000 exceeds the model's context of 2048 tokens"),
+    ("--keep_lm_head_fp16=true", "keep_lm_head_fp16=True needs merge_after_train=True"),
+])
+def test_invalid_config_fails_before_loading_with_one_line(override, message, tiny_model_dir, tmp_path):
+    model = _no_weights_model(tiny_model_dir, tmp_path)
+    extra = ["--merge_after_train=false"] if "keep_lm_head" in override else []
+    out = tmp_path / "out"
+    result = run_train([f"--MODEL_NAME={model}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
+                        *extra, override])
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert "model.safetensors" not in result.stderr  # failed on the config, not on the missing weights
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_dataset_file_missing_schema_columns(tiny_model_dir, tmp_path):
+    model = _no_weights_model(tiny_model_dir, tmp_path)
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    out = tmp_path / "out"
+    result = run_train([f"--MODEL_NAME={model}", f"--DATASET_PATH={bad}", f"--OUTPUT_ROOT={out}"])
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: dataset file {bad} lacks the openmath columns ['problem', 'generated_solution', 'expected_answer']")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_defaults_validate():
+    import importlib.util
+
+    from conftest import TRAIN_SCRIPT
+    spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    defaults = {name: getattr(module, name) for name in module.CONFIG_NAMES}
+    validate_config(defaults)
+    assert defaults["MODEL_NAME"] == "Qwen/Qwen3-0.6B" and defaults["QUANT_METHOD"] == "QLORA"
+    assert defaults["lora_r"] == 256 and defaults["lora_alpha"] == 16 and defaults["optim"] == "paged_adamw_32bit"
+    assert defaults["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from quantization_utils import (QuantMethod, QuantSpec, build_metadata, build_quantization_plan, detect_quant_method,
+                                output_dir_name, peft_tag, quant_tag)
+
+
+def test_qlora_plan_is_nf4_double_quant_bf16_compute():
+    spec, bnb = build_quantization_plan("QLORA", lora_r=256, merge_after_train=True)
+    assert bnb.load_in_4bit and not bnb.load_in_8bit
+    assert bnb.bnb_4bit_quant_type == "nf4"
+    assert bnb.bnb_4bit_use_double_quant is True
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    assert spec.method is QuantMethod.QLORA and spec.weights_bits == 4 and spec.backend == "bitsandbytes"
+
+
+def test_none_plan_has_no_quantization_config():
+    spec, bnb = build_quantization_plan(QuantMethod.NONE)
+    assert bnb is None and spec.weights_bits == 16
+    assert quant_tag(spec) == "BF16_w16_headbf16"
+
+
+def test_quant_storage_option_reaches_bitsandbytes():
+    spec, bnb = build_quantization_plan("QLORA", quant_storage="bfloat16")
+    assert bnb.bnb_4bit_quant_storage == torch.bfloat16
+    assert spec.extras["quant_storage"] == "bfloat16"
+
+
+def test_metadata_block_matches_the_seed_field_for_field():
+    spec, _ = build_quantization_plan("QLORA", lora_r=256, merge_after_train=True)
+    meta = build_metadata(spec, base_model="Qwen/Qwen3-0.6B")
+    assert meta["quantization"] == {
+        "method": "QLORA", "weights_bits": 4, "lm_head_dtype": "bf16", "backend": "bitsandbytes",
+        "extras": {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16", "lora_r": 256,
+                   "merge_after_train": True},
+    }
+    assert meta["base_model"] == "Qwen/Qwen3-0.6B"
+
+
+@pytest.mark.parametrize("model_name", ["Qwen/Qwen3-0.6B", "/data/models/Qwen3-0.6B", "/data/models/Qwen3-0.6B/"])
+def test_output_name_follows_the_convention(model_name):
+    spec, _ = build_quantization_plan("QLORA", lora_r=256)
+    name = output_dir_name(model_name, "openmath", peft_tag("LoRa", 256), spec)
+    assert name == "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
+
+
+def test_head_tag_follows_the_head_dtype():
+    spec, _ = build_quantization_plan("QLORA", lm_head_dtype="float16", lora_r=64)
+    assert quant_tag(spec) == "QLORA_w4_headfp16" and spec.lm_head_dtype == "fp16"
+    assert output_dir_name("Qwen/Qwen3-0.6B", "squad", peft_tag("LoRa", 64), spec) == \
+        "Qwen3-0.6B-squad_SFT_LoRa64_QLORA_w4_headfp16"
+
+
+def test_peft_tag():
+    assert peft_tag("LoRa", 512) == "LoRa512" and peft_tag("DoRa", 8) == "DoRa8" and peft_tag("Full", 8) == "Full"
+
+
+def test_detection_prefers_metadata_then_name():
+    assert detect_quant_method(name="Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16") is QuantMethod.QLORA
+    assert detect_quant_method(name="Qwen3-0.6B-openmath_SFT_Full_BF16_w16_headbf16") is QuantMethod.NONE
+    assert detect_quant_method(name="Qwen3-0.6B") is None
+    assert detect_quant_method(name="QLORAish-model") is None  # a word, not a substring
+    meta = {"quantization": {"method": "QLORA"}}
+    assert detect_quant_method(name="anything", metadata=meta) is QuantMethod.QLORA
+    assert detect_quant_method(name="x_QLORA_y", metadata={"quantization": {"method": "NONE"}}) is QuantMethod.NONE
+
+
+def test_unknown_method_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: NONE, QLORA"):
+        build_quantization_plan("INT3")
+
+
+def test_spec_is_frozen():
+    spec = QuantSpec(QuantMethod.NONE, 16, "bf16", "torch")
+    with pytest.raises(AttributeError):
+        spec.weights_bits = 8

@@ -1,0 +1,115 @@
+"""End to end: a few QLoRA steps on a tiny Qwen3, then every artifact checked from a fresh process."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_python, run_train
+
+EXPECTED_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
+                        "--PEFT_CONFIG=DoRa", *FAST_TRAIN_ARGS])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_output_directory_is_named_exactly(trained):
+    out, _ = trained
+    assert [p.name for p in out.iterdir()] == [EXPECTED_NAME]  # nothing else: no staging dir left behind
+
+
+def test_qlora_overrides_peft_choice_and_says_so(trained):
+    _, result = trained
+    assert "QLORA trains LoRA adapters: PEFT_CONFIG=DoRa overridden to LoRa" in result.stderr
+
+
+def test_metadata_has_the_seed_block_and_true_values(trained):
+    out, _ = trained
+    meta = json.loads((out / EXPECTED_NAME / "metadata.json").read_text())
+    assert meta["quantization"] == {
+        "method": "QLORA", "weights_bits": 4, "lm_head_dtype": "bf16", "backend": "bitsandbytes",
+        "extras": {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16", "lora_r": 256,
+                   "merge_after_train": True},
+    }
+    assert meta["config"]["PEFT_CONFIG"] == "LoRa" and meta["peft"] == "LoRa256"
+    assert meta["training"]["steps"] == 12
+    assert meta["artifact"]["kind"] == "merged_bf16" and meta["merge_check"]["passed"]
+    assert 0 < meta["parameters"]["trainable"] < meta["parameters"]["total"]
+    assert meta["peak_memory"]["peak_rss_gb"] > 0 and "overall_max_allocated_gb" in meta["peak_memory"]
+    assert set(meta["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl"}
+
+
+def test_loss_goes_down(trained):
+    out, _ = trained
+    losses = json.loads((out / EXPECTED_NAME / "metadata.json").read_text())["training"]["loss_curve"]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_saved_lm_head_dtype_equals_the_tag(trained):
+    out, _ = trained
+    directory = out / EXPECTED_NAME
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        head_key = "lm_head.weight" if "lm_head.weight" in keys else "model.embed_tokens.weight"  # tied
+        assert f.get_slice(head_key).get_dtype() == "BF16"
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in keys)  # no leftover 4-bit or fp32 tensors
+    assert EXPECTED_NAME.endswith("headbf16")
+
+
+def test_merged_model_loads_in_a_fresh_process_without_bitsandbytes(trained):
+    out, _ = trained
+    directory = out / EXPECTED_NAME
+    code = f"""
+import sys, torch
+sys.modules['bitsandbytes'] = None  # the merged model must not need it
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(directory)!r})
+tok = AutoTokenizer.from_pretrained({str(directory)!r})
+assert getattr(model.config, 'quantization_config', None) is None
+ids = tok.apply_chat_template([{{'role': 'user', 'content': 'Ada has 3 apples.'}}], add_generation_prompt=True,
+                              return_tensors='pt', return_dict=True)
+out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+print('OK', model.dtype, out.shape[1] > ids['input_ids'].shape[1])
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK torch.bfloat16 True" in result.stdout
+
+
+def test_adapter_loads_with_peftmodel_on_the_4bit_base(trained, tiny_model_dir):
+    out, _ = trained
+    directory = out / EXPECTED_NAME
+    code = f"""
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+from quantization_utils import build_quantization_plan
+spec, bnb = build_quantization_plan('QLORA')
+base = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}, quantization_config=bnb, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(base, {str(directory / 'adapter')!r}).eval()
+merged = AutoModelForCausalLM.from_pretrained({str(directory)!r}).eval()
+ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+with torch.no_grad():
+    a, b = model(ids).logits.float(), merged(ids).logits.float()
+kl = (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean().item()
+print('KL', kl)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kl = float(result.stdout.split("KL")[-1])
+    assert kl < 1e-3  # adapter-on-4bit and merged model are the same function up to bf16 rounding
+
+
+def test_existing_output_is_refused(trained, tiny_model_dir):
+    out, _ = trained
+    result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
+                        *FAST_TRAIN_ARGS])
+    assert result.returncode != 0
+    assert f"output directory {out / EXPECTED_NAME} exists" in result.stderr.strip().splitlines()[-1]
