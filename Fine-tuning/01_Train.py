@@ -171,8 +171,8 @@ def main(argv=None) -> Path:
     tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
     model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"])
     footprint = weight_footprint(model)
-    step("model", "%s loaded on %s: weights %.3f GB (bf16 would be %.3f GB, %.1f%% less)", cfg["MODEL_NAME"], device,
-         footprint["total_bytes"] / 1e9, footprint["bf16_bytes"] / 1e9,
+    step("model", "%s loaded on %s: weights %.1f MB (bf16 would be %.1f MB, %.1f%% less)", cfg["MODEL_NAME"], device,
+         footprint["total_bytes"] / 1e6, footprint["bf16_bytes"] / 1e6,
          100 * (1 - footprint["total_bytes"] / footprint["bf16_bytes"]))
     if bnb_config is not None:
         model = prepare_model_for_kbit_training(
