@@ -16,11 +16,12 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def get_peak_vram_gb() -> dict[str, Any]:
+def get_peak_vram_gb(devices: list[int] | None = None) -> dict[str, Any]:
     """Peak memory since process start (or the last reset), in GiB.
 
-    With CUDA: max reserved/allocated over all GPUs plus one entry per GPU. Without CUDA the GPU
-    fields are None, `device` says "cpu", and `peak_rss_gb` (always present) is the measure to read.
+    With CUDA: max reserved/allocated over `devices` (default: every visible GPU) plus one entry per
+    GPU. Without CUDA the GPU fields are None, `device` says "cpu", and `peak_rss_gb` (always present)
+    is the measure to read.
     """
     import torch
 
@@ -32,7 +33,7 @@ def get_peak_vram_gb() -> dict[str, Any]:
         "peak_rss_gb": round(peak_rss_bytes() / GB, 3),
     }
     if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
+        for i in range(torch.cuda.device_count()) if devices is None else devices:
             report["per_gpu"].append({
                 "gpu": i,
                 "name": torch.cuda.get_device_name(i),

@@ -25,10 +25,11 @@ def pick_device() -> str:
 
 
 def load_causal_lm(model_name: str, quantization_config=None, device: str | None = None,
-                   trust_remote_code: bool = False, dtype=None):
+                   trust_remote_code: bool = False, dtype=None, for_fsdp: bool = False):
     """A causal LM from the hub or a local dir; 4-bit when `quantization_config` is given.
 
-    Safetensors only: pickle checkpoints can run code on load, so they are refused.
+    Safetensors only: pickle checkpoints can run code on load, so they are refused. `for_fsdp` leaves
+    placement to FSDP (no device_map), which shards the model onto the GPUs when training starts.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -38,7 +39,7 @@ def load_causal_lm(model_name: str, quantization_config=None, device: str | None
         model_name,
         quantization_config=quantization_config,
         dtype=dtype or torch.bfloat16,
-        device_map={"": device},
+        device_map=None if for_fsdp else {"": device},
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config_utils import ConfigError, apply_overrides, validate_config  # noqa: E402
+from dist_utils import check_launch, launch_context, resolve_quant_storage  # noqa: E402
 from data_utils import get_dataset_spec, load_rows, split_rows, to_sft_dataset  # noqa: E402
 from quantization_utils import QuantMethod, build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
 
@@ -47,6 +48,7 @@ num_train_epochs = 1.0  # used when max_steps is -1
 max_steps = -1  # > 0 stops after this many optimizer steps; -1 = run num_train_epochs
 max_seq_length = 1024  # tokens per example; longer ones are truncated
 optim = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit | adamw_torch | adamw_bnb_8bit | adafactor
+bnb_4bit_quant_storage = "auto"  # auto (bfloat16 under FSDP, else uint8) | uint8 | bfloat16 | float16 | float32
 logging_steps = 10  # log the loss every this many optimizer steps
 seed = 42  # data split, adapter init and shuffling
 # -- output
@@ -114,8 +116,10 @@ def library_versions() -> dict:
             ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")}
 
 
-def main(argv=None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+def main(argv=None) -> Path | None:
+    launch = launch_context()  # torchrun / accelerate launch: one process per device; rank 0 logs and writes
+    logging.basicConfig(level=logging.INFO if launch.is_main else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     started = time.time()
 
     # ---- config -------------------------------------------------------------------------------------
@@ -133,10 +137,14 @@ def main(argv=None) -> Path:
 
             check_local_file(cfg["DATASET_PATH"])
         check_model_source(cfg)
+        import torch
+
+        check_launch(launch, cfg, torch.cuda.is_available())
         # ---- plan -----------------------------------------------------------------------------------
         head_dtype = "fp16" if cfg["keep_lm_head_fp16"] else "bf16"
         spec, bnb_config = build_quantization_plan(
-            method, lm_head_dtype=head_dtype, lora_r=cfg["lora_r"], merge_after_train=cfg["merge_after_train"])
+            method, lm_head_dtype=head_dtype, lora_r=cfg["lora_r"], merge_after_train=cfg["merge_after_train"],
+            quant_storage=resolve_quant_storage(cfg["bnb_4bit_quant_storage"], launch.fsdp))
         peft_name = peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"])
         root = Path(cfg["OUTPUT_ROOT"])
         final_dir = resolve_output_dir(root, output_dir_name(cfg["MODEL_NAME"], cfg["DATASET_CHOICE"], peft_name, spec),
@@ -153,28 +161,33 @@ def main(argv=None) -> Path:
          cfg["DATASET_PATH"] or get_dataset_spec(cfg["DATASET_CHOICE"]).hub_id)
 
     # ---- model --------------------------------------------------------------------------------------
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from accelerate import PartialState
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from dist_utils import combine_peak_reports, gather
     from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint
     from merge_utils import compare_logits, logits_on, merge_lora_dequantized, untie_lm_head
-    from model_utils import check_target_modules, load_causal_lm, load_tokenizer, pick_device, target_modules_regex
+    from model_utils import check_target_modules, load_causal_lm, load_tokenizer, target_modules_regex
 
     set_seed(cfg["seed"])
-    device = pick_device()
+    state = PartialState()  # joins the process group of a distributed launch; a no-op for a single process
+    device = state.device.type if not launch.distributed else str(state.device)
+    if launch.distributed:
+        step("model", "%s launch: %d processes, one per %s", "FSDP" if launch.fsdp else "DDP", launch.world_size,
+             state.device.type)
     if device == "cpu":
         step("model", "no CUDA device: running on CPU (bitsandbytes NF4 CPU kernels; paged optimizers run unpaged)")
     else:
         torch.cuda.reset_peak_memory_stats()
     tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
-    model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"])
+    model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"], for_fsdp=launch.fsdp)
     footprint = weight_footprint(model)
     step("model", "%s loaded on %s: weights %.1f MB (bf16 would be %.1f MB, %.1f%% less)", cfg["MODEL_NAME"], device,
          footprint["total_bytes"] / 1e6, footprint["bf16_bytes"] / 1e6,
          100 * (1 - footprint["total_bytes"] / footprint["bf16_bytes"]))
-    if bnb_config is not None:
+    if bnb_config is not None and not launch.fsdp:  # its fp32 upcasts would mix dtypes inside FSDP's flat shards
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg["gradient_checkpointing"],
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -192,9 +205,11 @@ def main(argv=None) -> Path:
 
     # ---- train --------------------------------------------------------------------------------------
     staging = root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    if state.is_main_process:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    state.wait_for_everyone()
     args = SFTConfig(
         output_dir=str(staging / "checkpoints"), per_device_train_batch_size=cfg["per_device_train_batch_size"],
         gradient_accumulation_steps=cfg["gradient_accumulation_steps"], learning_rate=cfg["learning_rate"],
@@ -214,14 +229,25 @@ def main(argv=None) -> Path:
     step("train", "%d steps in %.1fs, train loss %.4f, held-out loss %s", trainer.state.global_step, train_seconds,
          result.training_loss, f"{eval_loss:.4f}" if eval_loss is not None else "n/a")
 
+    own_gpu = [state.local_process_index] if device.startswith("cuda:") else None  # under torchrun each rank has one
+    rank_peaks, loss_curves = gather(get_peak_vram_gb(own_gpu)), gather(losses)
+
     # ---- save ---------------------------------------------------------------------------------------
+    written = ["adapter/"] if cfg["PEFT_CONFIG"] != "Full" else []
+    if launch.fsdp:  # every rank takes part in gathering the sharded adapter; rank 0 writes it
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(staging / "adapter"))
+    if not state.is_main_process:
+        return None  # rank 0 alone merges and writes
     model = trainer.model
     model.eval()
-    written = []
-    if cfg["PEFT_CONFIG"] != "Full":
+    if cfg["PEFT_CONFIG"] != "Full" and not launch.fsdp:
         model.save_pretrained(staging / "adapter")
-        written.append("adapter/")
     tokenizer.save_pretrained(staging)
+    if launch.fsdp:  # FSDP cannot merge in place: rebuild the trained model from the saved adapter
+        del trainer, model
+        base = load_causal_lm(cfg["MODEL_NAME"], build_quantization_plan(method)[1], device, cfg["trust_remote_code"])
+        model = PeftModel.from_pretrained(base, staging / "adapter").eval()
 
     # ---- merge --------------------------------------------------------------------------------------
     merge_check = None
@@ -250,7 +276,7 @@ def main(argv=None) -> Path:
         artifact = "adapter_only"
 
     # ---- metadata -----------------------------------------------------------------------------------
-    peak = get_peak_vram_gb()
+    peak = combine_peak_reports([get_peak_vram_gb(own_gpu)] + rank_peaks[1:])  # rank 0's again: the merge counts
     metadata = build_metadata(
         spec,
         base_model=cfg["MODEL_NAME"],
@@ -262,7 +288,8 @@ def main(argv=None) -> Path:
         parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
         weights_footprint=footprint,
         training={"steps": trainer.state.global_step, "train_loss": result.training_loss, "loss_curve": losses,
-                  "eval_loss": eval_loss, "train_seconds": round(train_seconds, 2)},
+                  "eval_loss": eval_loss, "train_seconds": round(train_seconds, 2),
+                  "world_size": launch.world_size, "fsdp": launch.fsdp, "loss_curve_by_rank": loss_curves},
         merge_check=merge_check,
         peak_memory=peak,
         config=cfg,
