@@ -141,7 +141,7 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
 def _original_weight(layer, name: str, read):
     import torch
 
-    weight = read(f"{name}.weight").to(torch.float32)
+    weight = read(f"{name}.weight").to(device=layer.weight.device, dtype=torch.float32)
     expected = (layer.out_features, layer.in_features)
     if tuple(weight.shape) != expected:
         raise ValueError(f"checkpoint tensor {name}.weight has shape {tuple(weight.shape)}, the model {expected}")

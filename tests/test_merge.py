@@ -11,7 +11,7 @@ from config_utils import ConfigError, validate_config
 from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_python, run_train
 
 # Fewer steps than the end-to-end test: the merge does not need a converged adapter, only a trained one.
-MERGE_TRAIN_ARGS = [*FAST_TRAIN_ARGS, "--max_steps=4", "--eval_samples=8"]
+MERGE_TRAIN_ARGS = [*FAST_TRAIN_ARGS, "--max_steps=3", "--eval_samples=8", "--max_train_samples=60"]
 NF4_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headfp16"
 ADAPTER_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
 
@@ -39,7 +39,7 @@ def nf4_run(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("merge_adapter_only")
-    _train(tiny_model_dir, out, "--merge_after_train=false")
+    _train(tiny_model_dir, out, "--merge_after_train=false", "--max_steps=1")
     directory = out / ADAPTER_NAME
     return directory, json.loads((directory / "metadata.json").read_text())
 
@@ -146,3 +146,53 @@ def test_merge_settings_are_validated(override, message):
     cfg = {name: getattr(module, name) for name in module.CONFIG_NAMES} | override
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         validate_config(cfg)
+
+
+def _peft_on_4bit(model_dir, targets=("q_proj", "down_proj")):
+    from peft import LoraConfig, get_peft_model
+
+    from model_utils import load_causal_lm
+    from quantization_utils import build_quantization_plan
+
+    _, bnb = build_quantization_plan("QLORA")
+    model = load_causal_lm(str(model_dir), bnb, "cpu")
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), init_lora_weights=False))
+
+
+def test_merge_frees_each_4bit_layer_and_keeps_no_second_copy(tiny_model_dir):
+    """Layer by layer: once merged, no 4-bit weight or adapter survives, even while the PeftModel
+    object the caller holds is still alive."""
+    import gc
+    import weakref
+
+    import bitsandbytes as bnb
+    import torch
+
+    from merge_utils import merge_lora
+
+    model = _peft_on_4bit(tiny_model_dir)
+    quantized = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    adapters = [weakref.ref(m.lora_A["default"].weight) for m in model.modules() if hasattr(m, "lora_A")]
+    merged = merge_lora(model, "dequantized")
+    gc.collect()
+    assert quantized and adapters
+    assert not any(ref() is not None for ref in quantized + adapters)
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+
+
+def test_original_base_is_the_checkpoint_weight_plus_the_adapter(tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    from merge_utils import merge_lora
+
+    model = _peft_on_4bit(tiny_model_dir)
+    name = "model.layers.1.self_attn.q_proj"
+    delta = model.base_model.model.get_submodule(name).get_delta_weight("default").float()
+    untargeted = "model.layers.0.mlp.up_proj"  # no adapter: plain original weight
+    merged = merge_lora(model, "original", str(tiny_model_dir))
+    checkpoint = load_file(str(tiny_model_dir / "model.safetensors"))
+    expected = (checkpoint[f"{name}.weight"].float() + delta).to(torch.bfloat16)
+    assert torch.equal(merged.get_submodule(name).weight, expected)
+    assert torch.equal(merged.get_submodule(untargeted).weight, checkpoint[f"{untargeted}.weight"])
