@@ -13,7 +13,8 @@ from data_utils import DATASETS
 from quantization_utils import QuantMethod
 
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
-MERGE_BASES = ("dequantized",)
+MERGE_BASES = ("dequantized", "original", "auto")
+MERGED_PRECISIONS = ("bf16", "nf4")
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_bnb_8bit", "adafactor")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -100,6 +101,13 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _require(cfg["optim"] in OPTIMIZERS, f"optim={cfg['optim']!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
     _require(cfg["merge_base"] in MERGE_BASES,
              f"merge_base={cfg['merge_base']!r} is unknown; allowed: {', '.join(MERGE_BASES)}")
+    _require(not cfg["merge_after_train"] or cfg["eval_samples"] > 0,
+             "merge_after_train=True needs eval_samples > 0: the merge check runs on held-out rows")
+    _require(cfg["merged_precision"] in MERGED_PRECISIONS,
+             f"merged_precision={cfg['merged_precision']!r} is unknown; allowed: {', '.join(MERGED_PRECISIONS)}")
+    _require(cfg["merged_precision"] == "bf16" or (cfg["merge_after_train"] and str(cfg["QUANT_METHOD"]).upper() == "QLORA"
+                                                   and cfg["PEFT_CONFIG"] != "Full"),
+             "merged_precision=nf4 needs merge_after_train=True and QUANT_METHOD=QLORA (a 4-bit artifact under a w4 tag)")
     _require(not (cfg["keep_lm_head_fp16"] and not cfg["merge_after_train"]),
              "keep_lm_head_fp16=True needs merge_after_train=True: an adapter-only output has no head of its own")
     _require(cfg["OUTPUT_ROOT"] != "", "OUTPUT_ROOT is empty; give a directory")

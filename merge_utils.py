@@ -1,14 +1,20 @@
 """Merging LoRA adapters into a plain 16-bit model, and checking the merge before it is written.
 
 peft's `merge_and_unload` on a 4-bit base re-quantizes the merged weight to NF4, which changes the
-model's outputs. Here the base weight is dequantized, the scaled adapter product added in fp32, and
-the result kept as a plain bf16 `nn.Linear`: the function the adapter was trained against, exactly
-up to bf16 rounding. Layers are replaced one at a time, so the merge never holds two copies.
+model's outputs. Here each base layer is replaced, one at a time, by a plain bf16 `nn.Linear` holding
+W + scale * B @ A computed in fp32, so the merge never holds two copies of the model. W is either
+  - "dequantized": dequant(NF4(W)), the function the adapter was trained against (exact up to bf16
+    rounding), or
+  - "original": the 16-bit weight read from the base checkpoint's safetensors, tensor by tensor.
+`merge_and_check` runs the candidates, measures each against the trained model on held-out
+examples (max |logit diff|, mean KL(trained || merged), loss), keeps the closest, optionally
+re-quantizes it to NF4, and returns the figures for metadata.json.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 
 def dense_weight(layer):
@@ -54,46 +60,130 @@ def strip_quantization(model) -> None:
             setattr(model, attr, False)
 
 
-def merge_lora_dequantized(peft_model, dtype=None):
-    """Fold every LoRA adapter into its base layer: W' = dequant(W) + scale * B @ A, in fp32, cast to `dtype`.
+def checkpoint_reader(model_name: str) -> Callable[[str], Any]:
+    """A function key -> tensor over the safetensors checkpoint of a hub id or local directory.
 
-    Returns the unwrapped transformers model with only plain Linear layers, all in `dtype` (bf16 by
-    default), quantization markers removed. `peft_model` is consumed.
+    Tensors are read one at a time from their shard (lazily, memory-mapped); nothing else is loaded.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    directory = Path(model_name)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(model_name, allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = {key: directory / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        single = directory / "model.safetensors"
+        if not single.exists():
+            raise FileNotFoundError(f"{model_name}: no model.safetensors or model.safetensors.index.json")
+        with safe_open(str(single), "pt") as f:
+            files = {key: single for key in f.keys()}
+
+    def read(key: str):
+        if key not in files:
+            raise KeyError(f"{model_name}: checkpoint has no tensor {key!r}")
+        with safe_open(str(files[key]), "pt") as f:
+            return f.get_tensor(key)
+
+    return read
+
+
+def _is_dora(model) -> bool:
+    return any(getattr(cfg, "use_dora", False) for cfg in getattr(model, "peft_config", {}).values())
+
+
+def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = None, dtype=None):
+    """Fold every LoRA adapter into its base layer: W' = W + scale * B @ A, in fp32, cast to `dtype`.
+
+    W is dequant(NF4(W)) for base="dequantized", the checkpoint's 16-bit weight of `model_name` for
+    base="original". Returns the unwrapped transformers model with only plain Linear layers, all in
+    `dtype` (bf16 by default), quantization markers removed. `peft_model` is consumed: it no longer
+    holds the model, so references to it left elsewhere do not keep a second copy alive.
     """
     import bitsandbytes as bnb
     import torch
     from peft.tuners.lora import LoraLayer
 
+    if base not in MERGE_BASE_WEIGHTS:
+        raise ValueError(f"merge base {base!r} is unknown; allowed: {', '.join(MERGE_BASE_WEIGHTS)}")
     dtype = dtype or torch.bfloat16
+    if _is_dora(peft_model):  # DoRA is not additive; only on an unquantized base (QLORA forces LoRA)
+        model = peft_model.merge_and_unload()
+        peft_model.base_model.model = None
+        model.to(dtype)
+        return model
+    read = checkpoint_reader(model_name) if base == "original" else None
+    base_weight = MERGE_BASE_WEIGHTS[base]
     model = peft_model.base_model.model
+    peft_model.base_model.model = None
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            base = module.get_base_layer()
-            weight = dense_weight(base)
+            layer = module.get_base_layer()
+            weight = base_weight(layer, name, read)
             for adapter in module.active_adapters:
                 weight += module.get_delta_weight(adapter).to(torch.float32)
-            model.set_submodule(name, _plain_linear(base, weight, dtype))
+            model.set_submodule(name, _plain_linear(layer, weight, dtype))
             del weight
     for name, module in list(model.named_modules()):
         if isinstance(module, bnb.nn.Linear4bit):  # layers without an adapter (lora targets a subset)
-            model.set_submodule(name, _plain_linear(module, dense_weight(module), dtype))
+            model.set_submodule(name, _plain_linear(module, base_weight(module, name, read), dtype))
     strip_quantization(model)
     model.to(dtype)  # undo prepare_model_for_kbit_training's fp32 upcast of norms and embeddings
     model.config.dtype = dtype
     return model
 
 
-def untie_lm_head(model, dtype) -> None:
-    """Give lm_head its own weight (a copy of the tied embedding) in `dtype`."""
+def _original_weight(layer, name: str, read):
+    import torch
+
+    weight = read(f"{name}.weight").to(device=layer.weight.device, dtype=torch.float32)
+    expected = (layer.out_features, layer.in_features)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"checkpoint tensor {name}.weight has shape {tuple(weight.shape)}, the model {expected}")
+    return weight
+
+
+MERGE_BASE_WEIGHTS: dict[str, Callable] = {
+    "dequantized": lambda layer, name, read: dense_weight(layer),
+    "original": _original_weight,
+}
+
+
+def _cast_input_to_head_dtype(module, args):
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def set_lm_head_dtype(model, dtype, weight=None) -> None:
+    """Give lm_head its own weight in `dtype` (untied from the embedding when they were tied).
+
+    `weight` (optional) is the head's saved tensor, used as is: a head loaded through a model-wide
+    dtype cast would lose the bits the fp16 head keeps. When the head's dtype differs from the model's,
+    its input is cast to it, so the model runs and the logits come out in `dtype`.
+    """
     import torch
 
     head = model.get_output_embeddings()
-    if head.weight is model.get_input_embeddings().weight or getattr(model.config, "tie_word_embeddings", False):
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-        if hasattr(model.config, "get_text_config"):
-            model.config.get_text_config().tie_word_embeddings = False
-    head.to(dtype)
+    source = head.weight if weight is None else weight
+    head.weight = torch.nn.Parameter(source.detach().to(device=head.weight.device, dtype=dtype).clone(),
+                                     requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    if dtype != model.get_input_embeddings().weight.dtype and not getattr(head, "_casts_input", False):
+        head.register_forward_pre_hook(_cast_input_to_head_dtype)
+        head._casts_input = True
+
+
+def head_dtype_name(model) -> str:
+    """Short name of the dtype lm_head really has: 'bf16' | 'fp16' | 'fp32'."""
+    from quantization_utils import short_dtype_name
+
+    return short_dtype_name(str(model.get_output_embeddings().weight.dtype))
 
 
 def logits_on(model, batches) -> list:
@@ -110,15 +200,140 @@ def logits_on(model, batches) -> list:
 
 
 def compare_logits(reference: list, candidate: list, batches) -> dict[str, Any]:
-    """Max |logit difference| and mean per-token KL(reference || candidate) over non-padding tokens."""
+    """Max |logit difference| and mean per-token KL(reference || candidate) over non-padding tokens;
+    `max_abs_logit` (the reference's largest |logit|) sets the scale of bf16 rounding (2**-8 relative)."""
     import torch
 
-    max_abs, kl_sum, tokens = 0.0, 0.0, 0
+    max_abs, max_logit, kl_sum, tokens = 0.0, 0.0, 0.0, 0
     for ref, cand, batch in zip(reference, candidate, batches):
         mask = batch["attention_mask"].bool()
         ref, cand = ref[mask], cand[mask]
         max_abs = max(max_abs, (ref - cand).abs().max().item())
+        max_logit = max(max_logit, ref.abs().max().item())
         ref_logp, cand_logp = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
         kl_sum += (ref_logp.exp() * (ref_logp - cand_logp)).sum().item()
         tokens += int(mask.sum())
-    return {"max_abs_logit_diff": max_abs, "mean_kl": kl_sum / max(tokens, 1), "tokens": tokens}
+    return {"max_abs_logit_diff": max_abs, "max_abs_logit": max_logit, "mean_kl": kl_sum / max(tokens, 1),
+            "tokens": tokens}
+
+
+def sequence_loss(logits: list, batches) -> float:
+    """Mean next-token cross-entropy over the non-padding tokens of `batches`."""
+    import torch
+
+    total, count = 0.0, 0
+    for out, batch in zip(logits, batches):
+        labels = batch["input_ids"][:, 1:].clone()
+        labels[~batch["attention_mask"][:, 1:].bool()] = -100
+        total += torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum",
+                                                   ignore_index=-100).item()
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+FINGERPRINT_TOKENS, FINGERPRINT_VOCAB = 16, 8
+
+
+def logits_fingerprint(model, input_ids: list[int]) -> dict[str, Any]:
+    """A small record of `model`'s logits on `input_ids`: the first few vocabulary entries per position,
+    the argmax per position and the sum of |logits|; saved at save time, compared after reloading."""
+    import torch
+
+    logits = logits_on(model, [{"input_ids": torch.tensor([input_ids]),
+                                "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long)}])[0][0]
+    return {"input_ids": list(input_ids), "logits_head": logits[:, :FINGERPRINT_VOCAB].tolist(),
+            "argmax": logits.argmax(-1).tolist(), "abs_sum": logits.abs().sum().item()}
+
+
+def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> float:
+    """Max |difference| between two fingerprints' logits (inf when they were taken on other inputs)."""
+    import torch
+
+    if recorded["input_ids"] != actual["input_ids"]:
+        return float("inf")
+    return (torch.tensor(recorded["logits_head"]) - torch.tensor(actual["logits_head"])).abs().max().item()
+
+
+def measure_candidate(model, trained_logits: list, batches) -> dict[str, Any]:
+    """Merge-check figures of one candidate against the trained model's logits."""
+    logits = logits_on(model, batches)
+    return {**compare_logits(trained_logits, logits, batches), "loss": sequence_loss(logits, batches)}
+
+
+def _move_contents(source: Path, target: Path) -> None:
+    import os
+    import shutil
+
+    for item in source.iterdir():
+        os.replace(item, target / item.name)
+    shutil.rmtree(source)
+
+
+def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_base: str, precision: str,
+                    head_dtype, max_kl: float, load_trained: Callable[[], Any], load_merged: Callable[..., Any],
+                    report: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Merge `model` (a trained PeftModel), check every candidate, write the kept one into `staging`.
+
+    merge_base "dequantized" | "original" | "auto" (both, the one with the lower mean KL kept);
+    precision "bf16" (plain safetensors) | "nf4" (the kept candidate re-quantized through
+    `load_merged(dir)`, bitsandbytes serialization). Candidates go to `staging/.merge-*` first; only
+    one copy of the model is in memory at a time (`load_trained()` rebuilds the trained model for
+    the second candidate of "auto"). Returns (merge_check, artifact) for metadata.json.
+    """
+    import gc
+    import shutil
+
+    import torch
+
+    trained = logits_on(model, batches)
+    fingerprint_ids = batches[0]["input_ids"][0, :FINGERPRINT_TOKENS].tolist()
+    candidates, fingerprints, head_names = {}, {}, {}
+    bases = ("dequantized", "original") if merge_base == "auto" else (merge_base,)
+    for i, base in enumerate(bases):
+        if i > 0:
+            model = load_trained()
+        merged = merge_lora(model, base, model_name)
+        del model
+        if head_dtype != torch.bfloat16:
+            set_lm_head_dtype(merged, head_dtype)
+        candidates[base] = measure_candidate(merged, trained, batches)
+        fingerprints[base] = logits_fingerprint(merged, fingerprint_ids)
+        head_names[base] = head_dtype_name(merged)
+        report(f"{base}: " + _figures(candidates[base]))
+        merged.save_pretrained(staging / f".merge-{base}")
+        del merged
+        gc.collect()
+    chosen = min(bases, key=lambda b: candidates[b]["mean_kl"])
+    final = chosen
+    if precision == "nf4":
+        quantized = load_merged(staging / f".merge-{chosen}")
+        # Saved before any forward: on CPU, bitsandbytes repacks 4-bit weights on the first inference
+        # forward with bf16 absmax, and re-quantizes them on save, so a model saved after a forward is
+        # not the one that was measured.
+        quantized.save_pretrained(staging)
+        candidates["nf4"] = measure_candidate(quantized, trained, batches)
+        fingerprints["nf4"] = logits_fingerprint(quantized, fingerprint_ids)
+        head_names["nf4"] = head_dtype_name(quantized)
+        report(f"nf4 (re-quantized {chosen}): " + _figures(candidates["nf4"]))
+        del quantized
+        final = "nf4"
+    else:
+        _move_contents(staging / f".merge-{chosen}", staging)
+    for base in bases:
+        shutil.rmtree(staging / f".merge-{base}", ignore_errors=True)
+    passed = candidates[final]["mean_kl"] <= max_kl
+    merge_check = {
+        "trained_loss": sequence_loss(trained, batches), "candidates": candidates, "chosen_base": chosen,
+        "artifact_candidate": final, "max_kl": max_kl, "passed": passed,
+        "primary_artifact": "merged" if passed else "adapter",
+        **{k: candidates[final][k] for k in ("max_abs_logit_diff", "mean_kl", "tokens", "loss")},
+    }
+    artifact = {"kind": f"merged_{precision}", "weights_bits": 4 if precision == "nf4" else 16,
+                "merge_base": chosen, "primary": "merged" if passed else "adapter", "lm_head_dtype": head_names[final],
+                "fingerprints": {"merged": fingerprints[final]}}
+    return merge_check, artifact
+
+
+def _figures(figures: dict[str, Any]) -> str:
+    return (f"max |logit diff| {figures['max_abs_logit_diff']:.4g}, mean KL {figures['mean_kl']:.3g}, "
+            f"loss {figures['loss']:.4f} over {figures['tokens']} held-out tokens")

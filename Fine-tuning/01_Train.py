@@ -55,7 +55,8 @@ seed = 42  # data split, adapter init and shuffling
 OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
 if_output_exists = "refuse"  # refuse | suffix (write NAME-2, NAME-3, ... beside the existing one)
 merge_after_train = True  # True: merged bf16 model + adapter/; False: adapter only (research mode)
-merge_base = "dequantized"  # dequantized (the NF4 weights the adapter was trained on) | original | auto
+merge_base = "dequantized"  # dequantized (the NF4 weights it was trained on) | original (16-bit base) | auto (both checked, closer kept)
+merged_precision = "bf16"  # bf16 (plain transformers, no bitsandbytes) | nf4 (re-quantized: 4x smaller, further from trained)
 keep_lm_head_fp16 = False  # True: save lm_head in fp16 (untied from the embedding); needs merge_after_train
 merge_check_max_kl = 1e-3  # mean KL(trained || merged) per token above which the merge is flagged
 # ----------------------------------------------------------------------------------------------------
@@ -162,14 +163,15 @@ def main(argv=None) -> Path | None:
 
     # ---- model --------------------------------------------------------------------------------------
     from accelerate import PartialState
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from dist_utils import combine_peak_reports, gather
     from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint
-    from merge_utils import compare_logits, logits_on, merge_lora_dequantized, untie_lm_head
-    from model_utils import check_target_modules, load_causal_lm, load_tokenizer, target_modules_regex
+    from merge_utils import FINGERPRINT_TOKENS, logits_fingerprint, merge_and_check
+    from model_utils import (check_target_modules, load_adapter_model, load_causal_lm, load_merged_dir, load_tokenizer,
+                             target_modules_regex)
 
     set_seed(cfg["seed"])
     state = PartialState()  # joins the process group of a distributed launch; a no-op for a single process
@@ -224,10 +226,11 @@ def main(argv=None) -> Path | None:
     train_started = time.time()
     result = trainer.train()
     train_seconds = time.time() - train_started
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     eval_loss = trainer.evaluate()["eval_loss"] if len(eval_data) else None
-    step("train", "%d steps in %.1fs, train loss %.4f, held-out loss %s", trainer.state.global_step, train_seconds,
-         result.training_loss, f"{eval_loss:.4f}" if eval_loss is not None else "n/a")
+    steps, train_loss = trainer.state.global_step, result.training_loss
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    step("train", "%d steps in %.1fs, train loss %.4f, held-out loss %s", steps, train_seconds, train_loss,
+         f"{eval_loss:.4f}" if eval_loss is not None else "n/a")
 
     own_gpu = [state.local_process_index] if device.startswith("cuda:") else None  # under torchrun each rank has one
     rank_peaks, loss_curves = gather(get_peak_vram_gb(own_gpu)), gather(losses)
@@ -239,41 +242,49 @@ def main(argv=None) -> Path | None:
         trainer.save_model(str(staging / "adapter"))
     if not state.is_main_process:
         return None  # rank 0 alone merges and writes
-    model = trainer.model
-    model.eval()
+    model = trainer.model.eval()
     if cfg["PEFT_CONFIG"] != "Full" and not launch.fsdp:
         model.save_pretrained(staging / "adapter")
     tokenizer.save_pretrained(staging)
+    del trainer, result  # frees the optimizer state before the merge
     if launch.fsdp:  # FSDP cannot merge in place: rebuild the trained model from the saved adapter
-        del trainer, model
-        base = load_causal_lm(cfg["MODEL_NAME"], build_quantization_plan(method)[1], device, cfg["trust_remote_code"])
-        model = PeftModel.from_pretrained(base, staging / "adapter").eval()
+        model = load_adapter_model(cfg["MODEL_NAME"], staging / "adapter", bnb_config, device, cfg["trust_remote_code"])
 
     # ---- merge --------------------------------------------------------------------------------------
     merge_check = None
+    fingerprint_ids = tokenize_for_check(tokenizer, (eval_data if len(eval_data) else train_data).select(range(1)),
+                                         FINGERPRINT_TOKENS)[0]["input_ids"][0]
+    artifact = {"kind": "adapter_only", "weights_bits": None, "merge_base": None, "primary": "adapter", "fingerprints": {}}
     if cfg["PEFT_CONFIG"] == "Full":
         model.to(torch.bfloat16).save_pretrained(staging)
-        artifact = "full_bf16"
+        artifact = {"kind": "full_bf16", "weights_bits": 16, "merge_base": None, "primary": "merged",
+                    "fingerprints": {"merged": logits_fingerprint(model, fingerprint_ids.tolist())}}
     elif cfg["merge_after_train"]:
         check_batches = tokenize_for_check(tokenizer, eval_data.select(range(min(8, len(eval_data)))), cfg["max_seq_length"])
-        trained_logits = logits_on(model, check_batches)
-        merged = model.merge_and_unload() if cfg["PEFT_CONFIG"] == "DoRa" else merge_lora_dequantized(model)
-        merged.to(torch.bfloat16)
-        if cfg["keep_lm_head_fp16"]:
-            untie_lm_head(merged, torch.float16)
-        merge_check = compare_logits(trained_logits, logits_on(merged, check_batches), check_batches)
-        merge_check["passed"] = merge_check["mean_kl"] <= cfg["merge_check_max_kl"]
-        step("merge", "%s merge: max |logit diff| %.4g, mean KL %.3g over %d held-out tokens -> %s", cfg["merge_base"],
-             merge_check["max_abs_logit_diff"], merge_check["mean_kl"], merge_check["tokens"],
-             "ok" if merge_check["passed"] else "ABOVE merge_check_max_kl: use adapter/ as the primary artifact")
-        merged.save_pretrained(staging)
-        head = str(merged.get_output_embeddings().weight.dtype).removeprefix("torch.")
-        if {"bfloat16": "bf16", "float16": "fp16"}[head] != spec.lm_head_dtype:
-            raise RuntimeError(f"merged lm_head is {head}, but the plan says {spec.lm_head_dtype}")
-        artifact = "merged_bf16" if merge_check["passed"] else "adapter_primary_merge_flagged"
+        _, nf4_config = build_quantization_plan(QuantMethod.QLORA)
+        merge_check, merge_artifact = merge_and_check(
+            model, staging=staging, model_name=cfg["MODEL_NAME"], batches=check_batches, merge_base=cfg["merge_base"],
+            precision=cfg["merged_precision"], head_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[head_dtype],
+            max_kl=cfg["merge_check_max_kl"],
+            load_trained=lambda: load_adapter_model(cfg["MODEL_NAME"], staging / "adapter", bnb_config, device,
+                                                    cfg["trust_remote_code"]),
+            load_merged=lambda path: load_merged_dir(path, nf4_config, device, cfg["trust_remote_code"]),
+            report=lambda line: step("merge", "%s", line))
+        artifact.update(merge_artifact)
+        if artifact["lm_head_dtype"] != spec.lm_head_dtype:
+            raise RuntimeError(f"saved lm_head is {artifact['lm_head_dtype']}, but the plan says {spec.lm_head_dtype}")
+        if merge_check["passed"]:
+            step("merge", "kept the %s merge (%s): mean KL %.3g <= merge_check_max_kl %.3g", merge_check["chosen_base"],
+                 cfg["merged_precision"], merge_check["mean_kl"], cfg["merge_check_max_kl"])
+        else:
+            step("merge", "!!! MERGE CHECK FAILED: mean KL %.3g > merge_check_max_kl %.3g; the merged model differs from "
+                 "the trained one. The adapter (adapter/, on the 4-bit base) is the primary artifact !!!",
+                 merge_check["mean_kl"], cfg["merge_check_max_kl"])
         written.append("model.safetensors")
-    else:
-        artifact = "adapter_only"
+    model = None  # merged (consumed) or saved: nothing below needs the trained model
+    if artifact["primary"] == "adapter":  # what the adapter gives when reloaded on the 4-bit base by the same plan
+        artifact["fingerprints"]["adapter"] = logits_fingerprint(load_adapter_model(
+            cfg["MODEL_NAME"], staging / "adapter", bnb_config, device, cfg["trust_remote_code"]), fingerprint_ids.tolist())
 
     # ---- metadata -----------------------------------------------------------------------------------
     peak = combine_peak_reports([get_peak_vram_gb(own_gpu)] + rank_peaks[1:])  # rank 0's again: the merge counts
@@ -283,11 +294,10 @@ def main(argv=None) -> Path | None:
         dataset={"name": cfg["DATASET_CHOICE"], "path": cfg["DATASET_PATH"], "train_rows": len(train_data),
                  "eval_rows": len(eval_data), "split_seed": cfg["seed"]},
         peft=peft_name,
-        artifact={"kind": artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None,
-                  "merged": artifact != "adapter_only", "merge_base": cfg["merge_base"] if merge_check else None},
+        artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None},
         parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
         weights_footprint=footprint,
-        training={"steps": trainer.state.global_step, "train_loss": result.training_loss, "loss_curve": losses,
+        training={"steps": steps, "train_loss": train_loss, "loss_curve": losses,
                   "eval_loss": eval_loss, "train_seconds": round(train_seconds, 2),
                   "world_size": launch.world_size, "fsdp": launch.fsdp, "loss_curve_by_rank": loss_curves},
         merge_check=merge_check,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, TRAIN_SCRIPT, run_train
+from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, TRAIN_SCRIPT
 from dist_utils import LaunchContext, check_launch, combine_peak_reports, launch_context, resolve_quant_storage
 from quantization_utils import build_quantization_plan
 

@@ -76,10 +76,15 @@ ids = tok.apply_chat_template([{{'role': 'user', 'content': 'Ada has 3 apples.'}
                               return_tensors='pt', return_dict=True)
 out = model.generate(**ids, max_new_tokens=4, do_sample=False)
 print('OK', model.dtype, out.shape[1] > ids['input_ids'].shape[1])
+import json
+from merge_utils import fingerprint_difference, logits_fingerprint
+recorded = json.load(open({str(directory / "metadata.json")!r}))['artifact']['fingerprints']['merged']
+print('FINGERPRINT DIFF', fingerprint_difference(recorded, logits_fingerprint(model.eval(), recorded['input_ids'])))
 """
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK torch.bfloat16 True" in result.stdout
+    assert "FINGERPRINT DIFF 0.0" in result.stdout  # the logits recorded at save time
 
 
 def test_adapter_loads_with_peftmodel_on_the_4bit_base(trained, tiny_model_dir):

@@ -1,0 +1,198 @@
+"""The verified merge: candidates measured against the trained model, the kept artifact true to its
+metadata, and every artifact kind reloaded in a fresh process giving the logits recorded at save time."""
+
+import json
+import math
+
+import pytest
+from safetensors import safe_open
+
+from config_utils import ConfigError, validate_config
+from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_python, run_train
+
+# Fewer steps than the end-to-end test: the merge does not need a converged adapter, only a trained one.
+MERGE_TRAIN_ARGS = [*FAST_TRAIN_ARGS, "--max_steps=3", "--eval_samples=8", "--max_train_samples=60"]
+NF4_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headfp16"
+ADAPTER_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
+
+
+def _train(tiny_model_dir, out, *extra):
+    result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
+                        *MERGE_TRAIN_ARGS, *extra])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def nf4_run(tiny_model_dir, tmp_path_factory):
+    """merge_base=auto (both bases checked), kept one re-quantized to NF4, lm_head kept in fp16.
+
+    The threshold sits between the dequantized merge (KL ~5e-7 here) and NF4 re-quantization (~3e-4
+    to 1.4e-3 measured): the run must flag the NF4 merge and keep the adapter primary."""
+    out = tmp_path_factory.mktemp("merge_nf4")
+    result = _train(tiny_model_dir, out, "--merge_base=auto", "--merged_precision=nf4", "--keep_lm_head_fp16=true",
+                    "--merge_check_max_kl=1e-4")
+    directory = out / NF4_NAME
+    return directory, json.loads((directory / "metadata.json").read_text()), result
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge_adapter_only")
+    _train(tiny_model_dir, out, "--merge_after_train=false", "--max_steps=1")
+    directory = out / ADAPTER_NAME
+    return directory, json.loads((directory / "metadata.json").read_text())
+
+
+def _bf16_rounding(logit_scale: float) -> float:
+    """One bf16 unit in the last place at the largest logit's magnitude (8 significant bits)."""
+    return 2.0 ** (math.floor(math.log2(max(logit_scale, 1e-30))) - 7)
+
+
+def test_dequantized_merge_is_the_trained_function(nf4_run):
+    _, meta, _ = nf4_run
+    deq = meta["merge_check"]["candidates"]["dequantized"]
+    assert deq["tokens"] > 100
+    assert deq["mean_kl"] < 1e-3
+    assert deq["max_abs_logit_diff"] <= 2 * _bf16_rounding(deq["max_abs_logit"])
+    assert abs(deq["loss"] - meta["merge_check"]["trained_loss"]) < 1e-2
+
+
+def test_merge_above_the_threshold_is_loud_and_keeps_the_adapter_primary(nf4_run):
+    _, meta, result = nf4_run
+    check = meta["merge_check"]
+    assert check["max_kl"] == 1e-4 and check["mean_kl"] > 1e-4 and check["passed"] is False
+    assert "MERGE CHECK FAILED" in result.stderr and "adapter (adapter/, on the 4-bit base) is the primary" in result.stderr
+    assert meta["artifact"]["primary"] == "adapter" and check["primary_artifact"] == "adapter"
+    assert set(meta["artifact"]["fingerprints"]) == {"merged", "adapter"}
+
+
+def test_every_candidate_is_measured_and_nf4_is_further_away(nf4_run):
+    _, meta, result = nf4_run
+    check = meta["merge_check"]
+    candidates = check["candidates"]
+    assert set(candidates) == {"dequantized", "original", "nf4"}
+    for name, figures in candidates.items():
+        assert set(figures) >= {"max_abs_logit_diff", "mean_kl", "loss", "tokens"}
+        assert f"merge    | {name}" in result.stderr or name == "nf4"
+    assert candidates["nf4"]["mean_kl"] > candidates["dequantized"]["mean_kl"]
+    assert candidates["nf4"]["max_abs_logit_diff"] > candidates["dequantized"]["max_abs_logit_diff"]
+    assert check["chosen_base"] == min(("dequantized", "original"), key=lambda b: candidates[b]["mean_kl"])
+    assert check["artifact_candidate"] == "nf4" and check["mean_kl"] == candidates["nf4"]["mean_kl"]
+    assert check["passed"] == (check["mean_kl"] <= check["max_kl"])
+    assert meta["artifact"]["merge_base"] == check["chosen_base"]
+
+
+def test_nf4_artifact_is_4bit_on_disk_with_an_fp16_head(nf4_run):
+    directory, meta, _ = nf4_run
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    assert dtypes["lm_head.weight"] == "F16"  # untied from the bf16 embedding, saved in fp16
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "U8"  # packed 4-bit
+    assert any(key.endswith("quant_state.bitsandbytes__nf4") for key in dtypes)
+    assert json.loads((directory / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert meta["artifact"]["kind"] == "merged_nf4" and meta["artifact"]["weights_bits"] == 4
+    assert meta["quantization"]["weights_bits"] == 4 and meta["quantization"]["lm_head_dtype"] == "fp16"
+    assert meta["artifact"]["lm_head_dtype"] == "fp16" and directory.name.endswith("_headfp16")
+    assert not list(directory.glob(".merge-*"))  # candidate directories cleaned up
+
+
+def test_adapter_only_directory(adapter_run):
+    directory, meta = adapter_run
+    assert (directory / "adapter" / "adapter_model.safetensors").exists()
+    assert not (directory / "model.safetensors").exists()
+    assert meta["artifact"]["kind"] == "adapter_only" and meta["artifact"]["primary"] == "adapter"
+    assert meta["merge_check"] is None and meta["quantization"]["extras"]["merge_after_train"] is False
+
+
+def test_artifacts_reload_in_a_fresh_process_with_the_recorded_logits(nf4_run, adapter_run):
+    """The merged NF4 model (through the loader that restores its fp16 head) and the adapter-only
+    directory (through load_output_dir: PeftModel on the 4-bit base of the same plan)."""
+    code = f"""
+import json
+from merge_utils import fingerprint_difference, logits_fingerprint
+from model_utils import load_merged_dir, load_output_dir
+def report(model, recorded):
+    print("RESULT", json.dumps([type(model).__name__, str(model.get_output_embeddings().weight.dtype),
+                                fingerprint_difference(recorded, logits_fingerprint(model, recorded["input_ids"]))]))
+nf4_dir, adapter_dir = {[str(nf4_run[0]), str(adapter_run[0])]!r}
+meta = json.load(open(nf4_dir + "/metadata.json"))
+report(load_merged_dir(nf4_dir), meta["artifact"]["fingerprints"]["merged"])
+model, tokenizer, meta = load_output_dir(adapter_dir)
+report(model, meta["artifact"]["fingerprints"]["adapter"])
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line.split("RESULT", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    (nf4_class, nf4_head, nf4_diff), (adapter_class, _, adapter_diff) = rows
+    assert nf4_class == "Qwen3ForCausalLM" and nf4_head == "torch.float16" and nf4_diff == 0.0
+    assert adapter_class == "PeftModelForCausalLM" and adapter_diff == 0.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"merge_base": "peft"}, "merge_base='peft' is unknown; allowed: dequantized, original, auto"),
+    ({"merged_precision": "int8"}, "merged_precision='int8' is unknown; allowed: bf16, nf4"),
+    ({"merged_precision": "nf4", "merge_after_train": False}, "merged_precision=nf4 needs merge_after_train=True"),
+    ({"merged_precision": "nf4", "QUANT_METHOD": "NONE"}, "merged_precision=nf4 needs merge_after_train=True and QUANT"),
+    ({"eval_samples": 0}, "merge_after_train=True needs eval_samples > 0"),
+])
+def test_merge_settings_are_validated(override, message):
+    import importlib.util
+
+    from conftest import TRAIN_SCRIPT
+    spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = {name: getattr(module, name) for name in module.CONFIG_NAMES} | override
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate_config(cfg)
+
+
+def _peft_on_4bit(model_dir, targets=("q_proj", "down_proj")):
+    from peft import LoraConfig, get_peft_model
+
+    from model_utils import load_causal_lm
+    from quantization_utils import build_quantization_plan
+
+    _, bnb = build_quantization_plan("QLORA")
+    model = load_causal_lm(str(model_dir), bnb, "cpu")
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), init_lora_weights=False))
+
+
+def test_merge_frees_each_4bit_layer_and_keeps_no_second_copy(tiny_model_dir):
+    """Layer by layer: once merged, no 4-bit weight or adapter survives, even while the PeftModel
+    object the caller holds is still alive."""
+    import gc
+    import weakref
+
+    import bitsandbytes as bnb
+    import torch
+
+    from merge_utils import merge_lora
+
+    model = _peft_on_4bit(tiny_model_dir)
+    quantized = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    adapters = [weakref.ref(m.lora_A["default"].weight) for m in model.modules() if hasattr(m, "lora_A")]
+    merged = merge_lora(model, "dequantized")
+    gc.collect()
+    assert quantized and adapters
+    assert not any(ref() is not None for ref in quantized + adapters)
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+
+
+def test_original_base_is_the_checkpoint_weight_plus_the_adapter(tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    from merge_utils import merge_lora
+
+    model = _peft_on_4bit(tiny_model_dir)
+    name = "model.layers.1.self_attn.q_proj"
+    delta = model.base_model.model.get_submodule(name).get_delta_weight("default").float()
+    untargeted = "model.layers.0.mlp.up_proj"  # no adapter: plain original weight
+    merged = merge_lora(model, "original", str(tiny_model_dir))
+    checkpoint = load_file(str(tiny_model_dir / "model.safetensors"))
+    expected = (checkpoint[f"{name}.weight"].float() + delta).to(torch.bfloat16)
+    assert torch.equal(merged.get_submodule(name).weight, expected)
+    assert torch.equal(merged.get_submodule(untargeted).weight, checkpoint[f"{untargeted}.weight"])

@@ -1,0 +1,141 @@
+"""Measure the merge step's peak memory on a Qwen3-0.6B-architecture model (random weights), vs the
+size of its bf16 weights.
+
+Builds the model from a Qwen3Config with Qwen3-0.6B's sizes (tied embeddings) and a small BPE
+tokenizer (the vocabulary size is the real one; the tokenizer is not used), saves it in bf16
+safetensors, loads it 4-bit (NF4 + double quant) on this machine's device, wraps it with LoRA on
+all seven projections, then runs one merge (`merge_utils.merge_lora`) while a sampler thread reads
+the process's resident memory. Run each base in its own process: peak RSS is per process.
+
+    nice -n 10 python tools/measure_merge_memory.py --base dequantized
+    nice -n 10 python tools/measure_merge_memory.py --base original --work-dir /tmp/qwen3-0.6b-random
+
+Prints one JSON line: memory before the merge (the 4-bit model + adapter), the peak during it, the
+bf16 weight size, and their ratios. CPU only measures RSS; with CUDA it also reports peak allocated.
+RSS counts what the allocator keeps, not only live tensors: run with MALLOC_MMAP_THRESHOLD_=65536
+so that glibc returns freed tensors to the system, else the peak includes freed memory it kept.
+"""
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                  intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=True)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rss_bytes() -> dict[str, int]:
+    """Current resident memory of this process: anonymous (heap) and file-backed (memory-mapped) pages."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile", "VmRSS"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+class PeakSampler(threading.Thread):
+    """Samples rss_bytes() every `interval` seconds; keeps the maximum of each field."""
+
+    def __init__(self, interval: float = 0.005):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.running = interval, rss_bytes(), True
+
+    def run(self):
+        while self.running:
+            for key, value in rss_bytes().items():
+                self.peak[key] = max(self.peak[key], value)
+            time.sleep(self.interval)
+
+    def stop(self) -> dict[str, int]:
+        self.running = False
+        self.join()
+        return self.peak
+
+
+def build_model(directory: Path) -> None:
+    """Qwen3-0.6B-architecture model with random weights, bf16 safetensors, and a small tokenizer."""
+    from model_utils import build_qwen3_model, train_bpe_tokenizer
+    from tools.make_tiny_model import tokenizer_corpus
+
+    tokenizer = train_bpe_tokenizer(tokenizer_corpus(50), 512)
+    build_qwen3_model(directory, tokenizer, **QWEN3_0_6B)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", choices=("dequantized", "original"), default="dequantized",
+                        help="merge base to measure (run each in its own process)")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (the merge's temporaries do not depend on it)")
+    parser.add_argument("--work-dir", default="/tmp/qwen3-0.6b-random",
+                        help="where the random model is written (reused when it exists)")
+    args = parser.parse_args(argv)
+
+    import gc
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from memory_utils import weight_footprint
+    from merge_utils import merge_lora
+    from model_utils import load_causal_lm, pick_device
+    from quantization_utils import build_quantization_plan
+
+    work = Path(args.work_dir) / "Qwen3-0.6B"
+    if not (work / "model.safetensors").exists():
+        build_model(work)
+        gc.collect()
+    device = pick_device()
+    _, bnb_config = build_quantization_plan("QLORA")
+    model = load_causal_lm(str(work), bnb_config, device)
+    bf16_bytes = weight_footprint(model)["bf16_bytes"]
+    lora = LoraConfig(r=args.lora_r, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM",
+                      init_lora_weights=False)  # random B: the merge does real work
+    model = get_peft_model(model, lora)
+    model.eval()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
+    before = rss_bytes()
+    sampler = PeakSampler()
+    sampler.start()
+    started = time.time()
+    merged = merge_lora(model, args.base, str(work))
+    seconds = time.time() - started
+    peak = sampler.stop()
+    del model
+    after = rss_bytes()
+    gb = 1024**3
+    report = {
+        "base": args.base, "device": device, "lora_r": args.lora_r, "merge_seconds": round(seconds, 2),
+        "bf16_weights_gib": round(bf16_bytes / gb, 3),
+        "rss_before_gib": round(before["VmRSS"] / gb, 3), "rss_peak_gib": round(peak["VmRSS"] / gb, 3),
+        "rss_after_gib": round(after["VmRSS"] / gb, 3),
+        "anon_before_gib": round(before["RssAnon"] / gb, 3), "anon_peak_gib": round(peak["RssAnon"] / gb, 3),
+        "file_peak_gib": round(peak["RssFile"] / gb, 3),
+        "merge_extra_anon_gib": round((peak["RssAnon"] - before["RssAnon"]) / gb, 3),
+        "merge_extra_over_bf16": round((peak["RssAnon"] - before["RssAnon"]) / bf16_bytes, 3),
+        "peak_rss_over_bf16": round(peak["VmRSS"] / bf16_bytes, 3),
+        "peak_anon_over_bf16": round(peak["RssAnon"] / bf16_bytes, 3),
+        "merged_dtype": str(merged.dtype),
+    }
+    if device == "cuda":
+        report["cuda_before_gib"] = round(cuda_before / gb, 3)
+        report["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / gb, 3)
+        report["cuda_peak_over_bf16"] = round(torch.cuda.max_memory_allocated() / bf16_bytes, 3)
+    report["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
