@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,9 @@ max_steps = -1  # > 0 stops after this many optimizer steps; -1 = run num_train_
 max_seq_length = 1024  # tokens per example; longer ones are truncated
 optim = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit | adamw_torch | adamw_bnb_8bit | adafactor
 logging_steps = 10  # log the loss every this many optimizer steps
+save_steps = 50  # checkpoint (adapter, optimizer, scheduler, RNG, data position) every this many steps; lower = less lost work, more disk I/O
+keep_checkpoints = 2  # newest checkpoints kept while training (>= 1); each costs disk (the log prints the estimate)
+RESUME = "auto"  # auto (continue an interrupted run from its newest complete checkpoint) | never (start over) | a checkpoint dir
 seed = 42  # data split, adapter init and shuffling
 # -- output
 OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
@@ -143,6 +147,12 @@ def main(argv=None) -> Path:
                                        cfg["if_output_exists"])
         step("config", "%s", json.dumps(cfg))
         step("plan", "%s %s -> %s", method.value, peft_name, final_dir)
+        from checkpoint_utils import plan_resume
+
+        staging = root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
+        resume = plan_resume(cfg["RESUME"], staging / "checkpoints", cfg)
+        for path, problem in resume.skipped:
+            step("resume", "WARNING: skipping checkpoint %s: %s", path, problem)
         # ---- data -----------------------------------------------------------------------------------
         rows = load_rows(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"], cfg["max_train_samples"] + cfg["eval_samples"])
         train_rows, eval_rows = split_rows(rows, cfg["eval_samples"], cfg["seed"])
@@ -158,6 +168,7 @@ def main(argv=None) -> Path:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from checkpoint_utils import MarkCompleteCallback, StopOnSignalCallback, check_free_disk, disk_needed
     from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint
     from merge_utils import compare_logits, logits_on, merge_lora_dequantized, untie_lm_head
     from model_utils import check_target_modules, load_causal_lm, load_tokenizer, pick_device, target_modules_regex
@@ -189,32 +200,60 @@ def main(argv=None) -> Path:
         model = get_peft_model(model, lora)
     trainable, total = count_parameters(model)
     step("model", "trainable params %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    merged_params = (total + model.get_output_embeddings().weight.numel() * cfg["keep_lm_head_fp16"]
+                     if cfg["merge_after_train"] or cfg["PEFT_CONFIG"] == "Full" else 0)
+    disk = disk_needed(sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), trainable,
+                       cfg["optim"], cfg["keep_checkpoints"], merged_params)
+    try:
+        check_free_disk(root, disk["total"], f"{cfg['keep_checkpoints'] + 1} checkpoints and the outputs")
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    step("disk", "~%.3f GB per checkpoint, ~%.3f GB merged model, ~%.3f GB in all", disk["checkpoint"] / 1e9,
+         disk["merged"] / 1e9, disk["total"] / 1e9)
 
     # ---- train --------------------------------------------------------------------------------------
-    staging = root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
-    if staging.exists():
+    if resume.start_over and staging.exists():
+        step("resume", "removing %s: %s", staging, "RESUME=never" if cfg["RESUME"] == "never" else "no complete checkpoint")
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    for path, _ in resume.skipped:
+        shutil.rmtree(path, ignore_errors=True)
+    staging.mkdir(parents=True, exist_ok=True)
     args = SFTConfig(
         output_dir=str(staging / "checkpoints"), per_device_train_batch_size=cfg["per_device_train_batch_size"],
         gradient_accumulation_steps=cfg["gradient_accumulation_steps"], learning_rate=cfg["learning_rate"],
         num_train_epochs=cfg["num_train_epochs"], max_steps=cfg["max_steps"], max_length=cfg["max_seq_length"],
         optim=cfg["optim"], logging_steps=cfg["logging_steps"], seed=cfg["seed"], bf16=True,
         gradient_checkpointing=cfg["gradient_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
-        save_strategy="no", report_to=[], completion_only_loss=True, use_cpu=device == "cpu",
+        save_strategy="steps", save_steps=cfg["save_steps"], save_total_limit=cfg["keep_checkpoints"], report_to=[], completion_only_loss=True, use_cpu=device == "cpu",
         per_device_eval_batch_size=cfg["per_device_train_batch_size"],
     )
+    stopper = StopOnSignalCallback(lambda name: step(
+        "signal", "%s received: saving a checkpoint after this step, then stopping (send it again to kill now)", name))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data,
-                         eval_dataset=eval_data if len(eval_data) else None, processing_class=tokenizer)
+                         eval_dataset=eval_data if len(eval_data) else None, processing_class=tokenizer,
+                         callbacks=[MarkCompleteCallback(cfg), stopper])
+    resumed_step = 0
+    if resume.checkpoint is not None:
+        resumed_step = json.loads((resume.checkpoint / "trainer_state.json").read_text())["global_step"]
+        step("resume", "resuming from %s (step %d)", resume.checkpoint, resumed_step)
     train_started = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
     train_seconds = time.time() - train_started
+    if stopper.received is not None:
+        step("stopped", "%s: stopped at step %d of %d; checkpoint saved in %s; run the same command again to resume",
+             signal.Signals(stopper.received).name, trainer.state.global_step, trainer.state.max_steps,
+             staging / "checkpoints" / f"checkpoint-{trainer.state.global_step}")
+        raise SystemExit(128 + stopper.received)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     eval_loss = trainer.evaluate()["eval_loss"] if len(eval_data) else None
     step("train", "%d steps in %.1fs, train loss %.4f, held-out loss %s", trainer.state.global_step, train_seconds,
          result.training_loss, f"{eval_loss:.4f}" if eval_loss is not None else "n/a")
 
     # ---- save ---------------------------------------------------------------------------------------
+    try:
+        check_free_disk(staging, disk["adapter"] + disk["merged"], "the adapter and merged model")
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     model = trainer.model
     model.eval()
     written = []
@@ -261,7 +300,8 @@ def main(argv=None) -> Path:
                   "merged": artifact != "adapter_only", "merge_base": cfg["merge_base"] if merge_check else None},
         parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
         weights_footprint=footprint,
-        training={"steps": trainer.state.global_step, "train_loss": result.training_loss, "loss_curve": losses,
+        training={"steps": trainer.state.global_step, "resumed_from_step": resumed_step,
+                  "train_loss": result.training_loss, "loss_curve": losses,
                   "eval_loss": eval_loss, "train_seconds": round(train_seconds, 2)},
         merge_check=merge_check,
         peak_memory=peak,
