@@ -49,9 +49,9 @@ max_steps = -1  # > 0 stops after this many optimizer steps; -1 = run num_train_
 max_seq_length = 1024  # tokens per example; longer ones are truncated
 optim = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit | adamw_torch | adamw_bnb_8bit | adafactor
 logging_steps = 10  # log the loss every this many optimizer steps
-save_steps = 50  # checkpoint (adapter, optimizer, scheduler, RNG, data position) every this many steps; lower = less lost work, more disk I/O
+save_steps = 50  # resumable checkpoint every this many steps: fewer = less work lost to a crash, more disk writes
 keep_checkpoints = 2  # newest checkpoints kept while training (>= 1); each costs disk (the log prints the estimate)
-RESUME = "auto"  # auto (continue an interrupted run from its newest complete checkpoint) | never (start over) | a checkpoint dir
+RESUME = "auto"  # auto (continue an interrupted run from its newest complete checkpoint) | never | a checkpoint dir
 seed = 42  # data split, adapter init and shuffling
 # -- output
 OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
@@ -168,7 +168,8 @@ def main(argv=None) -> Path:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from checkpoint_utils import MarkCompleteCallback, StopOnSignalCallback, check_free_disk, disk_needed
+    from checkpoint_utils import (MarkCompleteCallback, StopOnSignalCallback, check_free_disk, disk_needed,
+                                  keep_trainable_dtypes, restore_finished)
     from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint
     from merge_utils import compare_logits, logits_on, merge_lora_dequantized, untie_lm_head
     from model_utils import check_target_modules, load_causal_lm, load_tokenizer, pick_device, target_modules_regex
@@ -213,7 +214,8 @@ def main(argv=None) -> Path:
 
     # ---- train --------------------------------------------------------------------------------------
     if resume.start_over and staging.exists():
-        step("resume", "removing %s: %s", staging, "RESUME=never" if cfg["RESUME"] == "never" else "no complete checkpoint")
+        reason = "RESUME=never" if cfg["RESUME"] == "never" else "no complete checkpoint in it"
+        step("resume", "removing the earlier partial run %s (%s)", staging, reason)
         shutil.rmtree(staging)
     for path, _ in resume.skipped:
         shutil.rmtree(path, ignore_errors=True)
@@ -224,7 +226,8 @@ def main(argv=None) -> Path:
         num_train_epochs=cfg["num_train_epochs"], max_steps=cfg["max_steps"], max_length=cfg["max_seq_length"],
         optim=cfg["optim"], logging_steps=cfg["logging_steps"], seed=cfg["seed"], bf16=True,
         gradient_checkpointing=cfg["gradient_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
-        save_strategy="steps", save_steps=cfg["save_steps"], save_total_limit=cfg["keep_checkpoints"], report_to=[], completion_only_loss=True, use_cpu=device == "cpu",
+        save_strategy="steps", save_steps=cfg["save_steps"], save_total_limit=cfg["keep_checkpoints"],
+        report_to=[], completion_only_loss=True, use_cpu=device == "cpu",
         per_device_eval_batch_size=cfg["per_device_train_batch_size"],
     )
     stopper = StopOnSignalCallback(lambda name: step(
@@ -232,12 +235,19 @@ def main(argv=None) -> Path:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data,
                          eval_dataset=eval_data if len(eval_data) else None, processing_class=tokenizer,
                          callbacks=[MarkCompleteCallback(cfg), stopper])
+    keep_trainable_dtypes(trainer)
     resumed_step = 0
     if resume.checkpoint is not None:
         resumed_step = json.loads((resume.checkpoint / "trainer_state.json").read_text())["global_step"]
         step("resume", "resuming from %s (step %d)", resume.checkpoint, resumed_step)
     train_started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
+    if resume.checkpoint is not None and 0 < cfg["max_steps"] <= resumed_step:
+        step("resume", "training had finished: %d steps restored, none to run", resumed_step)
+        restore_finished(trainer, resume.checkpoint)
+        train_loss = None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
+        train_loss = result.training_loss  # mean over the steps this process ran
     train_seconds = time.time() - train_started
     if stopper.received is not None:
         step("stopped", "%s: stopped at step %d of %d; checkpoint saved in %s; run the same command again to resume",
@@ -246,8 +256,9 @@ def main(argv=None) -> Path:
         raise SystemExit(128 + stopper.received)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     eval_loss = trainer.evaluate()["eval_loss"] if len(eval_data) else None
-    step("train", "%d steps in %.1fs, train loss %.4f, held-out loss %s", trainer.state.global_step, train_seconds,
-         result.training_loss, f"{eval_loss:.4f}" if eval_loss is not None else "n/a")
+    step("train", "%d steps (%d in this run) in %.1fs, train loss %s, held-out loss %s", trainer.state.global_step,
+         trainer.state.global_step - resumed_step, train_seconds,
+         f"{train_loss:.4f}" if train_loss is not None else "n/a", f"{eval_loss:.4f}" if eval_loss is not None else "n/a")
 
     # ---- save ---------------------------------------------------------------------------------------
     try:
@@ -301,7 +312,7 @@ def main(argv=None) -> Path:
         parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
         weights_footprint=footprint,
         training={"steps": trainer.state.global_step, "resumed_from_step": resumed_step,
-                  "train_loss": result.training_loss, "loss_curve": losses,
+                  "train_loss": train_loss, "loss_curve": losses,
                   "eval_loss": eval_loss, "train_seconds": round(train_seconds, 2)},
         merge_check=merge_check,
         peak_memory=peak,
