@@ -168,8 +168,8 @@ def keep_trainable_dtypes(trainer) -> None:
 def restore_finished(trainer, checkpoint: Path) -> None:
     """Load the weights and state of a checkpoint taken at the last step, without training.
 
-    (`Trainer.train(resume_from_checkpoint=...)` from the last step of a `max_steps` run trains one step
-    too many.) Uses the Trainer's own checkpoint loader, the one `train()` calls.
+    (`Trainer.train(resume_from_checkpoint=...)` from the last step trains one step too many when the
+    run ends inside an epoch, e.g. with `max_steps`.) Uses the loader `train()` itself calls.
     """
     from transformers import TrainerState
 

@@ -236,12 +236,13 @@ def main(argv=None) -> Path:
                          eval_dataset=eval_data if len(eval_data) else None, processing_class=tokenizer,
                          callbacks=[MarkCompleteCallback(cfg), stopper])
     keep_trainable_dtypes(trainer)
-    resumed_step = 0
+    resumed_step, finished = 0, False
     if resume.checkpoint is not None:
-        resumed_step = json.loads((resume.checkpoint / "trainer_state.json").read_text())["global_step"]
+        saved_state = json.loads((resume.checkpoint / "trainer_state.json").read_text())
+        resumed_step, finished = saved_state["global_step"], saved_state["global_step"] >= saved_state["max_steps"]
         step("resume", "resuming from %s (step %d)", resume.checkpoint, resumed_step)
     train_started = time.time()
-    if resume.checkpoint is not None and 0 < cfg["max_steps"] <= resumed_step:
+    if finished:
         step("resume", "training had finished: %d steps restored, none to run", resumed_step)
         restore_finished(trainer, resume.checkpoint)
         train_loss = None
