@@ -7,6 +7,7 @@ evaluated.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from data_utils import DATASETS
@@ -15,6 +16,7 @@ from quantization_utils import QuantMethod
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")
 MERGED_PRECISIONS = ("bf16", "nf4")
+OUTPUT_EXISTS_POLICIES = ("refuse", "suffix")
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_bnb_8bit", "adafactor")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -87,7 +89,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _require(cfg["PEFT_CONFIG"] in PEFT_CHOICES,
              f"PEFT_CONFIG={cfg['PEFT_CONFIG']!r} is unknown; allowed: {', '.join(PEFT_CHOICES)}")
     for name in ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
-                 "max_seq_length", "max_train_samples", "save_steps", "logging_steps"):
+                 "max_seq_length", "max_train_samples", "save_steps", "logging_steps", "keep_checkpoints"):
         if name in cfg:
             _require(isinstance(cfg[name], int) and cfg[name] > 0, f"{name}={cfg[name]!r} must be an integer > 0")
     _require(cfg["learning_rate"] > 0, f"learning_rate={cfg['learning_rate']!r} must be > 0")
@@ -111,3 +113,9 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _require(not (cfg["keep_lm_head_fp16"] and not cfg["merge_after_train"]),
              "keep_lm_head_fp16=True needs merge_after_train=True: an adapter-only output has no head of its own")
     _require(cfg["OUTPUT_ROOT"] != "", "OUTPUT_ROOT is empty; give a directory")
+    if "if_output_exists" in cfg:
+        _require(cfg["if_output_exists"] in OUTPUT_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
+                 f"is unknown; allowed: {', '.join(OUTPUT_EXISTS_POLICIES)}")
+    if "RESUME" in cfg:
+        _require(cfg["RESUME"] in ("auto", "never") or Path(cfg["RESUME"]).is_dir(),
+                 f"RESUME={cfg['RESUME']!r} is not auto, never or an existing checkpoint directory")

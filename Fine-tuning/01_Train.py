@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ max_seq_length = 1024  # tokens per example; longer ones are truncated
 optim = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit | adamw_torch | adamw_bnb_8bit | adafactor
 bnb_4bit_quant_storage = "auto"  # auto (bfloat16 under FSDP, else uint8) | uint8 | bfloat16 | float16 | float32
 logging_steps = 10  # log the loss every this many optimizer steps
+save_steps = 50  # resumable checkpoint every this many steps: fewer = less work lost to a crash, more disk writes
+keep_checkpoints = 2  # newest checkpoints kept while training (>= 1); each costs disk (the log prints the estimate)
+RESUME = "auto"  # auto (continue an interrupted run from its newest complete checkpoint) | never | a checkpoint dir
 seed = 42  # data split, adapter init and shuffling
 # -- output
 OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
@@ -152,6 +156,12 @@ def main(argv=None) -> Path | None:
                                        cfg["if_output_exists"])
         step("config", "%s", json.dumps(cfg))
         step("plan", "%s %s -> %s", method.value, peft_name, final_dir)
+        from checkpoint_utils import plan_resume
+
+        staging = root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
+        resume = plan_resume(cfg["RESUME"], staging / "checkpoints", cfg)
+        for path, problem in resume.skipped:
+            step("resume", "WARNING: skipping checkpoint %s: %s", path, problem)
         # ---- data -----------------------------------------------------------------------------------
         rows = load_rows(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"], cfg["max_train_samples"] + cfg["eval_samples"])
         train_rows, eval_rows = split_rows(rows, cfg["eval_samples"], cfg["seed"])
@@ -167,6 +177,8 @@ def main(argv=None) -> Path | None:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from checkpoint_utils import (MarkCompleteCallback, StopOnSignalCallback, check_free_disk, disk_needed,
+                                  keep_trainable_dtypes, restore_finished)
     from dist_utils import combine_peak_reports, gather
     from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint
     from merge_utils import FINGERPRINT_TOKENS, logits_fingerprint, merge_and_check
@@ -204,13 +216,26 @@ def main(argv=None) -> Path | None:
         model = get_peft_model(model, lora)
     trainable, total = count_parameters(model)
     step("model", "trainable params %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    merged_params = (total + model.get_output_embeddings().weight.numel() * cfg["keep_lm_head_fp16"]
+                     if cfg["merge_after_train"] or cfg["PEFT_CONFIG"] == "Full" else 0)
+    disk = disk_needed(sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), trainable,
+                       cfg["optim"], cfg["keep_checkpoints"], merged_params)
+    try:
+        check_free_disk(root, disk["total"], f"{cfg['keep_checkpoints'] + 1} checkpoints and the outputs")
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    step("disk", "~%.3f GB per checkpoint, ~%.3f GB merged model, ~%.3f GB in all", disk["checkpoint"] / 1e9,
+         disk["merged"] / 1e9, disk["total"] / 1e9)
 
     # ---- train --------------------------------------------------------------------------------------
-    staging = root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
     if state.is_main_process:
-        if staging.exists():
+        if resume.start_over and staging.exists():
+            reason = "RESUME=never" if cfg["RESUME"] == "never" else "no complete checkpoint in it"
+            step("resume", "removing the earlier partial run %s (%s)", staging, reason)
             shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        for path, _ in resume.skipped:
+            shutil.rmtree(path, ignore_errors=True)
+        staging.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     args = SFTConfig(
         output_dir=str(staging / "checkpoints"), per_device_train_batch_size=cfg["per_device_train_batch_size"],
@@ -218,20 +243,42 @@ def main(argv=None) -> Path | None:
         num_train_epochs=cfg["num_train_epochs"], max_steps=cfg["max_steps"], max_length=cfg["max_seq_length"],
         optim=cfg["optim"], logging_steps=cfg["logging_steps"], seed=cfg["seed"], bf16=True,
         gradient_checkpointing=cfg["gradient_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
-        save_strategy="no", report_to=[], completion_only_loss=True, use_cpu=device == "cpu",
+        save_strategy="steps", save_steps=cfg["save_steps"], save_total_limit=cfg["keep_checkpoints"],
+        report_to=[], completion_only_loss=True, use_cpu=device == "cpu",
         per_device_eval_batch_size=cfg["per_device_train_batch_size"],
     )
+    stopper = StopOnSignalCallback(lambda name: step(
+        "signal", "%s received: saving a checkpoint after this step, then stopping (send it again to kill now)", name))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data,
-                         eval_dataset=eval_data if len(eval_data) else None, processing_class=tokenizer)
+                         eval_dataset=eval_data if len(eval_data) else None, processing_class=tokenizer,
+                         callbacks=[MarkCompleteCallback(cfg), stopper])
+    keep_trainable_dtypes(trainer)
+    resumed_step, finished = 0, False
+    if resume.checkpoint is not None:
+        saved_state = json.loads((resume.checkpoint / "trainer_state.json").read_text())
+        resumed_step, finished = saved_state["global_step"], saved_state["global_step"] >= saved_state["max_steps"]
+        step("resume", "resuming from %s (step %d)", resume.checkpoint, resumed_step)
     train_started = time.time()
-    result = trainer.train()
+    if finished:
+        step("resume", "training had finished: %d steps restored, none to run", resumed_step)
+        restore_finished(trainer, resume.checkpoint)
+        train_loss = None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
+        train_loss = result.training_loss  # mean over the steps this process ran
+        del result
     train_seconds = time.time() - train_started
-    eval_loss = trainer.evaluate()["eval_loss"] if len(eval_data) else None
-    steps, train_loss = trainer.state.global_step, result.training_loss
+    if stopper.received is not None:
+        step("stopped", "%s: stopped at step %d of %d; checkpoint saved in %s; run the same command again to resume",
+             signal.Signals(stopper.received).name, trainer.state.global_step, trainer.state.max_steps,
+             staging / "checkpoints" / f"checkpoint-{trainer.state.global_step}")
+        raise SystemExit(128 + stopper.received)
+    steps = trainer.state.global_step
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    step("train", "%d steps in %.1fs, train loss %.4f, held-out loss %s", steps, train_seconds, train_loss,
+    eval_loss = trainer.evaluate()["eval_loss"] if len(eval_data) else None
+    step("train", "%d steps (%d in this run) in %.1fs, train loss %s, held-out loss %s", steps, steps - resumed_step,
+         train_seconds, f"{train_loss:.4f}" if train_loss is not None else "n/a",
          f"{eval_loss:.4f}" if eval_loss is not None else "n/a")
-
     own_gpu = [state.local_process_index] if device.startswith("cuda:") else None  # under torchrun each rank has one
     rank_peaks, loss_curves = gather(get_peak_vram_gb(own_gpu)), gather(losses)
 
@@ -242,11 +289,15 @@ def main(argv=None) -> Path | None:
         trainer.save_model(str(staging / "adapter"))
     if not state.is_main_process:
         return None  # rank 0 alone merges and writes
+    try:
+        check_free_disk(staging, disk["adapter"] + disk["merged"], "the adapter and merged model")
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     model = trainer.model.eval()
     if cfg["PEFT_CONFIG"] != "Full" and not launch.fsdp:
         model.save_pretrained(staging / "adapter")
     tokenizer.save_pretrained(staging)
-    del trainer, result  # frees the optimizer state before the merge
+    del trainer  # frees the optimizer state before the merge
     if launch.fsdp:  # FSDP cannot merge in place: rebuild the trained model from the saved adapter
         model = load_adapter_model(cfg["MODEL_NAME"], staging / "adapter", bnb_config, device, cfg["trust_remote_code"])
 
@@ -297,7 +348,7 @@ def main(argv=None) -> Path | None:
         artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None},
         parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
         weights_footprint=footprint,
-        training={"steps": steps, "train_loss": train_loss, "loss_curve": losses,
+        training={"steps": steps, "resumed_from_step": resumed_step, "train_loss": train_loss, "loss_curve": losses,
                   "eval_loss": eval_loss, "train_seconds": round(train_seconds, 2),
                   "world_size": launch.world_size, "fsdp": launch.fsdp, "loss_curve_by_rank": loss_curves},
         merge_check=merge_check,

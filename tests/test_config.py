@@ -51,9 +51,16 @@ def _no_weights_model(tiny_model_dir, tmp_path):
     ("--per_device_train_batch_size=0", "per_device_train_batch_size=0 must be an integer > 0"),
     ("--max_seq_length=100000", "max_seq_length=100000 exceeds the model's context of 2048 tokens"),
     ("--keep_lm_head_fp16=true", "keep_lm_head_fp16=True needs merge_after_train=True"),
+    ("--gradient_accumulation_steps=0", "gradient_accumulation_steps=0 must be an integer > 0"),
+    ("--save_steps=0", "save_steps=0 must be an integer > 0"),
+    ("--keep_checkpoints=0", "keep_checkpoints=0 must be an integer > 0"),
+    ("--if_output_exists=overwrite", "if_output_exists='overwrite' is unknown; allowed: refuse, suffix"),
+    ("--RESUME=sometimes", "RESUME='sometimes' is not auto, never or an existing checkpoint directory"),
+    ("--RESUME={tmp}", "RESUME='{tmp}' is not a complete checkpoint: no checkpoint_complete.json"),
 ])
 def test_invalid_config_fails_before_loading_with_one_line(override, message, tiny_model_dir, tmp_path):
     model = _no_weights_model(tiny_model_dir, tmp_path)
+    override, message = override.format(tmp=tmp_path), message.format(tmp=tmp_path)
     extra = ["--merge_after_train=false"] if "keep_lm_head" in override else []
     out = tmp_path / "out"
     result = run_train([f"--MODEL_NAME={model}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
@@ -62,6 +69,17 @@ def test_invalid_config_fails_before_loading_with_one_line(override, message, ti
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
     assert "model.safetensors" not in result.stderr  # failed on the config, not on the missing weights
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unknown_target_module_names_the_existing_ones_and_writes_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
+                        "--target_modules=q_proj,qkv_proj"])
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: target module 'qkv_proj' matches no Linear module; this model has: "
+        "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
     assert not out.exists() or not any(out.iterdir())
 
 
