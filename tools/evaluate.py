@@ -263,11 +263,13 @@ def write_chart(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metric = MAIN_METRIC[results[0]["dataset"]["name"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        x, y = r["weights_bytes"] / 1e6, r[metric]
-        ax.scatter(x, y, s=40)
-        ax.annotate(Path(r["directory"]).name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(8, 4.5 + 0.25 * len(results)))
+    markers = "osD^vP*X"
+    for i, r in enumerate(results):  # a legend, not labels on the points: equal-size models overlap
+        ax.scatter(r["weights_bytes"] / 1e6, r[metric], s=60, marker=markers[i % len(markers)], alpha=0.8,
+                   label=f"{Path(r['directory']).name} ({r[metric]:.1f})")
+    ax.set_ylim(-5, 105)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
     ax.set_xlabel("weight footprint (MB, quantization state included)")
     ax.set_ylabel(f"held-out {metric} (%)")
     ax.set_title(f"{results[0]['dataset']['name']}: {metric} vs weight footprint")

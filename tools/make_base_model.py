@@ -6,6 +6,7 @@ never seen the task's chat format; fine-tuning (Fine-tuning/01_Train.py) teaches
 """
 
 import argparse
+import json
 import math
 import shutil
 import sys
@@ -83,9 +84,9 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out-dir", default=str(DEFAULT_DIR), help="directory to write the model and tokenizer to")
     parser.add_argument("--texts", type=int, default=60000, help="generated pre-training lines")
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=48, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size")
     parser.add_argument("--hidden-size", type=int, default=128, help="model width")
@@ -111,10 +112,17 @@ def main(argv=None) -> Path:
                               intermediate_size=3 * args.hidden_size, num_hidden_layers=args.layers,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden_size // 4)
     batches = token_batches(tokenizer, texts, args.seq_len, args.batch_size, args.seed)
-    pretrain(model, batches, args.steps, args.lr, log_every=max(1, args.steps // 40))
+    started = time.time()
+    losses = pretrain(model, batches, args.steps, args.lr, log_every=max(1, args.steps // 40))
+    seconds = time.time() - started
     model.to(torch.bfloat16).eval().save_pretrained(partial)
-    print(f"pretrain | knows {100 * fact_accuracy(model, tokenizer):.1f}% of the task's sums and differences "
+    accuracy = fact_accuracy(model, tokenizer)
+    print(f"pretrain | knows {100 * accuracy:.1f}% of the task's sums and differences "
           "(greedy next token after 'a + b =')", flush=True)
+    build = {"args": {k: v for k, v in vars(args).items() if k not in ("out_dir", "force")},
+             "parameters": sum(p.numel() for p in model.parameters()), "pretrain_seconds": round(seconds, 1),
+             "torch_threads": torch.get_num_threads(), "loss_curve": losses, "fact_accuracy": round(accuracy, 4)}
+    (partial / "build.json").write_text(json.dumps(build, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.replace(out_dir)
