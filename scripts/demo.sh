@@ -9,6 +9,9 @@ started=$(date +%s)
 echo "demo     | [1/4] setting up the environment (scripts/setup.sh)"
 bash scripts/setup.sh
 PY=.venv/bin/python
+# One torch thread: on a 2-core machine shared with other jobs, two threads per process made the
+# fine-tuning steps ~10x slower (measured); on an idle machine one thread costs little at this size.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 echo "demo     | [2/4] base model: models/Qwen3-arith-1M (built once, then reused)"
 $PY tools/make_base_model.py
 echo "demo     | [3/4] data: 1600 generated openmath-schema problems"
