@@ -112,3 +112,4 @@ def test_evaluate_end_to_end_on_base_and_adapter(adapter_only_run, tiny_model_di
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = markdown_table(results)
     assert table.count("\n") == 3 and adapter_only_run.name in table and "| accuracy |" in table
+    assert "| QLORA | LoRa8 | adapter on 4-bit base |" in table

@@ -29,8 +29,7 @@ from quantization_utils import QuantMethod, detect_quant_method  # noqa: E402
 # (max_train_samples=20000, eval_samples=64, seed=42), i.e. the rows a default training run holds out.
 DEFAULT_SPLIT = {"max_rows": 20000 + 64, "eval_rows": 64, "seed": 42}
 MAIN_METRIC = {"openmath": "accuracy", "squad": "f1"}
-LOAD_LABELS = {"merged": "merged bf16", "adapter": "adapter on 4-bit base", "ptq": "quantized (PTQ)",
-               "base": "base model"}
+LOAD_LABELS = {"merged": "merged bf16", "adapter": "adapter on {} base", "ptq": "quantized (PTQ)", "base": "base model"}
 # What each artifact kind in metadata.json means for loading.
 ARTIFACT_LOADERS = {
     "merged_bf16": "merged", "full_bf16": "merged", "ptq": "ptq",
@@ -247,7 +246,8 @@ def markdown_table(results: list[dict]) -> str:
               "tokens/s", "rows"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        cells = [Path(r["directory"]).name, r["method"], r["peft"] or "-", LOAD_LABELS[r["load_kind"]],
+        loaded = LOAD_LABELS[r["load_kind"]].format("4-bit" if r["method"] == "QLORA" else "bf16")
+        cells = [Path(r["directory"]).name, r["method"], r["peft"] or "-", loaded,
                  *[f"{r[m]:.1f}" if m in r else "" for m in metrics],
                  f"{r['heldout_loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['weights_bytes'] / 1e6:.2f}",
                  f"{r['load_seconds']:.2f}", f"{r['tokens_per_second']:.1f}" if r["tokens_per_second"] else "n/a",
