@@ -26,7 +26,7 @@ def _openmath_example(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _squad_answers(row: dict[str, Any]) -> list[str]:
+def squad_answers(row: dict[str, Any]) -> list[str]:
     answers = row["answers"]
     if isinstance(answers, str):  # csv files hold the answers dict as a JSON string
         answers = json.loads(answers)
@@ -40,7 +40,7 @@ def squad_prompt(context: str, question: str) -> str:
 def _squad_example(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "prompt": [{"role": "user", "content": squad_prompt(row["context"], row["question"])}],
-        "completion": [{"role": "assistant", "content": _squad_answers(row)[0]}],
+        "completion": [{"role": "assistant", "content": squad_answers(row)[0]}],
     }
 
 
@@ -168,3 +168,48 @@ def generate_rows(name: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
     """`count` deterministic synthetic rows in the schema of dataset `name`."""
     rng = random.Random(seed)
     return [SAMPLE_GENERATORS[name](rng) for _ in range(count)]
+
+
+# ----- pre-training text for the project's small base model (tools/make_base_model.py) -----
+
+def arithmetic_pairs() -> list[tuple[int, str, int, int]]:
+    """Every (a, op, b, result) the openmath sample generator can ask: a, b in 2..49, a - b only for a >= b."""
+    pairs = []
+    for a in range(2, 50):
+        for b in range(2, 50):
+            pairs.append((a, "+", b, a + b))
+            if a >= b:
+                pairs.append((a, "-", b, a - b))
+    return pairs
+
+
+_FACT_TEMPLATES = {
+    "+": ["{a} + {b} = {r}.", "{a} plus {b} is {r}.", "Adding {b} to {a} gives {r}."],
+    "-": ["{a} - {b} = {r}.", "{a} minus {b} is {r}.", "Taking {b} from {a} leaves {r}."],
+}
+_STORY_TEMPLATES = {
+    "+": "{n} had {a} {i}. Then {n} found {b} more {i}, so now {n} had {r} {i}.",
+    "-": "{n} had {a} {i}. Then {n} gave {b} {i} to a friend, so {r} {i} were left.",
+}
+
+
+def pretraining_texts(count: int, seed: int = 0) -> list[str]:
+    """`count` deterministic lines of arithmetic facts in prose and short stories.
+
+    They teach a small model the sums and differences of the openmath sample task, and how a result
+    looks in `\\boxed{}` notation, but never in the task's chat format: a model pre-trained on them
+    still has to be fine-tuned to answer the task's questions.
+    """
+    rng = random.Random(seed)
+    pairs = arithmetic_pairs()
+    texts = []
+    for _ in range(count):
+        a, op, b, r = rng.choice(pairs)
+        kind = rng.random()
+        if kind < 0.8:
+            texts.append(rng.choice(_FACT_TEMPLATES[op]).format(a=a, b=b, r=r))
+        elif kind < 0.95:
+            texts.append(_STORY_TEMPLATES[op].format(n=rng.choice(_NAMES), i=rng.choice(_ITEMS), a=a, b=b, r=r))
+        else:
+            texts.append(f"{a} {op} {b} = {r}, written in a box as \\boxed{{{r}}}.")
+    return texts

@@ -1,0 +1,39 @@
+"""The project's small base model: its generated pre-training text and the builder."""
+
+import json
+
+from data_utils import arithmetic_pairs, generate_rows, pretraining_texts
+from tools.make_base_model import DEFAULT_DIR, main as make_base_model
+
+
+def test_pretraining_text_is_deterministic_and_never_the_task_format():
+    texts = pretraining_texts(2000, seed=3)
+    assert texts == pretraining_texts(2000, seed=3) and texts != pretraining_texts(2000, seed=4)
+    joined = "\n".join(texts)
+    assert "<|im_start|>" not in joined and "The answer is" not in joined and "How many" not in joined
+    # the facts cover the task: every openmath sample question is one of the pairs
+    pairs = {(a, op, b) for a, op, b, _ in arithmetic_pairs()}
+    for row in generate_rows("openmath", 200, seed=9):
+        a, op, b = row["generated_solution"].split(". ")[1].split(" = ")[0].split()
+        assert (int(a), op, int(b)) in pairs
+
+
+def test_builder_writes_a_loadable_chat_model_with_its_build_record(tmp_path):
+    out = tmp_path / "base"
+    make_base_model([f"--out-dir={out}", "--texts=300", "--steps=2", "--batch-size=2", "--seq-len=16",
+                     "--hidden-size=64", "--layers=1", "--vocab-size=400"])
+    build = json.loads((out / "build.json").read_text())
+    assert build["args"]["steps"] == 2 and len(build["loss_curve"]) == 2 and 0 <= build["fact_accuracy"] <= 1
+    assert not (tmp_path / "base.partial").exists()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template([{"role": "user", "content": "1 + 2"}],
+                                                                     tokenize=False, add_generation_prompt=True)
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen3"
+
+
+def test_shipped_base_model_is_small_and_recorded():
+    assert (DEFAULT_DIR / "model.safetensors").stat().st_size < 4 * 1024**2
+    build = json.loads((DEFAULT_DIR / "build.json").read_text())
+    assert build["parameters"] < 2_000_000 and build["fact_accuracy"] > 0

@@ -1,0 +1,329 @@
+"""Evaluate output directories (and plain base models) side by side.
+
+    python tools/evaluate.py DIR [DIR ...] [--dataset NAME] [--dataset-path FILE] [--limit N]
+
+Each directory's kind is detected from its metadata.json (or, without one, from its name) and it is
+loaded that way: a merged or fully fine-tuned model, an adapter on the 4-bit base rebuilt from the
+metadata's quantization plan, a post-training-quantized sibling, or a plain base model. Every model is
+scored on the held-out split its training run used (rebuilt from the metadata), or on the dataset given:
+openmath final-answer accuracy, squad exact match / F1, held-out loss and perplexity on the completions,
+weight footprint (quantization state included), load time and greedy generation tokens/s.
+Writes eval_results.json into each directory, prints one markdown table, and with several directories
+writes a PNG chart of accuracy against weight footprint.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_utils import DATASETS, check_local_file, get_dataset_spec, squad_answers  # noqa: E402
+from eval_utils import math_answer_correct, perplexity, squad_exact_match, squad_f1  # noqa: E402
+from quantization_utils import QuantMethod, detect_quant_method  # noqa: E402
+
+# Held-out split used for a dataset no evaluated model was trained on: 01_Train.py's defaults
+# (max_train_samples=20000, eval_samples=64, seed=42), i.e. the rows a default training run holds out.
+DEFAULT_SPLIT = {"max_rows": 20000 + 64, "eval_rows": 64, "seed": 42}
+MAIN_METRIC = {"openmath": "accuracy", "squad": "f1"}
+LOAD_LABELS = {"merged": "merged bf16", "adapter": "adapter on {} base", "ptq": "quantized (PTQ)", "base": "base model"}
+# What each artifact kind in metadata.json means for loading.
+ARTIFACT_LOADERS = {
+    "merged_bf16": "merged", "full_bf16": "merged", "ptq": "ptq",
+    "adapter_only": "adapter", "adapter_primary_merge_flagged": "adapter",
+}
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How one directory is loaded: `kind` is merged | adapter | ptq | base."""
+
+    kind: str
+    method: str  # quantization method of the training run or PTQ (metadata, else name, else NONE)
+    base_model: str | None = None  # adapter kind: the model the adapter was trained on
+    quant_options: tuple = ()  # adapter kind: extras of the training plan, as (name, value) pairs
+
+
+def read_metadata(path: Path) -> dict | None:
+    file = Path(path) / "metadata.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
+    """What a directory holds and how to load it, from its metadata (or name); reads no weights."""
+    path = Path(path)
+    if metadata is None:
+        method = detect_quant_method(path.name)
+        if method is QuantMethod.QLORA and not (path / "config.json").is_file():
+            raise ValueError(f"{path} looks like a QLoRA adapter (name) but has no metadata.json naming its base model")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is neither an output directory (metadata.json) nor a model (config.json)")
+        return LoadPlan("merged" if method else "base", (method or QuantMethod.NONE).value)
+    quant = metadata.get("quantization") or {}
+    method = str(quant.get("method", "NONE"))
+    artifact = (metadata.get("artifact") or {}).get("kind")
+    if artifact not in ARTIFACT_LOADERS:
+        raise ValueError(f"{path}/metadata.json has artifact kind {artifact!r}; known: {', '.join(ARTIFACT_LOADERS)}")
+    kind = ARTIFACT_LOADERS[artifact]
+    if kind == "adapter":
+        options = {k: v for k, v in (quant.get("extras") or {}).items()
+                   if k in ("double_quant", "base_quant_type", "compute_dtype", "quant_storage")}
+        return LoadPlan("adapter", method, metadata["base_model"], tuple(sorted(options.items())))
+    return LoadPlan(kind, method)  # merged: bf16 on disk whatever the training method
+
+
+def load_for_eval(path, device=None):
+    """(model, tokenizer, metadata) for any directory kind, model in eval mode. Same contract as
+    model_utils.load_output_dir (issue 3), which can replace it."""
+    import torch
+
+    from model_utils import load_causal_lm, load_tokenizer, pick_device
+    from quantization_utils import build_quantization_plan
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    plan = detect_load_plan(path, metadata)
+    device = device or pick_device()
+    tokenizer = load_tokenizer(str(path))
+    if plan.kind == "adapter":
+        from peft import PeftModel
+
+        options = dict(plan.quant_options)
+        _, bnb_config = build_quantization_plan(
+            detect_quant_method(metadata=metadata), compute_dtype=options.get("compute_dtype", "bfloat16"),
+            quant_type=options.get("base_quant_type", "nf4"), double_quant=options.get("double_quant", True),
+            quant_storage=options.get("quant_storage"))
+        base = load_causal_lm(plan.base_model, bnb_config, device)
+        adapter_dir = path / ((metadata.get("artifact") or {}).get("adapter_dir") or "adapter")
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    else:
+        # merged / base: bf16 safetensors; ptq: the quantization_config in config.json decides the format
+        model = load_causal_lm(str(path), None, device, dtype=torch.bfloat16 if plan.kind != "ptq" else "auto")
+    return model.eval(), tokenizer, metadata
+
+
+# ----- which rows ---------------------------------------------------------------------------------
+
+def training_split(metadata: dict | None) -> dict | None:
+    """The dataset and held-out split a directory's training run used, or None (not trained here)."""
+    if not metadata or not metadata.get("dataset"):
+        return None
+    config = metadata.get("config") or ((metadata.get("source") or {}).get("metadata") or {}).get("config")
+    if not config:
+        return None
+    data = metadata["dataset"]
+    return {"name": data["name"], "path": data.get("path"), "max_rows": config["max_train_samples"] + config["eval_samples"],
+            "eval_rows": data["eval_rows"], "seed": data["split_seed"]}
+
+
+def choose_splits(metadatas: list, dataset: str | None, dataset_path: str | None) -> list[dict]:
+    """One held-out split per directory: its own training split when it was trained on the dataset
+    evaluated; else the first such split among the directories (so base and fine-tuned are scored on
+    the same rows); else DEFAULT_SPLIT of the dataset given."""
+    splits = [training_split(m) for m in metadatas]
+    if dataset is None:
+        known = [s for s in splits if s is not None]
+        if not known:
+            raise ValueError("no directory has training metadata (metadata.json); pass --dataset (and --dataset-path)")
+        dataset, dataset_path = known[0]["name"], known[0]["path"]
+    matches = [s for s in splits if s and s["name"] == dataset and _same_path(s["path"], dataset_path)]
+    fallback = matches[0] if matches else {"name": dataset, "path": dataset_path, **DEFAULT_SPLIT}
+    return [s if s in matches else fallback for s in splits]
+
+
+def _same_path(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
+
+
+def held_out_rows(split: dict, limit: int | None):
+    from data_utils import load_rows, split_rows
+
+    rows = load_rows(split["name"], split["path"], split["max_rows"])
+    _, held_out = split_rows(rows, split["eval_rows"], split["seed"])
+    if len(held_out) == 0:
+        raise ValueError(f"the held-out split of {split['name']} is empty (eval_rows={split['eval_rows']})")
+    return held_out.select(range(min(limit, len(held_out)))) if limit else held_out
+
+
+# ----- measuring ----------------------------------------------------------------------------------
+
+def completion_loss(model, tokenizer, examples) -> float:
+    """Mean cross-entropy (nats/token) of the reference completions given their prompts."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            prompt = tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+            prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]], device=device)
+            labels = ids.clone()
+            labels[:, :prompt_len] = -100
+            n = int((labels[:, 1:] != -100).sum())
+            total += model(input_ids=ids, labels=labels).loss.float().item() * n
+            tokens += n
+    return total / max(tokens, 1)
+
+
+def generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: int):
+    """Greedy completions of chat prompts; returns (texts, generated tokens, seconds)."""
+    import torch
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    texts, new_tokens, seconds = [], 0, 0.0
+    for start in range(0, len(prompts), batch_size):
+        chats = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in prompts[start:start + batch_size]]
+        batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        started = time.time()
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        seconds += time.time() - started
+        for row in out[:, batch["input_ids"].shape[1]:]:
+            ids = row.tolist()
+            ids = ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids
+            ids = [i for i in ids if i != tokenizer.pad_token_id]
+            new_tokens += len(ids)
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts, new_tokens, seconds
+
+
+def score(dataset: str, predictions: list[str], rows) -> dict:
+    if dataset == "openmath":
+        correct = [math_answer_correct(p, r) for p, r in zip(predictions, rows["expected_answer"])]
+        return {"accuracy": 100 * sum(correct) / len(correct)}
+    refs = [squad_answers(row) for row in rows]
+    return {"exact_match": 100 * sum(squad_exact_match(p, r) for p, r in zip(predictions, refs)) / len(refs),
+            "f1": 100 * sum(squad_f1(p, r) for p, r in zip(predictions, refs)) / len(refs)}
+
+
+def evaluate_dir(path: Path, split: dict, args) -> dict:
+    from data_utils import to_sft_dataset
+    from memory_utils import weight_footprint
+
+    rows = held_out_rows(split, args.limit)
+    examples = to_sft_dataset(rows, split["name"])
+    plan = detect_load_plan(path, read_metadata(path))
+    started = time.time()
+    model, tokenizer, metadata = load_for_eval(path)
+    load_seconds = time.time() - started
+    print(f"evaluate | {path.name}: {plan.kind} ({plan.method}) loaded in {load_seconds:.1f}s; "
+          f"{len(rows)} held-out {split['name']} rows", flush=True)
+    loss = completion_loss(model, tokenizer, examples)
+    predictions, new_tokens, gen_seconds = generate(model, tokenizer, list(examples["prompt"]),
+                                                    args.max_new_tokens, args.batch_size)
+    footprint = weight_footprint(model)
+    result = {
+        "directory": str(path), "load_kind": plan.kind, "method": plan.method, "peft": (metadata or {}).get("peft"),
+        "artifact": (metadata or {}).get("artifact", {}).get("kind", "base_model"),
+        "dataset": {k: split[k] for k in ("name", "path", "max_rows", "eval_rows", "seed")}, "rows": len(rows),
+        **score(split["name"], predictions, rows),
+        "heldout_loss": loss, "perplexity": perplexity(loss),
+        "weights_bytes": footprint["total_bytes"], "weight_footprint": footprint,
+        "load_seconds": round(load_seconds, 3), "generated_tokens": new_tokens,
+        "tokens_per_second": new_tokens / gen_seconds if gen_seconds else None,
+        "device": str(next(model.parameters()).device), "max_new_tokens": args.max_new_tokens,
+        "examples": [{"prompt": e["prompt"][-1]["content"], "prediction": p} for e, p in zip(examples, predictions)][:5],
+    }
+    (path / "eval_results.json").write_text(json.dumps(result, indent=2))
+    print(f"evaluate | {path.name}: {MAIN_METRIC[split['name']]} {result[MAIN_METRIC[split['name']]]:.1f}, "
+          f"held-out loss {loss:.4f}, {result['tokens_per_second'] or 0:.1f} tokens/s", flush=True)
+    return result
+
+
+# ----- reporting ----------------------------------------------------------------------------------
+
+def markdown_table(results: list[dict]) -> str:
+    metrics = [m for m in ("accuracy", "exact_match", "f1") if any(m in r for r in results)]
+    header = ["model", "method", "peft", "loaded as", *metrics, "held-out loss", "perplexity", "weights MB", "load s",
+              "tokens/s", "rows"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        loaded = LOAD_LABELS[r["load_kind"]].format("4-bit" if r["method"] == "QLORA" else "bf16")
+        cells = [Path(r["directory"]).name, r["method"], r["peft"] or "-", loaded,
+                 *[f"{r[m]:.1f}" if m in r else "" for m in metrics],
+                 f"{r['heldout_loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['weights_bytes'] / 1e6:.2f}",
+                 f"{r['load_seconds']:.2f}", f"{r['tokens_per_second']:.1f}" if r["tokens_per_second"] else "n/a",
+                 str(r["rows"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_chart(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = MAIN_METRIC[results[0]["dataset"]["name"]]
+    fig, ax = plt.subplots(figsize=(8, 4.5 + 0.25 * len(results)))
+    markers = "osD^vP*X"
+    for i, r in enumerate(results):  # a legend, not labels on the points: equal-size models overlap
+        ax.scatter(r["weights_bytes"] / 1e6, r[metric], s=60, marker=markers[i % len(markers)], alpha=0.8,
+                   label=f"{Path(r['directory']).name} ({r[metric]:.1f})")
+    ax.set_ylim(-5, 105)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
+    ax.set_xlabel("weight footprint (MB, quantization state included)")
+    ax.set_ylabel(f"held-out {metric} (%)")
+    ax.set_title(f"{results[0]['dataset']['name']}: {metric} vs weight footprint")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", help="output directories of 01_Train.py / tools/quantize.py, or base models")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), help="evaluate on this dataset (default: the training one)")
+    parser.add_argument("--dataset-path", help="local file in the dataset's schema (default: the hub dataset)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N held-out rows")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit per answer")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    parser.add_argument("--chart", default="eval_comparison.png", help="PNG written when several dirs are evaluated")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    try:
+        if args.limit is not None and args.limit <= 0:
+            raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+        if args.max_new_tokens <= 0 or args.batch_size <= 0:
+            raise ValueError("--max-new-tokens and --batch-size must be positive integers")
+        if args.dataset_path is not None:
+            check_local_file(args.dataset_path)
+            if args.dataset is None:
+                raise ValueError("--dataset-path needs --dataset to say its schema (openmath or squad)")
+        paths = [Path(d) for d in args.dirs]
+        for path in paths:
+            if not path.is_dir():
+                raise ValueError(f"{path} is not a directory")
+        metadatas = [read_metadata(p) for p in paths]
+        for path, metadata in zip(paths, metadatas):
+            detect_load_plan(path, metadata)  # every directory understood before any model loads
+        splits = choose_splits(metadatas, args.dataset, args.dataset_path)
+        get_dataset_spec(splits[0]["name"])
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    import peft  # noqa: F401  imported before any load is timed, so the first model's load time is not imports
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+    results = [evaluate_dir(path, split, args) for path, split in zip(paths, splits)]
+    print()
+    print(markdown_table(results))
+    if len(results) > 1 and len({r["dataset"]["name"] for r in results}) == 1:
+        write_chart(results, Path(args.chart))
+        print(f"\nchart: {args.chart}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
