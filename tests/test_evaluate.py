@@ -36,8 +36,10 @@ def test_detects_adapter_only_with_the_training_plan(tmp_path):
     plan = detect_load_plan(_dir(tmp_path, "a", meta, config=False), meta)
     assert plan.kind == "adapter" and plan.method == "QLORA" and plan.base_model == "/models/Qwen3-0.6B"
     assert dict(plan.quant_options) == {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16"}
-    flagged = {**meta, "artifact": {"kind": "adapter_primary_merge_flagged"}}
+    flagged = {**meta, "artifact": {"kind": "merged_bf16", "primary": "adapter"}}
     assert detect_load_plan(tmp_path / "a", flagged).kind == "adapter"  # merge flagged: the adapter is the model
+    nf4 = {**meta, "artifact": {"kind": "merged_nf4", "primary": "merged"}}
+    assert detect_load_plan(tmp_path / "a", nf4).kind == "merged"
 
 
 def test_detects_full_finetune_and_ptq_sibling(tmp_path):

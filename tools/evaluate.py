@@ -32,8 +32,7 @@ MAIN_METRIC = {"openmath": "accuracy", "squad": "f1"}
 LOAD_LABELS = {"merged": "merged bf16", "adapter": "adapter on {} base", "ptq": "quantized (PTQ)", "base": "base model"}
 # What each artifact kind in metadata.json means for loading.
 ARTIFACT_LOADERS = {
-    "merged_bf16": "merged", "full_bf16": "merged", "ptq": "ptq",
-    "adapter_only": "adapter", "adapter_primary_merge_flagged": "adapter",
+    "merged_bf16": "merged", "merged_nf4": "merged", "full_bf16": "merged", "ptq": "ptq", "adapter_only": "adapter",
 }
 
 
@@ -68,6 +67,8 @@ def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
     if artifact not in ARTIFACT_LOADERS:
         raise ValueError(f"{path}/metadata.json has artifact kind {artifact!r}; known: {', '.join(ARTIFACT_LOADERS)}")
     kind = ARTIFACT_LOADERS[artifact]
+    if (metadata.get("artifact") or {}).get("primary") == "adapter":  # a flagged merge: the adapter is the model
+        kind = "adapter"
     if kind == "adapter":
         options = {k: v for k, v in (quant.get("extras") or {}).items()
                    if k in ("double_quant", "base_quant_type", "compute_dtype", "quant_storage")}
@@ -76,33 +77,22 @@ def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
 
 
 def load_for_eval(path, device=None):
-    """(model, tokenizer, metadata) for any directory kind, model in eval mode. Same contract as
-    model_utils.load_output_dir (issue 3), which can replace it."""
+    """(model, tokenizer, metadata) for any directory kind, model in eval mode: training outputs through
+    model_utils.load_output_dir (the primary artifact their metadata names), PTQ siblings and plain
+    models through their own config.json."""
     import torch
 
-    from model_utils import load_causal_lm, load_tokenizer, pick_device
-    from quantization_utils import build_quantization_plan
+    from model_utils import load_causal_lm, load_output_dir, load_tokenizer, pick_device
 
     path = Path(path)
     metadata = read_metadata(path)
     plan = detect_load_plan(path, metadata)
-    device = device or pick_device()
-    tokenizer = load_tokenizer(str(path))
-    if plan.kind == "adapter":
-        from peft import PeftModel
-
-        options = dict(plan.quant_options)
-        _, bnb_config = build_quantization_plan(
-            detect_quant_method(metadata=metadata), compute_dtype=options.get("compute_dtype", "bfloat16"),
-            quant_type=options.get("base_quant_type", "nf4"), double_quant=options.get("double_quant", True),
-            quant_storage=options.get("quant_storage"))
-        base = load_causal_lm(plan.base_model, bnb_config, device)
-        adapter_dir = path / ((metadata.get("artifact") or {}).get("adapter_dir") or "adapter")
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
-    else:
-        # merged / base: bf16 safetensors; ptq: the quantization_config in config.json decides the format
-        model = load_causal_lm(str(path), None, device, dtype=torch.bfloat16 if plan.kind != "ptq" else "auto")
-    return model.eval(), tokenizer, metadata
+    if plan.kind in ("adapter", "merged") and metadata is not None:
+        model, tokenizer, metadata = load_output_dir(path, device)
+        return model.eval(), tokenizer, metadata
+    # base: bf16 safetensors; ptq: the quantization_config in config.json decides the format
+    model = load_causal_lm(str(path), None, device or pick_device(), dtype=torch.bfloat16 if plan.kind != "ptq" else "auto")
+    return model.eval(), load_tokenizer(str(path)), metadata
 
 
 # ----- which rows ---------------------------------------------------------------------------------
