@@ -124,3 +124,41 @@ def build_qwen3_model(out_dir: str | Path, tokenizer, seed: int = 0, **config_ov
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return model
+
+
+# Qwen3 architectures by name (their published config.json), for building random-weight models locally.
+QWEN3_ARCHITECTURES: dict[str, dict] = {
+    "Qwen3-0.6B": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "Qwen3-1.7B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "Qwen3-4B": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "Qwen3-8B": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+
+
+def qwen3_architecture(name: str) -> dict:
+    if name not in QWEN3_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; allowed: {', '.join(QWEN3_ARCHITECTURES)}")
+    return dict(QWEN3_ARCHITECTURES[name])
+
+
+def prepare_kbit_model(model, gradient_checkpointing: bool, keep_embeddings_bf16: bool = True):
+    """peft's `prepare_model_for_kbit_training`, minus its fp32 copy of the frozen embedding and head.
+
+    peft upcasts every non-4-bit parameter to fp32; for Qwen3-0.6B that is the 155.6M-parameter tied
+    embedding/lm_head (0.31 GB in bf16 -> 0.62 GB in fp32), which is frozen and so gains nothing from
+    fp32. With `keep_embeddings_bf16` they go back to bf16; the small norms stay fp32.
+    """
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if keep_embeddings_bf16:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None and module.weight.dtype == torch.float32:
+                module.weight.data = module.weight.data.to(torch.bfloat16)
+    return model
