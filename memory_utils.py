@@ -45,15 +45,25 @@ def get_peak_vram_gb() -> dict[str, Any]:
     return report
 
 
-def _quant_state_bytes(quant_state) -> int:
-    """Bytes of a bitsandbytes QuantState: absmax (+ nested absmax and code with double quant)."""
+def _tensor_bytes_once(tensor, seen: set) -> int:
+    """Bytes of a tensor, or 0 if its storage was already counted (shared tables count once)."""
+    if tensor is None:
+        return 0
+    key = (tensor.device, tensor.untyped_storage().data_ptr())
+    if key in seen:
+        return 0
+    seen.add(key)
+    return tensor.numel() * tensor.element_size()
+
+
+def _quant_state_bytes(quant_state, seen: set) -> int:
+    """Bytes of a bitsandbytes QuantState: absmax and code (+ nested absmax, code and offset with double quant)."""
     if quant_state is None:
         return 0
-    total = quant_state.absmax.numel() * quant_state.absmax.element_size()
-    total += quant_state.code.numel() * quant_state.code.element_size() if quant_state.code is not None else 0
+    total = _tensor_bytes_once(quant_state.absmax, seen) + _tensor_bytes_once(quant_state.code, seen)
     if getattr(quant_state, "nested", False):
-        total += _quant_state_bytes(quant_state.state2)
-        total += quant_state.offset.numel() * quant_state.offset.element_size()
+        total += _quant_state_bytes(quant_state.state2, seen)
+        total += _tensor_bytes_once(quant_state.offset, seen)
     return total
 
 
@@ -65,6 +75,7 @@ def weight_footprint(model) -> dict[str, int]:
     `bf16_bytes` is what the same model would take with every parameter in bf16.
     """
     seen: set[int] = set()
+    seen_storage: set = set()
     out = {"total_bytes": 0, "quantized_bytes": 0, "quantized_params": 0, "plain_bytes": 0, "bf16_bytes": 0}
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) in seen:  # tied weights count once
@@ -76,7 +87,7 @@ def weight_footprint(model) -> dict[str, int]:
             numel = 1
             for dim in quant_state.shape:
                 numel *= dim
-            stored += _quant_state_bytes(quant_state)
+            stored += _quant_state_bytes(quant_state, seen_storage)
             out["quantized_bytes"] += stored
             out["quantized_params"] += numel
             out["bf16_bytes"] += numel * 2

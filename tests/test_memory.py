@@ -39,7 +39,7 @@ def tiny_config(tiny_dir):
 def expected_quantized_bytes(cfg, double_quant):
     """Everything bitsandbytes stores per 4-bit weight of n params: n/2 packed bytes, one absmax per 64
     (fp32, or uint8 plus an fp32 absmax per 256 and an fp32 offset with double quant), the 16-entry
-    4-bit code (fp32) and, with double quant, its copy of the 256-entry 8-bit map (fp32)."""
+    4-bit code (fp32) and, with double quant, the 256-entry 8-bit map (fp32) that all weights share."""
     from memory_utils import _linear_shapes
 
     total = 0
@@ -47,9 +47,9 @@ def expected_quantized_bytes(cfg, double_quant):
         n = i * o
         blocks = math.ceil(n / 64)
         per_tensor = n // 2 + 16 * 4
-        per_tensor += blocks + math.ceil(blocks / 256) * 4 + 4 + 256 * 4 if double_quant else blocks * 4
+        per_tensor += blocks + math.ceil(blocks / 256) * 4 + 4 if double_quant else blocks * 4
         total += per_tensor
-    return total * cfg["num_hidden_layers"]
+    return total * cfg["num_hidden_layers"] + (256 * 4 if double_quant else 0)
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False)])
@@ -67,6 +67,19 @@ def test_weight_footprint_counts_every_stored_byte_of_4bit_weights(tiny_dir, qua
     buffers = sum(b.numel() * b.element_size() for b in bf16_model.buffers())  # rotary frequencies
     assert count_parameters(bf16_model)[1] == sum(parameter_counts(cfg).values())
     assert weight_footprint(bf16_model)["total_bytes"] == 2 * sum(parameter_counts(cfg).values()) + buffers
+
+
+def test_loading_shares_the_double_quant_map_without_changing_the_model(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    private = AutoModelForCausalLM.from_pretrained(str(tiny_dir), quantization_config=bnb("nf4", True),
+                                                   dtype=torch.bfloat16, device_map={"": "cpu"})
+    shared = load_causal_lm(str(tiny_dir), bnb("nf4", True), "cpu")
+    weights = 7 * tiny_config(tiny_dir)["num_hidden_layers"]
+    assert weight_footprint(private)["quantized_bytes"] - weight_footprint(shared)["quantized_bytes"] == (weights - 1) * 1024
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(private(ids).logits, shared(ids).logits)
 
 
 def test_prepare_kbit_model_keeps_the_frozen_head_bf16_and_norms_fp32(tiny_dir):
@@ -89,7 +102,7 @@ def test_planner_counts_match_the_real_models(tiny_dir):
     # weights: the planner's per-parameter bits, the real model adds only the per-tensor code tables
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary frequencies
     real = weight_footprint(model)["total_bytes"] - buffers
-    tables = 2 * 7 * (16 * 4 + 256 * 4 + 4)
+    tables = 2 * 7 * (16 * 4 + 4) + 256 * 4
     assert abs(plan["parts"]["weights"] - (real - tables)) <= 16 * cfg["num_hidden_layers"] * 7
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=list(plan_setup_targets())))
     trainable, total = count_parameters(peft_model)
