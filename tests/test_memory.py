@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 from memory_utils import (GB, QUANT_BITS, TrainingSetup, count_parameters, lora_parameter_count, parameter_counts,
-                          plan_training_memory, weight_footprint)
+                          plan_load_memory, plan_training_memory, weight_footprint)
 from model_utils import build_qwen3_model, load_causal_lm, prepare_kbit_model, train_bpe_tokenizer
 
 # Wide enough that every Linear has whole 64-blocks and 256-groups of them.
@@ -135,6 +135,9 @@ def test_planner_breakdown_moves_with_each_lever():
     cuda = plan_training_memory(cfg, TrainingSetup(device="cuda"))
     assert cuda["parts"]["runtime"] == 0 and cuda["peak_bytes"] < base["peak_bytes"]
     assert 1 < base["peak_bytes"] / GB < 3
+    load = plan_load_memory(cfg, "nf4_dq")
+    assert load["parts"]["checkpoint"] == 2 * 596_049_920  # the bf16 checkpoint, mapped in while converting
+    assert load["peak_bytes"] == base["load_peak_bytes"] + 2 * 65536 - 4 * 65536  # norms bf16 before kbit prep
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -326,7 +326,7 @@ def setup_for(case: dict, result: dict, device: str):
 def annotate(report: dict) -> dict:
     """Add to each result: planned peak and the planner's error, peak vs the TRL-docs baseline, step time
     vs bf16 LoRA. Ratios only between results of this one report."""
-    from memory_utils import plan_training_memory
+    from memory_utils import plan_load_memory, plan_training_memory
     from model_utils import qwen3_architecture
 
     cfg = qwen3_architecture(report["arch"])
@@ -335,6 +335,8 @@ def annotate(report: dict) -> dict:
     for row in rows.values():
         row["peak_gb_measured"] = peak_gb(row)
         if row["case"]["kind"] != "train":
+            row["plan"] = plan_load_memory(cfg, row["case"]["quant"], row["peak"]["device"])
+            row["planner_error"] = round((row["plan"]["peak_gb"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
             continue
         if not row["case"]["variable_lengths"]:
             plan = plan_training_memory(cfg, setup_for(row["case"], row, row["peak"]["device"]))
@@ -417,7 +419,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--cases", default="all", help="comma-separated case names, or all: " + ", ".join(CASES_BY_NAME))
     parser.add_argument("--work-dir", default="/tmp/qlora-benchmark", help="where the random model and scratch go")
     parser.add_argument("--out", default=None, help="write every result (JSON) here")
-    parser.add_argument("--from-json", default=None, help="only print the tables of an earlier run's --out file")
+    parser.add_argument("--from-json", default=None,
+                        help="only print the tables of earlier runs' --out files (comma-separated: results merged)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -425,7 +428,8 @@ def main(argv=None) -> dict:
         run_worker(args)
         return {}
     if args.from_json:
-        report = annotate(json.loads(Path(args.from_json).read_text()))
+        reports = [json.loads(Path(path).read_text()) for path in args.from_json.split(",")]
+        report = annotate({**reports[0], "results": [r for rep in reports for r in rep["results"]]})
         print(render_table(report) + "\n\n" + render_extrapolation(report))
         return report
     names = list(CASES_BY_NAME) if args.cases == "all" else [n.strip() for n in args.cases.split(",") if n.strip()]
