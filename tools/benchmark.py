@@ -441,14 +441,17 @@ def main(argv=None) -> dict:
             parser.error(f"--{name} must be > 0")
     model_dir = Path(args.work_dir) / args.arch
     build_model(args.arch, model_dir)
+    header = {"arch": args.arch, "seq": args.seq, "batch": args.batch, "rank": args.rank, "steps": args.steps,
+              "warmup": args.warmup}
     results = []
     for name in names:
         result = run_case(CASES_BY_NAME[name], args, model_dir)
         results.append(result)
+        if args.out:  # after every case, so an interrupted run keeps what it measured
+            Path(args.out).write_text(json.dumps({**header, "results": results}, indent=2))
         print(json.dumps({"case": name, **{k: v for k, v in result.items() if k not in ("case", "footprint")}}),
               flush=True)
-    report = {"arch": args.arch, "seq": args.seq, "batch": args.batch, "rank": args.rank, "steps": args.steps,
-              "warmup": args.warmup, "results": results}
+    report = {**header, "results": results}
     report = annotate(report)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
