@@ -105,11 +105,22 @@ def bnb_config_for(quant: str | None):
                               bnb_4bit_use_double_quant=quant == "nf4_dq", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def current_rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def proc_status_gb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in GiB; None off Linux."""
+    status = Path("/proc/self/status")
+    for line in (status.read_text().splitlines() if status.exists() else []):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024**2
-    return float("nan")
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux: writing 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def measure_weights(case: Case, model_dir: str) -> dict:
@@ -224,11 +235,15 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad})
     embed_dtype = str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     tokens = batch_tokens(trainer, steps + warmup)
-    rss_before_train = current_rss_gb()
+    rss_before_train = proc_status_gb("VmRSS")
     load_peak = get_peak_vram_gb()
+    reset = reset_peak_rss()  # VmHWM then measures the training phase alone; ru_maxrss keeps the whole process
     timer = step_timer()
     trainer.add_callback(timer)
     trainer.train()
+    train_phase_rss = proc_status_gb("VmHWM") if reset else None
+    peak = get_peak_vram_gb()  # the reset also cleared ru_maxrss: the whole-process peak is the larger phase
+    peak["peak_rss_gb"] = max(peak["peak_rss_gb"], load_peak["peak_rss_gb"])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall, cpu = timer.wall[warmup:], timer.cpu[warmup:]
@@ -238,7 +253,7 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
             "tokens_per_step": tok, "step_wall_times": timer.wall, "step_cpu_times": timer.cpu,
             "trainable_params": trainable, "total_params": total, "trainable_dtypes": dtypes,
             "embedding_dtype": embed_dtype, "weights_gb": footprint["total_bytes"] / 1024**3,
-            "rss_before_train_gb": rss_before_train, "peak_before_train": load_peak, "peak": get_peak_vram_gb()}
+            "rss_before_train_gb": rss_before_train, "train_phase_peak_rss_gb": train_phase_rss, "peak_before_train": load_peak, "peak": peak}
 
 
 def run_worker(args) -> None:
@@ -354,6 +369,16 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "" if value is None else format(value, spec)
 
 
+def _phase(row: dict) -> str:
+    """Training-phase peak RSS (after a reset of the high-water mark at the start of training) / planned."""
+    measured, plan = row.get("train_phase_peak_rss_gb"), row.get("plan", {})
+    if measured is None or "train_peak_bytes" not in plan:
+        return ""
+    from memory_utils import GB
+
+    return f"{measured:.3f} / {plan['train_peak_bytes'] / GB:.3f}"
+
+
 def render_table(report: dict) -> str:
     device = next((r["peak"]["device"] for r in report["results"] if "peak" in r), "cpu")
     measure = "peak RSS GiB" if device == "cpu" else "max allocated GiB"
@@ -361,18 +386,20 @@ def render_table(report: dict) -> str:
              f"{report['steps']} measured steps after {report['warmup']} warm-up, device {device}",
              "",
              f"| case | what | weights GiB | bits/quantized param | {measure} | planned GiB | planner error | "
-             "peak vs TRL docs | step s (wall) | step CPU s | tokens/s | step vs LoRA bf16 |",
-             "|" + "---|" * 12]
+             "peak vs TRL docs | training-phase RSS GiB (measured / planned) | step s (wall) | step CPU s | tokens/s "
+             "| step vs LoRA bf16 |",
+             "|" + "---|" * 13]
     for row in report["results"]:
         case = row["case"]
         if "peak" not in row:
-            lines.append(f"| {case['name']} | {case['note']} | {row.get('skipped') or row.get('failed')} |" + " |" * 9)
+            lines.append(f"| {case['name']} | {case['note']} | {row.get('skipped') or row.get('failed')} |" + " |" * 10)
             continue
         error = row.get("planner_error")
         lines.append("| " + " | ".join([
             case["name"], case["note"], _fmt(row.get("weights_gb")), _fmt(row.get("bits_per_quantized_param"), ".4f"),
             _fmt(row["peak_gb_measured"]), _fmt(row.get("plan", {}).get("peak_gb")),
             "" if error is None else f"{100 * error:+.1f}%", _fmt(row.get("peak_ratio_vs_trl_docs"), ".2f"),
+            _phase(row),
             _fmt(row.get("step_s"), ".1f"), _fmt(row.get("step_cpu_s"), ".1f"), _fmt(row.get("tokens_per_s"), ".1f"),
             _fmt(row.get("step_ratio_vs_lora_bf16"), ".2f")]) + " |")
     return "\n".join(lines)
