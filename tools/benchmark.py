@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
         output_dir=str(work / "trainer"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         max_steps=steps, max_length=seq, learning_rate=2e-4, optim="paged_adamw_32bit", bf16=True,
         gradient_checkpointing=case.gradient_checkpointing, logging_steps=1000, save_strategy="no", report_to=[],
-        use_cpu=device == "cpu", padding_free=case.padding_free, use_liger_kernel=case.liger,
+        use_cpu=device == "cpu", padding_free=case.padding_free, packing=case.padding_free, use_liger_kernel=case.liger,
         **({} if case.recipe == "trl_docs" else {"gradient_checkpointing_kwargs": {"use_reentrant": False},
                                                   "completion_only_loss": True}),
     )
