@@ -268,10 +268,8 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         "head_cast": int(head_cast),  # bf16 copy of an fp32 head made by autocast and kept for backward
     }
     train_peak = sum(parts.values())
-    # Loading: on CPU the checkpoint's pages are mapped into the process (safetensors mmap) while the
-    # weights are converted, so the load peak is runtime + checkpoint + converted weights.
-    checkpoint = 2 * sum(counts.values()) if setup.device == "cpu" else 0
-    load_peak = parts["runtime"] + checkpoint + parts["weights"]
+    # Loading comes before kbit preparation: the weights are as loaded (see plan_load_memory).
+    load_peak = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device)["peak_bytes"]
     total = max(train_peak, load_peak)
     return {"parts": parts, "train_peak_bytes": train_peak, "load_peak_bytes": load_peak,
             "peak_phase": "training" if train_peak >= load_peak else "loading",
