@@ -205,14 +205,18 @@ def layer_activation_bytes(cfg: Mapping[str, Any], tokens: int, lora_targets: tu
 
 def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "cpu") -> dict[str, Any]:
     """Predicted peak while loading a bf16 checkpoint as bf16 (`quant` None) or 4-bit, before training:
-    runtime + the mapped checkpoint (CPU) + the converted weights (embedding, head and norms in bf16)."""
+    runtime + the mapped checkpoint (CPU) + the converted weights (embedding, head and norms in bf16)
+    + one bf16 copy of the largest tensor in flight. The loader converts up to 4 tensors in parallel,
+    so the measured loading peak varies from run to run by up to about 0.4 GiB on a busy machine."""
     if quant is not None and quant not in QUANT_BITS:
         raise ValueError(f"quant={quant!r} is unknown; allowed: {', '.join(QUANT_BITS)}")
     counts = parameter_counts(cfg)
     bits = 16 if quant is None else QUANT_BITS[quant]
     weights = counts["linear"] * bits / 8 + 2 * (counts["embedding"] + counts["lm_head"] + counts["norms"])
     checkpoint = 2 * sum(counts.values()) if device == "cpu" else 0
-    parts = {"runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0, "checkpoint": checkpoint, "weights": int(weights)}
+    largest = max([cfg["vocab_size"] * cfg["hidden_size"]] + [i * o for i, o in _linear_shapes(cfg).values()])
+    parts = {"runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0, "checkpoint": checkpoint, "weights": int(weights),
+             "transient": 2 * largest}  # the loader's bf16 copy of the tensor being converted (at least one)
     total = sum(parts.values())
     return {"parts": parts, "peak_bytes": total, "peak_gb": round(total / GB, 3)}
 
