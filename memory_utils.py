@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 GB = 1024**3
 
@@ -45,15 +46,25 @@ def get_peak_vram_gb(devices: list[int] | None = None) -> dict[str, Any]:
     return report
 
 
-def _quant_state_bytes(quant_state) -> int:
-    """Bytes of a bitsandbytes QuantState: absmax (+ nested absmax and code with double quant)."""
+def _tensor_bytes_once(tensor, seen: set) -> int:
+    """Bytes of a tensor, or 0 if its storage was already counted (shared tables count once)."""
+    if tensor is None:
+        return 0
+    key = (tensor.device, tensor.untyped_storage().data_ptr())
+    if key in seen:
+        return 0
+    seen.add(key)
+    return tensor.numel() * tensor.element_size()
+
+
+def _quant_state_bytes(quant_state, seen: set) -> int:
+    """Bytes of a bitsandbytes QuantState: absmax and code (+ nested absmax, code and offset with double quant)."""
     if quant_state is None:
         return 0
-    total = quant_state.absmax.numel() * quant_state.absmax.element_size()
-    total += quant_state.code.numel() * quant_state.code.element_size() if quant_state.code is not None else 0
+    total = _tensor_bytes_once(quant_state.absmax, seen) + _tensor_bytes_once(quant_state.code, seen)
     if getattr(quant_state, "nested", False):
-        total += _quant_state_bytes(quant_state.state2)
-        total += quant_state.offset.numel() * quant_state.offset.element_size()
+        total += _quant_state_bytes(quant_state.state2, seen)
+        total += _tensor_bytes_once(quant_state.offset, seen)
     return total
 
 
@@ -65,6 +76,7 @@ def weight_footprint(model) -> dict[str, int]:
     `bf16_bytes` is what the same model would take with every parameter in bf16.
     """
     seen: set[int] = set()
+    seen_storage: set = set()
     out = {"total_bytes": 0, "quantized_bytes": 0, "quantized_params": 0, "plain_bytes": 0, "bf16_bytes": 0}
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) in seen:  # tied weights count once
@@ -76,7 +88,7 @@ def weight_footprint(model) -> dict[str, int]:
             numel = 1
             for dim in quant_state.shape:
                 numel *= dim
-            stored += _quant_state_bytes(quant_state)
+            stored += _quant_state_bytes(quant_state, seen_storage)
             out["quantized_bytes"] += stored
             out["quantized_params"] += numel
             out["bf16_bytes"] += numel * 2
@@ -104,3 +116,201 @@ def count_parameters(model) -> tuple[int, int]:
         total += numel
         trainable += numel if param.requires_grad else 0
     return trainable, total
+
+
+# ----- memory planner: peak training memory predicted from a model config, before any weights load -----
+
+# Bytes per stored element of the formats the planner knows.
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Bits per quantized parameter of bitsandbytes 4-bit (blocksize 64): 4-bit codes + one absmax per block;
+# double quant stores the absmax in 8 bits with an fp32 absmax per 256 of them.
+QUANT_BITS = {"nf4": 4 + 32 / 64, "fp4": 4 + 32 / 64, "nf4_dq": 4 + 8 / 64 + 32 / (64 * 256),
+              "fp4_dq": 4 + 8 / 64 + 32 / (64 * 256)}
+# Optimizer state bytes per trainable parameter: AdamW 32-bit keeps two fp32 moments, 8-bit two uint8.
+OPTIMIZER_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2,
+                   "adafactor": 0}
+# Resident memory of a CPU process that has imported torch, transformers, peft, trl, bitsandbytes and
+# datasets, before any model loads (measured here: 0.465 GiB peak RSS, torch 2.13 CPU). CUDA's max
+# allocated counts tensors only, so it has no such term.
+CPU_RUNTIME_BYTES = int(0.465 * GB)
+LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What the planner needs to know about a training run besides the model's config."""
+
+    method: str = "qlora"  # qlora | lora | full
+    lora_r: int = 64
+    target_modules: tuple[str, ...] = LORA_TARGETS_ALL  # projection names of a decoder layer
+    seq_len: int = 512
+    batch_size: int = 1
+    gradient_checkpointing: bool = True
+    optim: str = "paged_adamw_32bit"
+    fused_loss: bool = True  # TRL's chunked LM head (SFTTrainer's default); False = full fp32 logits
+    quant: str = "nf4_dq"  # qlora only: nf4 | nf4_dq | fp4 | fp4_dq
+    embeddings_dtype: str = "bf16"  # qlora: bf16 (prepare_kbit_model) | fp32 (peft's upcast kept)
+    norms_dtype: str = "fp32"  # qlora after kbit preparation: fp32; without it (TRL's recipe): bf16
+    device: str = "cpu"  # cpu (peak RSS, with the runtime term) | cuda (max allocated)
+
+
+def _linear_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection of one decoder layer of a Llama/Qwen-style model."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def parameter_counts(cfg: Mapping[str, Any]) -> dict[str, int]:
+    """Parameters by kind: the decoder's Linear weights (what 4-bit quantizes), embedding, head, norms."""
+    shapes = _linear_shapes(cfg)
+    layers, h = cfg["num_hidden_layers"], cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    embedding = cfg["vocab_size"] * h
+    return {
+        "linear": layers * sum(i * o for i, o in shapes.values()),
+        "embedding": embedding,
+        "lm_head": 0 if cfg.get("tie_word_embeddings", False) else embedding,
+        "norms": layers * (2 * h + 2 * head_dim) + h,
+    }
+
+
+def lora_parameter_count(cfg: Mapping[str, Any], rank: int, targets: tuple[str, ...]) -> int:
+    shapes = _linear_shapes(cfg)
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise ValueError(f"planner knows the projections {', '.join(shapes)}; got {', '.join(unknown)}")
+    return cfg["num_hidden_layers"] * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def layer_activation_bytes(cfg: Mapping[str, Any], tokens: int, lora_targets: tuple[str, ...]) -> int:
+    """Bytes one decoder layer keeps for backward, under bf16 autocast: bf16 inputs of every projection,
+    fp32 copies inside the RMSNorms (hidden and q/k head norms), rotary q/k, attention q/k/v/out,
+    the SwiGLU's gate/up/product, and for each LoRA-wrapped projection its dropout output and mask."""
+    shapes = _linear_shapes(cfg)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    per_token = (
+        2 * 10 * h  # two RMSNorms: fp32 input, fp32 normalised copy, bf16 output
+        + 10 * (q + kv)  # q_norm / k_norm, same pattern per head
+        + 2 * (h + q + h + inter)  # bf16 inputs of q/k/v (shared), o, gate/up (shared), down
+        + 2 * (q + kv)  # rotary outputs
+        + 2 * (2 * q + 2 * kv)  # attention: q, k, v saved, output
+        + 2 * 3 * inter  # SwiGLU: gate, up, silu(gate)
+        + sum(3 * shapes[t][0] for t in lora_targets)  # LoRA dropout: bf16 output + bool mask per module
+    )
+    return tokens * per_token
+
+
+def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "cpu") -> dict[str, Any]:
+    """Predicted peak while loading a bf16 checkpoint as bf16 (`quant` None) or 4-bit, before training:
+    runtime + the mapped checkpoint (CPU) + the converted weights (embedding, head and norms in bf16)
+    + one bf16 copy of the largest tensor in flight. The loader converts up to 4 tensors in parallel,
+    so the measured loading peak varies from run to run by up to about 0.4 GiB on a busy machine."""
+    if quant is not None and quant not in QUANT_BITS:
+        raise ValueError(f"quant={quant!r} is unknown; allowed: {', '.join(QUANT_BITS)}")
+    counts = parameter_counts(cfg)
+    bits = 16 if quant is None else QUANT_BITS[quant]
+    weights = counts["linear"] * bits / 8 + 2 * (counts["embedding"] + counts["lm_head"] + counts["norms"])
+    checkpoint = 2 * sum(counts.values()) if device == "cpu" else 0
+    largest = max([cfg["vocab_size"] * cfg["hidden_size"]] + [i * o for i, o in _linear_shapes(cfg).values()])
+    parts = {"runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0, "checkpoint": checkpoint, "weights": int(weights),
+             "transient": 2 * largest}  # the loader's bf16 copy of the tensor being converted (at least one)
+    total = sum(parts.values())
+    return {"parts": parts, "peak_bytes": total, "peak_gb": round(total / GB, 3)}
+
+
+def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[str, Any]:
+    """Predicted peak training memory, by component, in bytes (and the total in GiB).
+
+    `cfg` is a model config as a dict (config.json's text config). Nothing is loaded: the prediction
+    counts weights, LoRA adapters, gradients, optimizer state, activations (with or without gradient
+    checkpointing) and the vocabulary logits, plus the runtime's own memory on CPU; the peak is the
+    larger of that training peak and the loading peak (on CPU the bf16 checkpoint is mapped in while
+    the weights are converted).
+    """
+    if setup.method not in ("qlora", "lora", "full"):
+        raise ValueError(f"method={setup.method!r} is unknown; allowed: qlora, lora, full")
+    if setup.optim not in OPTIMIZER_BYTES:
+        raise ValueError(f"optim={setup.optim!r} is unknown to the planner; allowed: {', '.join(OPTIMIZER_BYTES)}")
+    if setup.method == "qlora" and setup.quant not in QUANT_BITS:
+        raise ValueError(f"quant={setup.quant!r} is unknown; allowed: {', '.join(QUANT_BITS)}")
+    counts = parameter_counts(cfg)
+    plain = counts["embedding"] + counts["lm_head"]
+    tokens = setup.seq_len * setup.batch_size
+    layers, h, vocab = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    if setup.method == "qlora":
+        weights = (counts["linear"] * QUANT_BITS[setup.quant] / 8 + plain * DTYPE_BYTES[setup.embeddings_dtype]
+                   + counts["norms"] * DTYPE_BYTES[setup.norms_dtype])
+        trainable, trainable_bytes = lora_parameter_count(cfg, setup.lora_r, setup.target_modules), 2  # TRL: bf16
+    elif setup.method == "lora":
+        weights = 2 * (counts["linear"] + plain + counts["norms"])
+        trainable, trainable_bytes = lora_parameter_count(cfg, setup.lora_r, setup.target_modules), 4  # peft: fp32
+    else:
+        weights = 2 * (counts["linear"] + plain + counts["norms"])
+        trainable, trainable_bytes = sum(counts.values()), 2
+    adapters = trainable * trainable_bytes if setup.method != "full" else 0
+    targets = setup.target_modules if setup.method != "full" else ()
+    one_layer = layer_activation_bytes(cfg, tokens, targets)
+    if setup.gradient_checkpointing:
+        activations = layers * tokens * h * 2 + one_layer  # each layer's bf16 input, plus one layer recomputed
+    else:
+        activations = layers * one_layer
+    # Full logits: bf16 from the head, fp32 upcast, fp32 log-softmax and its fp32 gradient. TRL's fused
+    # head works in tiles: a few (tile, vocab) fp32 blocks, bounded by one fp32 copy of the bf16 head.
+    logits = tokens * vocab * (2 + 4 + 4 + 4) if not setup.fused_loss else 0
+    head_cast = plain // (2 if counts["lm_head"] else 1) * 2 if setup.embeddings_dtype == "fp32" and setup.method == "qlora" else 0
+    parts = {
+        "runtime": CPU_RUNTIME_BYTES if setup.device == "cpu" else 0,
+        "weights": int(weights),
+        "adapters": int(adapters),
+        "gradients": int(trainable * trainable_bytes),
+        "optimizer": int(trainable * OPTIMIZER_BYTES[setup.optim]),
+        "activations": int(activations),
+        "logits": int(logits),
+        "head_cast": int(head_cast),  # bf16 copy of an fp32 head made by autocast and kept for backward
+    }
+    train_peak = sum(parts.values())
+    # Loading comes before kbit preparation: the weights are as loaded (see plan_load_memory).
+    load_peak = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device)["peak_bytes"]
+    total = max(train_peak, load_peak)
+    return {"parts": parts, "train_peak_bytes": train_peak, "load_peak_bytes": load_peak,
+            "peak_phase": "training" if train_peak >= load_peak else "loading",
+            "peak_bytes": total, "peak_gb": round(total / GB, 3), "trainable_params": trainable, "params": counts}
+
+
+def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], device: str) -> dict[str, Any]:
+    """The planner applied to 01_Train.py's resolved constants; `{"peak_gb": None, "reason": ...}` when
+    the run has something the planner does not model (its prediction is then simply absent)."""
+    targets = tuple(str(t).rsplit(".", 1)[-1] for t in train_cfg["target_modules"])
+    method = "qlora" if str(train_cfg["QUANT_METHOD"]).upper() == "QLORA" else (
+        "full" if train_cfg["PEFT_CONFIG"] == "Full" else "lora")
+    setup = TrainingSetup(
+        method=method, lora_r=train_cfg["lora_r"], target_modules=targets, seq_len=train_cfg["max_seq_length"],
+        batch_size=train_cfg["per_device_train_batch_size"], gradient_checkpointing=train_cfg["gradient_checkpointing"],
+        optim=train_cfg["optim"], device=device)
+    try:
+        return {"setup": setup.__dict__ | {"target_modules": list(targets)}, **plan_training_memory(model_cfg, setup)}
+    except (KeyError, ValueError) as err:
+        return {"peak_gb": None, "reason": str(err)}
+
+
+def format_plan(plan: Mapping[str, Any]) -> str:
+    """One line: the predicted peak and its parts in GiB."""
+    if plan.get("peak_gb") is None:
+        return f"memory not predicted: {plan.get('reason')}"
+    parts = ", ".join(f"{name} {value / GB:.2f}" for name, value in plan["parts"].items() if value)
+    where = "peak RSS" if plan["setup"]["device"] == "cpu" else "max allocated"
+    return (f"predicted {where} {plan['peak_gb']:.2f} GiB ({plan['peak_phase']}): training "
+            f"{plan['train_peak_bytes'] / GB:.2f} = {parts}; loading {plan['load_peak_bytes'] / GB:.2f}")
+
+
+def with_measured_peak(plan: Mapping[str, Any], peak: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan with the measured peak (max allocated on CUDA, else peak RSS) and the planner's relative error."""
+    measured = peak["overall_max_allocated_gb"] if peak["device"] == "cuda" else peak["peak_rss_gb"]
+    out = dict(plan, measured_gb=measured)
+    if plan.get("peak_gb") is not None and measured:
+        out["relative_error"] = round((plan["peak_gb"] - measured) / measured, 4)
+    return out

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config_utils import ConfigError, apply_overrides, validate_config  # noqa: E402
 from dist_utils import check_launch, launch_context, resolve_quant_storage  # noqa: E402
 from data_utils import get_dataset_spec, load_rows, split_rows, to_sft_dataset  # noqa: E402
+from memory_utils import format_plan, plan_for_train_config  # noqa: E402
+from model_utils import pick_device  # noqa: E402
 from quantization_utils import QuantMethod, build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,8 +92,9 @@ def resolve_output_dir(root: Path, name: str, policy: str) -> Path:
     return root / f"{name}-{n}"
 
 
-def check_model_source(cfg: dict) -> None:
-    """The model path/config exists and the sequence length fits it; reads config.json only, no weights."""
+def check_model_source(cfg: dict) -> dict:
+    """The model path/config exists and the sequence length fits it; reads config.json only, no weights.
+    Returns the (text) model config as a dict, for the memory planner."""
     from transformers import AutoConfig
 
     try:
@@ -102,6 +105,7 @@ def check_model_source(cfg: dict) -> None:
     context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
     if context is not None and cfg["max_seq_length"] > context:
         raise ConfigError(f"max_seq_length={cfg['max_seq_length']} exceeds the model's context of {context} tokens")
+    return model_config.get_text_config().to_dict()
 
 
 def tokenize_for_check(tokenizer, examples, max_length: int):
@@ -141,7 +145,7 @@ def main(argv=None) -> Path | None:
             from data_utils import check_local_file
 
             check_local_file(cfg["DATASET_PATH"])
-        check_model_source(cfg)
+        model_config = check_model_source(cfg)
         import torch
 
         check_launch(launch, cfg, torch.cuda.is_available())
@@ -156,6 +160,8 @@ def main(argv=None) -> Path | None:
                                        cfg["if_output_exists"])
         step("config", "%s", json.dumps(cfg))
         step("plan", "%s %s -> %s", method.value, peft_name, final_dir)
+        memory_plan = plan_for_train_config(model_config, cfg, pick_device())
+        step("plan", "%s", format_plan(memory_plan))
         from checkpoint_utils import plan_resume
 
         staging = root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
@@ -173,17 +179,17 @@ def main(argv=None) -> Path | None:
 
     # ---- model --------------------------------------------------------------------------------------
     from accelerate import PartialState
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from checkpoint_utils import (MarkCompleteCallback, StopOnSignalCallback, check_free_disk, disk_needed,
                                   keep_trainable_dtypes, restore_finished)
     from dist_utils import combine_peak_reports, gather
-    from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint
+    from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint, with_measured_peak
     from merge_utils import FINGERPRINT_TOKENS, logits_fingerprint, merge_and_check
     from model_utils import (check_target_modules, load_adapter_model, load_causal_lm, load_merged_dir, load_tokenizer,
-                             target_modules_regex)
+                             prepare_kbit_model, target_modules_regex)
 
     set_seed(cfg["seed"])
     state = PartialState()  # joins the process group of a distributed launch; a no-op for a single process
@@ -202,9 +208,7 @@ def main(argv=None) -> Path | None:
          footprint["total_bytes"] / 1e6, footprint["bf16_bytes"] / 1e6,
          100 * (1 - footprint["total_bytes"] / footprint["bf16_bytes"]))
     if bnb_config is not None and not launch.fsdp:  # its fp32 upcasts would mix dtypes inside FSDP's flat shards
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg["gradient_checkpointing"],
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_kbit_model(model, cfg["gradient_checkpointing"])  # frozen embedding/head stay bf16
     if cfg["PEFT_CONFIG"] != "Full":
         try:
             check_target_modules(model, cfg["target_modules"])
@@ -353,6 +357,7 @@ def main(argv=None) -> Path | None:
                   "world_size": launch.world_size, "fsdp": launch.fsdp, "loss_curve_by_rank": loss_curves},
         merge_check=merge_check,
         peak_memory=peak,
+        memory_plan=with_measured_peak(memory_plan, peak),
         config=cfg,
         versions=library_versions(),
         created_unix=int(time.time()),
@@ -364,7 +369,8 @@ def main(argv=None) -> Path | None:
 
     peak_text = (f"{peak['overall_max_allocated_gb']} GB allocated / {peak['overall_max_reserved_gb']} GB reserved (CUDA)"
                  if peak["device"] == "cuda" else f"{peak['peak_rss_gb']} GB peak RSS (no CUDA)")
-    step("done", "%.1fs total; peak memory %s; wrote %s (%s)", time.time() - started, peak_text, final_dir,
+    planned = f"planned {memory_plan['peak_gb']} GB" if memory_plan.get("peak_gb") is not None else "not planned"
+    step("done", "%.1fs total; peak memory %s (%s); wrote %s (%s)", time.time() - started, peak_text, planned, final_dir,
          ", ".join(written + ["metadata.json"]))
     return final_dir
 

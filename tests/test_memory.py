@@ -1,0 +1,175 @@
+"""Bits-per-parameter accounting, the kbit preparation that keeps the head bf16, and the memory planner,
+on tiny Qwen3 models built here. The full Qwen3-0.6B benchmark is behind the slow marker."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from memory_utils import (GB, QUANT_BITS, TrainingSetup, count_parameters, lora_parameter_count, parameter_counts,
+                          plan_load_memory, plan_training_memory, weight_footprint)
+from model_utils import build_qwen3_model, load_causal_lm, prepare_kbit_model, train_bpe_tokenizer
+
+# Wide enough that every Linear has whole 64-blocks and 256-groups of them.
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    tokenizer = train_bpe_tokenizer(["Ada has 3 apples and 4 more."] * 20, 300)
+    out = tmp_path_factory.mktemp("mem") / "tiny"
+    build_qwen3_model(out, tokenizer, **TINY)
+    return out
+
+
+def bnb(quant_type, double_quant):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def tiny_config(tiny_dir):
+    return json.loads((tiny_dir / "config.json").read_text())
+
+
+def expected_quantized_bytes(cfg, double_quant):
+    """Everything bitsandbytes stores per 4-bit weight of n params: n/2 packed bytes, one absmax per 64
+    (fp32, or uint8 plus an fp32 absmax per 256 and an fp32 offset with double quant), the 16-entry
+    4-bit code (fp32) and, with double quant, the 256-entry 8-bit map (fp32) that all weights share."""
+    from memory_utils import _linear_shapes
+
+    total = 0
+    for i, o in _linear_shapes(cfg).values():
+        n = i * o
+        blocks = math.ceil(n / 64)
+        per_tensor = n // 2 + 16 * 4
+        per_tensor += blocks + math.ceil(blocks / 256) * 4 + 4 if double_quant else blocks * 4
+        total += per_tensor
+    return total * cfg["num_hidden_layers"] + (256 * 4 if double_quant else 0)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False)])
+def test_weight_footprint_counts_every_stored_byte_of_4bit_weights(tiny_dir, quant_type, double_quant):
+    cfg = tiny_config(tiny_dir)
+    model = load_causal_lm(str(tiny_dir), bnb(quant_type, double_quant), "cpu")
+    footprint = weight_footprint(model)
+    assert footprint["quantized_params"] == parameter_counts(cfg)["linear"]
+    assert footprint["quantized_bytes"] == expected_quantized_bytes(cfg, double_quant)
+    key = f"{quant_type}_dq" if double_quant else quant_type
+    bits = footprint["quantized_bytes"] * 8 / footprint["quantized_params"]
+    assert QUANT_BITS[key] < bits < QUANT_BITS[key] + 0.2  # per-tensor code tables on top of the per-param bits
+    # bf16 weights: 2 bytes per parameter, tied embedding once
+    bf16_model = load_causal_lm(str(tiny_dir), None, "cpu")
+    buffers = sum(b.numel() * b.element_size() for b in bf16_model.buffers())  # rotary frequencies
+    assert count_parameters(bf16_model)[1] == sum(parameter_counts(cfg).values())
+    assert weight_footprint(bf16_model)["total_bytes"] == 2 * sum(parameter_counts(cfg).values()) + buffers
+
+
+def test_loading_shares_the_double_quant_map_without_changing_the_model(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    private = AutoModelForCausalLM.from_pretrained(str(tiny_dir), quantization_config=bnb("nf4", True),
+                                                   dtype=torch.bfloat16, device_map={"": "cpu"})
+    shared = load_causal_lm(str(tiny_dir), bnb("nf4", True), "cpu")
+    weights = 7 * tiny_config(tiny_dir)["num_hidden_layers"]
+    assert weight_footprint(private)["quantized_bytes"] - weight_footprint(shared)["quantized_bytes"] == (weights - 1) * 1024
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(private(ids).logits, shared(ids).logits)
+
+
+def test_prepare_kbit_model_keeps_the_frozen_head_bf16_and_norms_fp32(tiny_dir):
+    kept = prepare_kbit_model(load_causal_lm(str(tiny_dir), bnb("nf4", True), "cpu"), True)
+    upcast = prepare_kbit_model(load_causal_lm(str(tiny_dir), bnb("nf4", True), "cpu"), True, keep_embeddings_bf16=False)
+    assert kept.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert kept.get_output_embeddings().weight is kept.get_input_embeddings().weight  # still tied
+    assert kept.model.norm.weight.dtype == torch.float32
+    assert upcast.get_input_embeddings().weight.dtype == torch.float32
+    saved = weight_footprint(upcast)["plain_bytes"] - weight_footprint(kept)["plain_bytes"]
+    assert saved == 2 * parameter_counts(tiny_config(tiny_dir))["embedding"]
+
+
+def test_planner_counts_match_the_real_models(tiny_dir):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = tiny_config(tiny_dir)
+    model = prepare_kbit_model(load_causal_lm(str(tiny_dir), bnb("nf4", True), "cpu"), True)
+    plan = plan_training_memory(cfg, TrainingSetup(method="qlora", lora_r=8, seq_len=64))
+    # weights: the planner's per-parameter bits, the real model adds only the per-tensor code tables
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary frequencies
+    real = weight_footprint(model)["total_bytes"] - buffers
+    tables = 2 * 7 * (16 * 4 + 4) + 256 * 4
+    assert abs(plan["parts"]["weights"] - (real - tables)) <= 16 * cfg["num_hidden_layers"] * 7
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=list(plan_setup_targets())))
+    trainable, total = count_parameters(peft_model)
+    assert trainable == plan["trainable_params"] == lora_parameter_count(cfg, 8, plan_setup_targets())
+    assert total - trainable == sum(parameter_counts(cfg).values())
+
+
+def plan_setup_targets():
+    return TrainingSetup().target_modules
+
+
+def test_planner_breakdown_moves_with_each_lever():
+    from model_utils import qwen3_architecture
+
+    cfg = qwen3_architecture("Qwen3-0.6B")
+    base = plan_training_memory(cfg, TrainingSetup())
+    parts = base["parts"]
+    assert set(parts) >= {"weights", "adapters", "gradients", "optimizer", "activations", "logits", "runtime"}
+    assert base["train_peak_bytes"] == sum(parts.values())
+    assert base["peak_bytes"] == max(base["train_peak_bytes"], base["load_peak_bytes"])
+    assert base["trainable_params"] == 40_370_176  # r=64 on all 7 projections of Qwen3-0.6B
+    no_gc = plan_training_memory(cfg, TrainingSetup(gradient_checkpointing=False))["parts"]["activations"]
+    assert no_gc > 10 * parts["activations"]
+    logits = plan_training_memory(cfg, TrainingSetup(fused_loss=False))["parts"]["logits"]
+    assert parts["logits"] == 0 and logits == 512 * 151936 * 14
+    fp32 = plan_training_memory(cfg, TrainingSetup(embeddings_dtype="fp32"))
+    assert fp32["parts"]["weights"] - parts["weights"] == 2 * 151936 * 1024
+    full = plan_training_memory(cfg, TrainingSetup(method="full"))
+    assert full["trainable_params"] == 596_049_920 and full["peak_bytes"] > 3 * base["peak_bytes"]
+    cuda = plan_training_memory(cfg, TrainingSetup(device="cuda"))
+    assert cuda["parts"]["runtime"] == 0 and cuda["peak_bytes"] < base["peak_bytes"]
+    assert 1 < base["peak_bytes"] / GB < 3
+    load = plan_load_memory(cfg, "nf4_dq")
+    assert load["parts"]["checkpoint"] == 2 * 596_049_920  # the bf16 checkpoint, mapped in while converting
+    assert load["peak_bytes"] == base["load_peak_bytes"]  # loading comes before the kbit preparation
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("method", "prefix", "method='prefix' is unknown; allowed: qlora, lora, full"),
+    ("optim", "sgd", "optim='sgd' is unknown to the planner"),
+    ("quant", "int3", "quant='int3' is unknown"),
+])
+def test_planner_rejects_unknown_settings(field, value, message):
+    from model_utils import qwen3_architecture
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        plan_training_memory(qwen3_architecture("Qwen3-0.6B"), TrainingSetup(**{field: value}))
+
+
+def test_benchmark_rejects_unknown_cases_before_building_anything(tmp_path):
+    from conftest import run_python
+
+    result = run_python(f"from tools.benchmark import main; main(['--cases=qlora,nope', '--work-dir={tmp_path}'])")
+    assert result.returncode == 2
+    assert "unknown case(s) nope; allowed:" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_full_benchmark_meets_the_targets(tmp_path):
+    """Qwen3-0.6B architecture, seq 512, r=64, batch 1: every case, then the targets as ratios of one run."""
+    from tools.benchmark import main
+
+    report = main([f"--work-dir={tmp_path}", f"--out={tmp_path / 'bench.json'}"])
+    rows = {r["case"]["name"]: r for r in report["results"]}
+    assert rows["weights_nf4_dq"]["bits_per_quantized_param"] <= 4.13
+    assert rows["weights_nf4"]["bits_per_quantized_param"] <= 4.51
+    assert rows["qlora"]["peak_ratio_vs_trl_docs"] <= 0.7
+    for row in report["results"]:
+        if "planner_error" in row:
+            assert abs(row["planner_error"]) <= 0.15, row["case"]["name"]
