@@ -1,6 +1,6 @@
 """Measure every PTQ method on one model: relative logit error vs the source, size on disk, quantize time.
 
-    python tests/ptq_table.py --model DIR [--methods BNB_INT8,GPTQ] [--samples 128] [--out-root DIR]
+    python tests/ptq_table.py --model DIR [--methods BNB_INT8,GPTQ] [--samples 128] [--group-size 64] [--out-root DIR]
 
 Each sibling is written by tools/quantize.py (bitsandbytes methods with this Python, llmcompressor ones
 with the PTQ environment's) and reloaded in a fresh process; the source's logits come from a fresh
@@ -25,6 +25,7 @@ def main(argv=None):
     parser.add_argument("--model", required=True, help="16-bit source model directory")
     parser.add_argument("--methods", default=",".join(m.value for m in PTQ_METHODS), help="comma-separated methods")
     parser.add_argument("--samples", type=int, default=128, help="calibration rows for calibrated methods")
+    parser.add_argument("--group-size", type=int, default=None, help="GPTQ group size (default: the method's)")
     parser.add_argument("--texts", type=int, default=8, help="held-out texts the logits are compared on")
     parser.add_argument("--out-root", default=None, help="where siblings go (default: a temporary directory)")
     args = parser.parse_args(argv)
@@ -41,6 +42,8 @@ def main(argv=None):
             continue
         calibration = (["--calibration", "openmath", "--calibration-path", OPENMATH_SAMPLE, "--samples", args.samples]
                        if PTQ_METHODS[method].calibrated else [])
+        if method is QuantMethod.GPTQ and args.group_size:
+            calibration += ["--group-size", args.group_size]
         started = time.time()
         result = run_quantize(python, ["--model", source, "--method", method.value, "--out-root", out_root,
                                        *calibration], timeout=3600)

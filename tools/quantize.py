@@ -79,7 +79,7 @@ def check_group_size(config, group_size: int | None) -> None:
         return
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    widths = {text.hidden_size, text.intermediate_size, text.num_attention_heads * head_dim}
+    widths = {text.hidden_size, getattr(text, "intermediate_size", text.hidden_size), text.num_attention_heads * head_dim}
     bad = sorted(w for w in widths if w % group_size)
     if bad:
         raise ValueError(f"group size {group_size} does not divide this model's layer input widths {bad}; "
