@@ -227,7 +227,8 @@ def build_ptq_plan(method: QuantMethod | str, *, bits: int | None = None, group_
     options = PTQ_METHODS[method]
     bits = options.bits[0] if bits is None else bits
     if bits not in options.bits:
-        raise ValueError(f"{method.value} does not support {bits}-bit weights; allowed bits: {_allowed_text(options.bits)}")
+        raise ValueError(f"{method.value} does not support {bits}-bit weights; "
+                         f"allowed bits: {_allowed_text(options.bits)}")
     group_size = options.group_sizes[0] if group_size is None else group_size
     if group_size not in options.group_sizes:
         raise ValueError(f"{method.value} does not support group size {group_size}; allowed group sizes: "

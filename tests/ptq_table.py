@@ -55,7 +55,8 @@ def main(argv=None):
         meta = json.loads((sibling / "metadata.json").read_text())
         logits, batches = fresh_logits(python, [source, sibling], texts, out_root / f"{sibling.name}.pt")
         check = compare_logits(logits[source], logits[sibling], batches)
-        rows.append(f"| {method.value} | {'_'.join(sibling.name.rsplit('_', 3)[-3:])} | {check['relative_error']:.4f} | "
+        tag = "_".join(sibling.name.rsplit("_", 3)[-3:])
+        rows.append(f"| {method.value} | {tag} | {check['relative_error']:.4f} | "
                     f"{check['mean_kl']:.2e} | {meta['artifact']['weights_bytes'] / 1e6:.2f} MB "
                     f"({dir_bytes(sibling) / 1e6:.2f} MB dir) | {meta['quantize_seconds']:.1f} s ({wall:.1f} s wall) |")
     print("| method | tag | rel. logit error | mean KL | weights on disk | quantize time |")

@@ -79,7 +79,8 @@ def check_group_size(config, group_size: int | None) -> None:
         return
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    widths = {text.hidden_size, getattr(text, "intermediate_size", text.hidden_size), text.num_attention_heads * head_dim}
+    intermediate = getattr(text, "intermediate_size", text.hidden_size)
+    widths = {text.hidden_size, intermediate, text.num_attention_heads * head_dim}
     bad = sorted(w for w in widths if w % group_size)
     if bad:
         raise ValueError(f"group size {group_size} does not divide this model's layer input widths {bad}; "
@@ -210,7 +211,8 @@ def parse_args(argv):
                         help="local .jsonl/.json/.parquet/.csv file in the calibration dataset's schema")
     parser.add_argument("--samples", type=int, default=128, help="calibration rows (more: slower, usually better)")
     parser.add_argument("--max-seq-length", type=int, default=512, help="tokens per calibration row (truncated)")
-    parser.add_argument("--out-root", default=None, help="directory to write the sibling into (default: beside --model)")
+    parser.add_argument("--out-root", default=None,
+                        help="directory to write the sibling into (default: beside --model)")
     return parser.parse_args(argv)
 
 
