@@ -200,20 +200,24 @@ def logits_on(model, batches) -> list:
 
 
 def compare_logits(reference: list, candidate: list, batches) -> dict[str, Any]:
-    """Max |logit difference| and mean per-token KL(reference || candidate) over non-padding tokens;
-    `max_abs_logit` (the reference's largest |logit|) sets the scale of bf16 rounding (2**-8 relative)."""
+    """Max |logit difference|, relative error ||candidate - reference|| / ||reference|| and mean per-token
+    KL(reference || candidate) over non-padding tokens; `max_abs_logit` (the reference's largest |logit|)
+    sets the scale of bf16 rounding (2**-8 relative)."""
     import torch
 
-    max_abs, max_logit, kl_sum, tokens = 0.0, 0.0, 0.0, 0
+    max_abs, max_logit, kl_sum, tokens, diff_sq, ref_sq = 0.0, 0.0, 0.0, 0, 0.0, 0.0
     for ref, cand, batch in zip(reference, candidate, batches):
         mask = batch["attention_mask"].bool()
         ref, cand = ref[mask], cand[mask]
         max_abs = max(max_abs, (ref - cand).abs().max().item())
         max_logit = max(max_logit, ref.abs().max().item())
+        diff_sq += (ref - cand).pow(2).sum().item()
+        ref_sq += ref.pow(2).sum().item()
         ref_logp, cand_logp = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
         kl_sum += (ref_logp.exp() * (ref_logp - cand_logp)).sum().item()
         tokens += int(mask.sum())
-    return {"max_abs_logit_diff": max_abs, "max_abs_logit": max_logit, "mean_kl": kl_sum / max(tokens, 1),
+    return {"max_abs_logit_diff": max_abs, "max_abs_logit": max_logit,
+            "relative_error": (diff_sq / max(ref_sq, 1e-30)) ** 0.5, "mean_kl": kl_sum / max(tokens, 1),
             "tokens": tokens}
 
 

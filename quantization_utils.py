@@ -1,9 +1,9 @@
 """Quantization plans, output names, metadata and detection.
 
 Pure: no I/O, no printing, nothing read from globals. Every quantization method the project knows is
-one `QuantMethod` member plus one entry in `_PLAN_BUILDERS`; names, tags, metadata and detection all
-derive from the `QuantSpec` a builder returns, so adding a method (tools/quantize.py's PTQ ones) is
-one builder, not edits in several places.
+one `QuantMethod` member plus one builder: `_PLAN_BUILDERS` for the methods 01_Train.py trains with,
+`PTQ_METHODS` + `_PTQ_BUILDERS` for the post-training ones tools/quantize.py writes. Names, tags,
+metadata and detection all derive from the `QuantSpec` a builder returns.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ class QuantMethod(str, enum.Enum):
 
     NONE = "NONE"  # plain bf16 weights, no quantization
     QLORA = "QLORA"  # NF4 + double quant base during training (bitsandbytes), LoRA adapters on top
+    # Post-training (tools/quantize.py): a quantized sibling of a 16-bit model directory.
+    BNB_INT8 = "BNB_INT8"  # LLM.int8() weights (bitsandbytes), data-free
+    BNB_NF4 = "BNB_NF4"  # 4-bit NF4 + double quant weights (bitsandbytes), data-free
+    GPTQ = "GPTQ"  # GPTQ int4/int8 weights, 16-bit activations (llmcompressor -> compressed-tensors), calibrated
+    W8A8 = "W8A8"  # SmoothQuant + GPTQ int8 weights, dynamic int8 activations (llmcompressor), calibrated
 
     @classmethod
     def parse(cls, value: str | QuantMethod) -> QuantMethod:
@@ -68,8 +73,18 @@ def short_dtype_name(dtype_name: str) -> str:
     return DTYPE_SHORT_NAMES[name]
 
 
+# The method's word in tags and directory names, where it differs from the method's value (no "_": names
+# are read back as "_"-separated words).
+TAG_LABELS = {QuantMethod.NONE: "BF16", QuantMethod.BNB_INT8: "BNBINT8", QuantMethod.BNB_NF4: "BNBNF4"}
+
+
+def tag_label(method: QuantMethod) -> str:
+    return TAG_LABELS.get(method, method.value)
+
+
 def _plan_none(lm_head_dtype: str, **_: Any):
-    spec = QuantSpec(QuantMethod.NONE, 16, lm_head_dtype, "torch", {"dtype": "bfloat16"}, tag_label="BF16")
+    spec = QuantSpec(QuantMethod.NONE, 16, lm_head_dtype, "torch", {"dtype": "bfloat16"},
+                     tag_label=tag_label(QuantMethod.NONE))
     return spec, None
 
 
@@ -126,8 +141,119 @@ def build_quantization_plan(method: QuantMethod | str, *, lm_head_dtype: str = "
     return builder(short_dtype_name(lm_head_dtype), **options)
 
 
+# ----- post-training quantization (tools/quantize.py) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PtqOptions:
+    """What a post-training method accepts; the first value of each tuple is the default."""
+
+    backend: str  # library that stores/executes the saved format
+    bits: tuple[int, ...]
+    group_sizes: tuple[int | None, ...]  # None: the method has no group size (per-channel or blockwise)
+    calibrated: bool  # needs calibration data
+
+
+PTQ_METHODS: dict[QuantMethod, PtqOptions] = {
+    QuantMethod.BNB_INT8: PtqOptions("bitsandbytes", (8,), (None,), calibrated=False),
+    QuantMethod.BNB_NF4: PtqOptions("bitsandbytes", (4,), (None,), calibrated=False),
+    QuantMethod.GPTQ: PtqOptions("compressed-tensors", (4, 8), (128, 64, 32), calibrated=True),
+    QuantMethod.W8A8: PtqOptions("compressed-tensors", (8,), (None,), calibrated=True),
+}
+
+
+def _ptq_bnb_int8(bits: int, group_size: int | None):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    extras = {"quantizer": "bitsandbytes", "llm_int8_threshold": 6.0, "compute_dtype": "bfloat16"}
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, bnb_4bit_compute_dtype=torch.bfloat16)
+    return extras, "", config
+
+
+def _ptq_bnb_nf4(bits: int, group_size: int | None):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    # Double quant is not only smaller: on CPUs with AVX512-BF16, 4-bit weights saved after a forward pass
+    # without it reload corrupted (bitsandbytes repacks them for its CPU kernel).
+    extras = {"quantizer": "bitsandbytes", "double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16"}
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    return extras, "", config
+
+
+def _ptq_gptq(bits: int, group_size: int | None):
+    extras = {"quantizer": "llmcompressor", "algorithm": "GPTQ", "scheme": f"W{bits}A16", "group_size": group_size,
+              "symmetric": True, "ignore": ["lm_head"]}
+    return extras, f"g{group_size}", None
+
+
+def _ptq_w8a8(bits: int, group_size: int | None):
+    extras = {"quantizer": "llmcompressor", "algorithm": "SmoothQuant+GPTQ", "scheme": "W8A8",
+              "weights": "int8 per-channel symmetric", "activations": "int8 dynamic per-token",
+              "smoothing_strength": 0.8, "ignore": ["lm_head"]}
+    return extras, "", None
+
+
+_PTQ_BUILDERS = {
+    QuantMethod.BNB_INT8: _ptq_bnb_int8,
+    QuantMethod.BNB_NF4: _ptq_bnb_nf4,
+    QuantMethod.GPTQ: _ptq_gptq,
+    QuantMethod.W8A8: _ptq_w8a8,
+}
+
+
+def _allowed_text(values) -> str:
+    return ", ".join("none" if v is None else str(v) for v in values)
+
+
+def build_ptq_plan(method: QuantMethod | str, *, bits: int | None = None, group_size: int | None = None,
+                   lm_head_dtype: str = "bf16"):
+    """Return `(spec, BitsAndBytesConfig | None)` for a post-training method; `bits`/`group_size` None = default.
+
+    lm_head is never quantized: `lm_head_dtype` is the dtype it keeps. Unsupported values are a one-line
+    ValueError naming the allowed ones.
+    """
+    allowed = ", ".join(m.value for m in PTQ_METHODS)
+    try:
+        method = QuantMethod.parse(method)
+    except ValueError:
+        raise ValueError(f"unknown quantization method {method!r}; allowed: {allowed}") from None
+    if method is QuantMethod.QLORA:
+        raise ValueError("QLORA quantizes during training: use Fine-tuning/01_Train.py (QUANT_METHOD = \"QLORA\")")
+    if method not in PTQ_METHODS:
+        raise ValueError(f"{method.value} is not a post-training method; allowed: {allowed}")
+    options = PTQ_METHODS[method]
+    bits = options.bits[0] if bits is None else bits
+    if bits not in options.bits:
+        raise ValueError(f"{method.value} does not support {bits}-bit weights; "
+                         f"allowed bits: {_allowed_text(options.bits)}")
+    group_size = options.group_sizes[0] if group_size is None else group_size
+    if group_size not in options.group_sizes:
+        raise ValueError(f"{method.value} does not support group size {group_size}; allowed group sizes: "
+                         f"{_allowed_text(options.group_sizes)}")
+    extras, detail, config = _PTQ_BUILDERS[method](bits, group_size)
+    spec = QuantSpec(method, bits, short_dtype_name(lm_head_dtype), options.backend, extras,
+                     tag_label=tag_label(method), tag_detail=detail)
+    return spec, config
+
+
+def sibling_dir_name(source_dir: str, source_metadata: Mapping[str, Any] | None, spec: QuantSpec) -> str:
+    """Name of a PTQ sibling: the source's name with its quant tag replaced.
+
+    A directory written by 01_Train.py (metadata with base_model, dataset, peft) gives
+    `{base_model}-{dataset}_SFT_{peft}_{tag}`; a plain model directory gives `{dir name}_{tag}`.
+    """
+    meta = source_metadata or {}
+    dataset = (meta.get("dataset") or {}).get("name")
+    if meta.get("base_model") and dataset and meta.get("peft"):
+        return output_dir_name(meta["base_model"], dataset, meta["peft"], spec, stage=meta.get("stage", "SFT"))
+    return f"{base_model_name(source_dir)}_{quant_tag(spec)}"
+
+
 def quant_tag(spec: QuantSpec) -> str:
-    """'QLORA_w4_headbf16', 'BF16_w16_headbf16', 'GPTQ_w4g128_headbf16'."""
+    """'QLORA_w4_headbf16', 'BF16_w16_headbf16', 'GPTQ_w4g128_headbf16', 'BNBNF4_w4_headbf16'."""
     label = spec.tag_label or spec.method.value
     return f"{label}_w{spec.weights_bits}{spec.tag_detail}_head{spec.lm_head_dtype}"
 
@@ -167,9 +293,9 @@ def detect_quant_method(name: str | None = None, metadata: Mapping[str, Any] | N
             return QuantMethod.parse(method)
     if name:
         words = set(re.split(r"[_\-/\\]", str(name)))
-        for method in QuantMethod:
-            if method.value in words and method is not QuantMethod.NONE:
+        for method in QuantMethod:  # NONE last: its "BF16" may also name a head dtype elsewhere
+            if method is not QuantMethod.NONE and words & {method.value, tag_label(method)}:
                 return method
-        if "BF16" in words:
+        if tag_label(QuantMethod.NONE) in words:
             return QuantMethod.NONE
     return None

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from quantization_utils import (QuantMethod, QuantSpec, build_metadata, build_quantization_plan, detect_quant_method,
-                                output_dir_name, peft_tag, quant_tag)
+from quantization_utils import (PTQ_METHODS, QuantMethod, QuantSpec, build_metadata, build_ptq_plan,
+                                build_quantization_plan, detect_quant_method, output_dir_name, peft_tag, quant_tag,
+                                sibling_dir_name)
 
 
 def test_qlora_plan_is_nf4_double_quant_bf16_compute():
@@ -66,8 +67,58 @@ def test_detection_prefers_metadata_then_name():
 
 
 def test_unknown_method_names_the_allowed_ones():
-    with pytest.raises(ValueError, match="allowed: NONE, QLORA"):
+    with pytest.raises(ValueError, match="allowed: NONE, QLORA, BNB_INT8, BNB_NF4, GPTQ, W8A8$"):
         build_quantization_plan("INT3")
+
+
+@pytest.mark.parametrize("method", list(PTQ_METHODS))
+def test_training_refuses_post_training_methods(method):
+    with pytest.raises(ValueError, match=f"{method.value} is a post-training method: use tools/quantize.py"):
+        build_quantization_plan(method)
+
+
+@pytest.mark.parametrize("method, options, tag", [
+    ("GPTQ", {}, "GPTQ_w4g128_headbf16"),
+    ("GPTQ", {"bits": 8, "group_size": 32}, "GPTQ_w8g32_headbf16"),
+    ("W8A8", {}, "W8A8_w8_headbf16"),
+    ("BNB_NF4", {}, "BNBNF4_w4_headbf16"),
+    ("BNB_INT8", {"lm_head_dtype": "float16"}, "BNBINT8_w8_headfp16"),
+])
+def test_ptq_tags_and_detection(method, options, tag):
+    spec, _ = build_ptq_plan(method, **options)
+    assert quant_tag(spec) == tag
+    assert detect_quant_method(name=f"Qwen3-0.6B-openmath_SFT_LoRa256_{tag}") is QuantMethod(method)
+
+
+def test_ptq_plans_record_their_parameters():
+    spec, bnb = build_ptq_plan("BNB_NF4")
+    assert bnb.load_in_4bit and bnb.bnb_4bit_use_double_quant and bnb.bnb_4bit_quant_type == "nf4"
+    assert spec.extras["double_quant"] is True and spec.backend == "bitsandbytes"
+    spec, bnb = build_ptq_plan("BNB_INT8")
+    assert bnb.load_in_8bit and not bnb.load_in_4bit and spec.weights_bits == 8
+    spec, bnb = build_ptq_plan("GPTQ", group_size=64)
+    assert bnb is None and spec.backend == "compressed-tensors"
+    assert spec.extras["scheme"] == "W4A16" and spec.extras["group_size"] == 64 and spec.extras["ignore"] == ["lm_head"]
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("QLORA", {}, "QLORA quantizes during training: use Fine-tuning/01_Train.py"),
+    ("NONE", {}, "NONE is not a post-training method; allowed: BNB_INT8, BNB_NF4, GPTQ, W8A8"),
+    ("INT3", {}, "unknown quantization method 'INT3'; allowed: BNB_INT8, BNB_NF4, GPTQ, W8A8"),
+    ("W8A8", {"bits": 4}, "W8A8 does not support 4-bit weights; allowed bits: 8"),
+    ("GPTQ", {"group_size": 256}, "GPTQ does not support group size 256; allowed group sizes: 128, 64, 32"),
+])
+def test_ptq_plan_errors_name_what_is_allowed(method, options, message):
+    with pytest.raises(ValueError, match=message):
+        build_ptq_plan(method, **options)
+
+
+def test_sibling_name_replaces_the_tag_or_appends_it():
+    spec, _ = build_ptq_plan("GPTQ")
+    trained = {"base_model": "Qwen/Qwen3-0.6B", "dataset": {"name": "openmath"}, "peft": "LoRa256"}
+    assert sibling_dir_name("Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16", trained, spec) == \
+        "Qwen3-0.6B-openmath_SFT_LoRa256_GPTQ_w4g128_headbf16"
+    assert sibling_dir_name("/models/Qwen3-0.6B", None, spec) == "Qwen3-0.6B_GPTQ_w4g128_headbf16"
 
 
 def test_spec_is_frozen():

@@ -1,0 +1,284 @@
+"""Write a post-training-quantized (PTQ) sibling of a 16-bit model directory.
+
+    python tools/quantize.py --model outputs/Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16 --method GPTQ
+
+The source is a directory written by Fine-tuning/01_Train.py (merged bf16 model + metadata.json) or a
+plain Hugging Face model directory. The sibling is written beside it (or under --out-root) with the
+source's name and the new quant tag, e.g. ..._SFT_LoRa256_GPTQ_w4g128_headbf16: a model that loads
+with AutoModelForCausalLM.from_pretrained, and metadata.json in the training run's schema plus
+`source`. It is built in a hidden staging directory and renamed when complete.
+
+Methods: BNB_INT8 and BNB_NF4 (bitsandbytes, data-free, in the main environment); GPTQ and W8A8
+(llmcompressor, calibrated; its own environment: `bash scripts/setup_ptq.sh`, then run this with
+.venv-ptq/bin/python). QLORA is not a post-training method: it is Fine-tuning/01_Train.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_utils import DATASETS, load_rows, to_sft_dataset  # noqa: E402
+from quantization_utils import (PTQ_METHODS, QuantSpec, build_metadata, build_ptq_plan,  # noqa: E402
+                                short_dtype_name, sibling_dir_name)
+
+# The library each backend's quantizer needs, and how to get it when it is missing.
+BACKEND_LIBRARIES = {
+    "bitsandbytes": ("bitsandbytes", "pip install -r requirements.txt"),
+    "compressed-tensors": ("llmcompressor", "bash scripts/setup_ptq.sh, then run with .venv-ptq/bin/python"),
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    dir: Path
+    metadata: dict[str, Any] | None  # metadata.json of a 01_Train.py output, None for a plain model dir
+    config: Any  # transformers PretrainedConfig
+    head_dtype: str  # short dtype name of lm_head in the source checkpoint
+
+
+def _head_dtype(directory: Path, config, metadata) -> str:
+    """The dtype lm_head has on disk: from metadata when the source has it, else the checkpoint's dtype."""
+    recorded = ((metadata or {}).get("quantization") or {}).get("lm_head_dtype")
+    return short_dtype_name(recorded or str(getattr(config, "dtype", None) or "bfloat16"))
+
+
+def inspect_source(directory: Path) -> Source:
+    """Check that `directory` holds a 16-bit safetensors model; reads config and metadata only."""
+    from transformers import AutoConfig
+
+    if not directory.is_dir():
+        raise ValueError(f"model directory {directory} does not exist")
+    if not (directory / "config.json").is_file() or not any(directory.glob("*.safetensors")):
+        has_adapter = (directory / "adapter").is_dir()
+        raise ValueError(f"{directory} holds no model (config.json + *.safetensors)"
+                         + ("; it is adapter-only: train with merge_after_train=True" if has_adapter else ""))
+    metadata_file = directory / "metadata.json"
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else None
+    config = AutoConfig.from_pretrained(directory)
+    existing = getattr(config, "quantization_config", None)
+    if existing is not None:
+        kind = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", "?")
+        raise ValueError(f"{directory} is already quantized ({kind}); quantize from a 16-bit model directory")
+    return Source(directory, metadata, config, _head_dtype(directory, config, metadata))
+
+
+def check_group_size(config, group_size: int | None) -> None:
+    """Each quantized Linear's input width must be a multiple of the group size."""
+    if group_size is None:
+        return
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    intermediate = getattr(text, "intermediate_size", text.hidden_size)
+    widths = {text.hidden_size, intermediate, text.num_attention_heads * head_dim}
+    bad = sorted(w for w in widths if w % group_size)
+    if bad:
+        raise ValueError(f"group size {group_size} does not divide this model's layer input widths {bad}; "
+                         "choose one that divides them all")
+
+
+def resolve_calibration(args, spec: QuantSpec, source: Source) -> tuple[str, str | None] | None:
+    """(registry name, local file or None) of the calibration data, or None for data-free methods."""
+    given = args.calibration is not None or args.calibration_path is not None
+    if not PTQ_METHODS[spec.method].calibrated:
+        if given:
+            raise ValueError(f"{spec.method.value} is data-free: drop --calibration/--calibration-path")
+        return None
+    trained_on = (source.metadata or {}).get("dataset") or {}
+    name = args.calibration or trained_on.get("name")
+    if name is None:
+        raise ValueError(f"{spec.method.value} needs calibration data and {source.dir} has no metadata naming its "
+                         f"dataset: pass --calibration ({', '.join(DATASETS)}) and optionally --calibration-path")
+    if name not in DATASETS:
+        raise ValueError(f"unknown calibration dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    path = args.calibration_path
+    if path is None and args.calibration is None:  # default: the model's own training data, as it was read
+        path = trained_on.get("path")
+    return name, path
+
+
+def calibration_texts(rows, name: str, tokenizer) -> list[str]:
+    """Each row as the chat text the model was trained on (prompt + completion)."""
+    texts = []
+    for example in to_sft_dataset(rows, name):
+        messages = example["prompt"] + example["completion"]
+        if tokenizer.chat_template:
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            texts.append("\n\n".join(m["content"] for m in messages))
+    return texts
+
+
+def check_backend_installed(spec: QuantSpec) -> None:
+    from importlib.util import find_spec
+
+    library, how = BACKEND_LIBRARIES[spec.backend]
+    if find_spec(library) is None:
+        raise ValueError(f"{spec.method.value} needs {library}, which this Python ({sys.executable}) lacks: {how}")
+
+
+# ----- quantizers: load the source, quantize, save into `out_dir` ------------------------------------------
+
+
+def quantize_bitsandbytes(source: Source, spec: QuantSpec, bnb_config, texts, args, out_dir: Path):
+    """bitsandbytes quantizes while loading; saved right away (no forward pass before saving)."""
+    import torch
+
+    from model_utils import load_causal_lm
+
+    model = load_causal_lm(str(source.dir), bnb_config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def quantize_llmcompressor(source: Source, spec: QuantSpec, bnb_config, texts, args, out_dir: Path):
+    """llmcompressor `oneshot` on the calibration texts; saved compressed (compressed-tensors format)."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    from model_utils import load_causal_lm, load_tokenizer
+
+    extras = spec.extras
+    if extras["scheme"] == "W8A8":
+        recipe = [SmoothQuantModifier(smoothing_strength=extras["smoothing_strength"]),
+                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=extras["ignore"])]
+    else:
+        weights = QuantizationArgs(num_bits=spec.weights_bits, type="int", symmetric=extras["symmetric"],
+                                   strategy="group", group_size=extras["group_size"])
+        recipe = [GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                               ignore=extras["ignore"])]
+    tokenizer = load_tokenizer(str(source.dir))
+    encoded = tokenizer(texts, truncation=True, max_length=args.max_seq_length)
+    data = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    model = load_causal_lm(str(source.dir), device="cpu", dtype=torch.bfloat16)
+    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=args.max_seq_length,
+            num_calibration_samples=len(texts))
+    model.save_pretrained(out_dir, save_compressed=True)
+    return model
+
+
+QUANTIZERS = {"bitsandbytes": quantize_bitsandbytes, "compressed-tensors": quantize_llmcompressor}
+
+
+def saved_format(out_dir: Path) -> str | None:
+    """The on-disk format transformers records for the saved quantized checkpoint."""
+    quant = json.loads((out_dir / "config.json").read_text()).get("quantization_config") or {}
+    return quant.get("format") or quant.get("quant_method")
+
+
+def library_versions(spec: QuantSpec) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "transformers", "bitsandbytes"] if spec.backend == "bitsandbytes" else \
+        ["torch", "transformers", "llmcompressor", "compressed-tensors"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="source directory: a 01_Train.py output or a 16-bit HF model")
+    parser.add_argument("--method", required=True,
+                        help=f"post-training method: {', '.join(m.value for m in PTQ_METHODS)}")
+    parser.add_argument("--bits", type=int, default=None,
+                        help="weight bits (default per method): " + "; ".join(
+                            f"{m.value} {'|'.join(map(str, o.bits))}" for m, o in PTQ_METHODS.items()))
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="weights per quantization group, GPTQ only: 128 (default) | 64 | 32")
+    parser.add_argument("--calibration", default=None,
+                        help=f"calibration dataset (GPTQ, W8A8): {' | '.join(DATASETS)}; default: the model's "
+                             "training dataset from its metadata.json")
+    parser.add_argument("--calibration-path", default=None,
+                        help="local .jsonl/.json/.parquet/.csv file in the calibration dataset's schema")
+    parser.add_argument("--samples", type=int, default=128, help="calibration rows (more: slower, usually better)")
+    parser.add_argument("--max-seq-length", type=int, default=512, help="tokens per calibration row (truncated)")
+    parser.add_argument("--out-root", default=None,
+                        help="directory to write the sibling into (default: beside --model)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    try:
+        if args.samples < 1:
+            raise ValueError(f"--samples={args.samples}: need at least 1")
+        spec, bnb_config = build_ptq_plan(args.method, bits=args.bits, group_size=args.group_size)
+        source = inspect_source(Path(args.model))
+        spec = dataclasses.replace(spec, lm_head_dtype=source.head_dtype)
+        check_group_size(source.config, spec.extras.get("group_size"))
+        calibration = resolve_calibration(args, spec, source)
+        out_root = Path(args.out_root) if args.out_root else source.dir.resolve().parent
+        final_dir = out_root / sibling_dir_name(source.dir.resolve().name, source.metadata, spec)
+        if final_dir.exists():
+            raise ValueError(f"output directory {final_dir} exists; remove it or pass another --out-root")
+        rows = load_rows(calibration[0], calibration[1], args.samples) if calibration else None
+        check_backend_installed(spec)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    from model_utils import load_tokenizer
+
+    tokenizer = load_tokenizer(str(source.dir))
+    texts = calibration_texts(rows, calibration[0], tokenizer) if calibration else None
+    if calibration:
+        spec = dataclasses.replace(spec, extras={
+            **spec.extras, "calibration": {"dataset": calibration[0], "path": calibration[1], "rows": len(texts),
+                                           "max_seq_length": args.max_seq_length}})
+    print(f"quantize | {spec.method.value} {source.dir} -> {final_dir}", flush=True)
+
+    staging = out_root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        started = time.time()
+        model = QUANTIZERS[spec.backend](source, spec, bnb_config, texts, args, staging)
+        seconds = time.time() - started
+        head = short_dtype_name(str(model.get_output_embeddings().weight.dtype))
+        if head != spec.lm_head_dtype:
+            raise RuntimeError(f"quantized lm_head is {head}, but the source's is {spec.lm_head_dtype}")
+        tokenizer.save_pretrained(staging)
+        spec = dataclasses.replace(spec, extras={**spec.extras, "format": saved_format(staging)})
+        weights_bytes = sum(f.stat().st_size for f in staging.glob("*.safetensors"))
+        meta = source.metadata or {}
+        metadata = build_metadata(
+            spec,
+            base_model=meta.get("base_model", str(source.dir)),
+            dataset=meta.get("dataset"),
+            peft=meta.get("peft"),
+            artifact={"kind": "ptq", "merged": True, "weights_bytes": weights_bytes},
+            quantize_seconds=round(seconds, 2),
+            versions=library_versions(spec),
+            source={"dir": str(source.dir.resolve()), "metadata": source.metadata},
+            created_unix=int(time.time()),
+        )
+        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
+        os.replace(staging, final_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"done     | {seconds:.1f}s, weights {weights_bytes / 1e6:.2f} MB -> {final_dir}", flush=True)
+    return final_dir
+
+
+if __name__ == "__main__":
+    main()
