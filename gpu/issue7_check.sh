@@ -16,6 +16,6 @@ run() {  # rank, seconds, cases
     || echo "r=$1 run failed or timed out"
   cp "$WORK"/*.log "$OUT"/ 2>/dev/null || true
 }
-run 64 170 trl_docs_qlora,qlora,lora_bf16,qlora_liger   # includes building the random model once
-run 256 80 trl_docs_qlora,qlora
+run 64 150 trl_docs_qlora,qlora,lora_bf16   # includes building the random model once
+run 256 90 trl_docs_qlora,qlora
 echo "done: $OUT"
