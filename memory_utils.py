@@ -150,7 +150,7 @@ class TrainingSetup:
     fused_loss: bool = True  # TRL's chunked LM head (SFTTrainer's default); False = full fp32 logits
     quant: str = "nf4_dq"  # qlora only: nf4 | nf4_dq | fp4 | fp4_dq
     embeddings_dtype: str = "bf16"  # qlora: bf16 (prepare_kbit_model) | fp32 (peft's upcast kept)
-    norms_dtype: str = "fp32"  # qlora after kbit preparation: fp32; without it (TRL's recipe): bf16
+    norms_dtype: str = "bf16"  # bf16 (prepare_kbit_model, TRL's recipe) | fp32 (peft's upcast kept)
     device: str = "cpu"  # cpu (peak RSS, with the runtime term) | cuda (max allocated)
 
 
@@ -292,9 +292,16 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
         batch_size=train_cfg["per_device_train_batch_size"], gradient_checkpointing=train_cfg["gradient_checkpointing"],
         optim=train_cfg["optim"], device=device)
     try:
-        return {"setup": setup.__dict__ | {"target_modules": list(targets)}, **plan_training_memory(model_cfg, setup)}
+        plan = {"setup": setup.__dict__ | {"target_modules": list(targets)}, **plan_training_memory(model_cfg, setup)}
     except (KeyError, ValueError) as err:
         return {"peak_gb": None, "reason": str(err)}
+    if train_cfg["merge_after_train"] and method != "full":
+        # The merge replaces layers one at a time: at its end the whole model is bf16, beside the adapters.
+        merge_peak = plan["parts"]["runtime"] + 2 * sum(plan["params"].values()) + plan["parts"]["adapters"]
+        plan["merge_peak_bytes"] = merge_peak
+        if merge_peak > plan["peak_bytes"]:
+            plan.update(peak_bytes=merge_peak, peak_gb=round(merge_peak / GB, 3), peak_phase="merge")
+    return plan
 
 
 def format_plan(plan: Mapping[str, Any]) -> str:
@@ -304,7 +311,8 @@ def format_plan(plan: Mapping[str, Any]) -> str:
     parts = ", ".join(f"{name} {value / GB:.2f}" for name, value in plan["parts"].items() if value)
     where = "peak RSS" if plan["setup"]["device"] == "cpu" else "max allocated"
     return (f"predicted {where} {plan['peak_gb']:.2f} GiB ({plan['peak_phase']}): training "
-            f"{plan['train_peak_bytes'] / GB:.2f} = {parts}; loading {plan['load_peak_bytes'] / GB:.2f}")
+            f"{plan['train_peak_bytes'] / GB:.2f} = {parts}; loading {plan['load_peak_bytes'] / GB:.2f}"
+            + (f"; merge {plan['merge_peak_bytes'] / GB:.2f}" if "merge_peak_bytes" in plan else ""))
 
 
 def with_measured_peak(plan: Mapping[str, Any], peak: Mapping[str, Any]) -> dict[str, Any]:

@@ -250,11 +250,14 @@ def qwen3_architecture(name: str) -> dict:
 
 
 def prepare_kbit_model(model, gradient_checkpointing: bool, keep_embeddings_bf16: bool = True):
-    """peft's `prepare_model_for_kbit_training`, minus its fp32 copy of the frozen embedding and head.
+    """peft's `prepare_model_for_kbit_training`, minus its fp32 upcast of the frozen parameters.
 
-    peft upcasts every non-4-bit parameter to fp32; for Qwen3-0.6B that is the 155.6M-parameter tied
-    embedding/lm_head (0.31 GB in bf16 -> 0.62 GB in fp32), which is frozen and so gains nothing from
-    fp32. With `keep_embeddings_bf16` they go back to bf16; the small norms stay fp32.
+    peft upcasts every non-4-bit parameter to fp32. For Qwen3-0.6B that is the 155.6M-parameter tied
+    embedding/lm_head (0.31 GB in bf16 -> 0.62 GB in fp32), frozen, so it gains nothing from fp32; and
+    the RMSNorm weights, which in fp32 turn the residual stream fp32: more activation memory, and a
+    function that differs from the bf16 model the adapter is later served on (merged, or reloaded on
+    the 4-bit base). With `keep_embeddings_bf16` (default) every frozen fp32 parameter goes back to
+    bf16, as in TRL's own QLoRA recipe; False keeps peft's upcast (a benchmark lever).
     """
     import torch
     from peft import prepare_model_for_kbit_training
@@ -262,7 +265,7 @@ def prepare_kbit_model(model, gradient_checkpointing: bool, keep_embeddings_bf16
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     if keep_embeddings_bf16:
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is not None and module.weight.dtype == torch.float32:
-                module.weight.data = module.weight.data.to(torch.bfloat16)
+        for param in model.parameters():
+            if param.dtype == torch.float32 and not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
     return model

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks run on a lent H200 through the device tool (not part of CI). Usage there:
 #   bash gpu/device_check.sh            (expects pinned wheels in .whl/ and writes results under $OUT)
+#   QUICK=1 bash gpu/device_check.sh    (only the single-GPU training run and the QLoRA / TRL-docs memory pair)
 # Each part runs on its own; a failure is recorded and the next part still runs.
 set -u
 FINAL=${OUT:-/tmp/gpu_out}; OUT=/tmp/gpu_res; mkdir -p "$OUT" "$FINAL"   # packed into $FINAL/results.tgz at the end
@@ -38,6 +39,12 @@ import json; m = json.load(open('/tmp/runs/cuda/Qwen3-0.6B-openmath_SFT_LoRa64_Q
 print(json.dumps({k: m[k] for k in ('quantization', 'artifact', 'merge_check', 'peak_memory', 'parameters')}, indent=1))
 print('train_seconds', m['training']['train_seconds'], 'steps', m['training']['steps'])"
 cp /tmp/runs/cuda/*/metadata.json "$OUT/train_cuda_metadata.json" 2>/dev/null
+
+if [ "${QUICK:-0}" = 1 ]; then  # a short re-check: the single-GPU run above plus the QLoRA-vs-TRL-docs pair
+  part benchmark_quick 150 python3 tools/benchmark.py --arch Qwen3-0.6B --seq 2048 --batch 1 --rank 64 --steps 3 \
+    --warmup 1 --cases trl_docs_qlora,qlora --work-dir /tmp/bench --out "$OUT/bench_quick.json"
+  echo "=== done"; cat "$OUT/summary.txt"; exit 0
+fi
 
 # Issue 8: FSDP-QLoRA through accelerate launch (one GPU here: world size 1 exercises the FSDP path:
 # bf16 quant storage, sharded wrapping, full-state-dict adapter save, merge from the saved adapter).

@@ -81,15 +81,16 @@ def test_loading_shares_the_double_quant_map_without_changing_the_model(tiny_dir
         assert torch.equal(private(ids).logits, shared(ids).logits)
 
 
-def test_prepare_kbit_model_keeps_the_frozen_head_bf16_and_norms_fp32(tiny_dir):
+def test_prepare_kbit_model_keeps_the_frozen_weights_bf16(tiny_dir):
     kept = prepare_kbit_model(load_causal_lm(str(tiny_dir), bnb("nf4", True), "cpu"), True)
     upcast = prepare_kbit_model(load_causal_lm(str(tiny_dir), bnb("nf4", True), "cpu"), True, keep_embeddings_bf16=False)
     assert kept.get_input_embeddings().weight.dtype == torch.bfloat16
     assert kept.get_output_embeddings().weight is kept.get_input_embeddings().weight  # still tied
-    assert kept.model.norm.weight.dtype == torch.float32
-    assert upcast.get_input_embeddings().weight.dtype == torch.float32
+    assert kept.model.norm.weight.dtype == torch.bfloat16  # fp32 norms would make the residual stream fp32
+    assert upcast.get_input_embeddings().weight.dtype == torch.float32 and upcast.model.norm.weight.dtype == torch.float32
     saved = weight_footprint(upcast)["plain_bytes"] - weight_footprint(kept)["plain_bytes"]
-    assert saved == 2 * parameter_counts(tiny_config(tiny_dir))["embedding"]
+    counts = parameter_counts(tiny_config(tiny_dir))
+    assert saved == 2 * (counts["embedding"] + counts["norms"])
 
 
 def test_planner_counts_match_the_real_models(tiny_dir):
@@ -173,3 +174,19 @@ def test_full_benchmark_meets_the_targets(tmp_path):
     for row in report["results"]:
         if "planner_error" in row:
             assert abs(row["planner_error"]) <= 0.15, row["case"]["name"]
+
+
+def test_planner_counts_the_merge_when_the_run_merges():
+    from memory_utils import plan_for_train_config
+    from model_utils import qwen3_architecture
+
+    cfg = {"QUANT_METHOD": "QLORA", "PEFT_CONFIG": "LoRa", "lora_r": 64, "max_seq_length": 512,
+           "per_device_train_batch_size": 1, "gradient_checkpointing": True, "optim": "paged_adamw_32bit",
+           "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    arch = qwen3_architecture("Qwen3-0.6B")
+    adapter_only = plan_for_train_config(arch, {**cfg, "merge_after_train": False}, "cuda")
+    merged = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cuda")
+    assert "merge_peak_bytes" not in adapter_only
+    # the merged model ends bf16 (596.0M parameters) beside the bf16 adapters (40.4M parameters)
+    assert merged["merge_peak_bytes"] == 2 * 596_049_920 + 2 * 40_370_176
+    assert merged["peak_phase"] == "merge" and merged["peak_gb"] > adapter_only["peak_gb"]

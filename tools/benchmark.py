@@ -335,7 +335,7 @@ def setup_for(case: dict, result: dict, device: str):
         method=method, lora_r=result["rank"], seq_len=result["seq"], batch_size=result["batch"],
         gradient_checkpointing=case["gradient_checkpointing"], fused_loss=case["fused_loss"],
         quant=case["quant"] or "nf4_dq", embeddings_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32",
-        norms_dtype="bf16" if trl_docs else "fp32", device=device)
+        norms_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32", device=device)
 
 
 def annotate(report: dict) -> dict:
