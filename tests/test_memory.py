@@ -187,6 +187,22 @@ def test_planner_counts_the_merge_when_the_run_merges():
     adapter_only = plan_for_train_config(arch, {**cfg, "merge_after_train": False}, "cuda")
     merged = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cuda")
     assert "merge_peak_bytes" not in adapter_only
-    # the merged model ends bf16 (596.0M parameters) beside the bf16 adapters (40.4M parameters)
-    assert merged["merge_peak_bytes"] == 2 * 596_049_920 + 2 * 40_370_176
+    # the merged model ends bf16 (596.0M parameters) beside the bf16 adapters (40.4M parameters) and,
+    # on CUDA, the 4-bit base that was still allocated at that point
+    assert merged["merge_peak_bytes"] == 2 * 596_049_920 + 2 * 40_370_176 + merged["parts"]["weights"]
     assert merged["peak_phase"] == "merge" and merged["peak_gb"] > adapter_only["peak_gb"]
+    on_cpu = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cpu")
+    assert on_cpu["merge_peak_bytes"] == on_cpu["parts"]["runtime"] + 2 * 596_049_920 + 2 * 40_370_176
+
+
+def test_paged_optimizer_state_is_outside_cuda_max_allocated():
+    from memory_utils import TrainingSetup, plan_training_memory
+    from model_utils import qwen3_architecture
+
+    arch = qwen3_architecture("Qwen3-0.6B")
+    paged = plan_training_memory(arch, TrainingSetup(method="qlora", lora_r=64, optim="paged_adamw_32bit", device="cuda"))
+    plain = plan_training_memory(arch, TrainingSetup(method="qlora", lora_r=64, optim="adamw_torch", device="cuda"))
+    on_cpu = plan_training_memory(arch, TrainingSetup(method="qlora", lora_r=64, optim="paged_adamw_32bit", device="cpu"))
+    assert paged["parts"]["optimizer_paged"] == plain["parts"]["optimizer"] == 8 * 40_370_176
+    assert plain["train_peak_bytes"] - paged["train_peak_bytes"] == 8 * 40_370_176
+    assert "optimizer" in on_cpu["parts"]  # unpaged on CPU: in the process's RSS
