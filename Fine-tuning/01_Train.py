@@ -45,7 +45,7 @@ target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # -- training
 per_device_train_batch_size = 1  # sequences per step per device; memory grows with it
 gradient_accumulation_steps = 16  # effective batch = batch size * this
-gradient_checkpointing = True  # recompute activations in backward: less memory, ~30% slower steps
+gradient_checkpointing = True  # recompute activations in backward: less activation memory, slower steps
 learning_rate = 2e-4  # AdamW peak learning rate (linear decay)
 num_train_epochs = 1.0  # used when max_steps is -1
 max_steps = -1  # > 0 stops after this many optimizer steps; -1 = run num_train_epochs
@@ -62,7 +62,7 @@ OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
 if_output_exists = "refuse"  # refuse | suffix (write NAME-2, NAME-3, ... beside the existing one)
 merge_after_train = True  # True: merged bf16 model + adapter/; False: adapter only (research mode)
 merge_base = "dequantized"  # dequantized (the NF4 weights it was trained on) | original (16-bit base) | auto (both checked, closer kept)
-merged_precision = "bf16"  # bf16 (plain transformers, no bitsandbytes) | nf4 (re-quantized: 4x smaller, further from trained)
+merged_precision = "bf16"  # bf16 (plain transformers, no bitsandbytes) | nf4 (re-quantized: smaller, further from trained)
 keep_lm_head_fp16 = False  # True: save lm_head in fp16 (untied from the embedding); needs merge_after_train
 merge_check_max_kl = 1e-3  # mean KL(trained || merged) per token above which the merge is flagged
 # ----------------------------------------------------------------------------------------------------
