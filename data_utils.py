@@ -193,12 +193,13 @@ _STORY_TEMPLATES = {
 }
 
 
-def pretraining_texts(count: int, seed: int = 0) -> list[str]:
+def pretraining_texts(count: int, seed: int = 0, dense_share: float = 0.6, facts_per_line: int = 8) -> list[str]:
     """`count` deterministic lines of arithmetic facts in prose and short stories.
 
     They teach a small model the sums and differences of the openmath sample task, and how a result
     looks in `\\boxed{}` notation, but never in the task's chat format: a model pre-trained on them
-    still has to be fine-tuned to answer the task's questions.
+    still has to be fine-tuned to answer the task's questions. A `dense_share` of the lines list
+    `facts_per_line` random facts in the task's own `a op b = r.` notation (many facts per token).
     """
     rng = random.Random(seed)
     pairs = arithmetic_pairs()
@@ -206,9 +207,11 @@ def pretraining_texts(count: int, seed: int = 0) -> list[str]:
     for _ in range(count):
         a, op, b, r = rng.choice(pairs)
         kind = rng.random()
-        if kind < 0.8:
+        if kind < dense_share:
+            texts.append(" ".join(f"{a} {op} {b} = {r}." for a, op, b, r in rng.sample(pairs, facts_per_line)))
+        elif kind < dense_share + (1 - dense_share) * 0.75:
             texts.append(rng.choice(_FACT_TEMPLATES[op]).format(a=a, b=b, r=r))
-        elif kind < 0.95:
+        elif kind < dense_share + (1 - dense_share) * 0.95:
             texts.append(_STORY_TEMPLATES[op].format(n=rng.choice(_NAMES), i=rng.choice(_ITEMS), a=a, b=b, r=r))
         else:
             texts.append(f"{a} {op} {b} = {r}, written in a box as \\boxed{{{r}}}.")

@@ -18,6 +18,17 @@ def test_pretraining_text_is_deterministic_and_never_the_task_format():
         assert (int(a), op, int(b)) in pairs
 
 
+def test_pretraining_text_packs_many_true_facts_per_line():
+    import re
+
+    texts = pretraining_texts(500, seed=0, dense_share=0.6, facts_per_line=8)
+    facts = [re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", t) for t in texts]
+    dense = [f for f in facts if len(f) == 8]
+    assert 0.5 < len(dense) / len(texts) < 0.7
+    for a, op, b, r in (fact for line in facts for fact in line):
+        assert int(r) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
 def test_builder_writes_a_loadable_chat_model_with_its_build_record(tmp_path):
     out = tmp_path / "base"
     make_base_model([f"--out-dir={out}", "--texts=300", "--steps=2", "--batch-size=2", "--seq-len=16",
@@ -36,4 +47,5 @@ def test_builder_writes_a_loadable_chat_model_with_its_build_record(tmp_path):
 def test_shipped_base_model_is_small_and_recorded():
     assert (DEFAULT_DIR / "model.safetensors").stat().st_size < 4 * 1024**2
     build = json.loads((DEFAULT_DIR / "build.json").read_text())
-    assert build["parameters"] < 2_000_000 and build["fact_accuracy"] > 0
+    # the demo's accuracy is capped by the facts the base knows (docs/notes/issue4.md)
+    assert build["parameters"] < 2_000_000 and build["fact_accuracy"] > 0.8

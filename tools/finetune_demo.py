@@ -60,7 +60,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out-root", default="outputs/demo", help="each method trains into OUT_ROOT/METHOD/")
     parser.add_argument("--train-rows", type=int, default=1500, help="training rows (held-out rows are extra)")
     parser.add_argument("--eval-rows", type=int, default=100, help="held-out rows, scored for every model")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     parser.add_argument("--lr", type=float, default=4e-3, help="learning rate of the LoRA methods")
     parser.add_argument("--full-lr", type=float, default=1e-3, help="learning rate of full fine-tuning")
