@@ -47,5 +47,5 @@ def test_builder_writes_a_loadable_chat_model_with_its_build_record(tmp_path):
 def test_shipped_base_model_is_small_and_recorded():
     assert (DEFAULT_DIR / "model.safetensors").stat().st_size < 4 * 1024**2
     build = json.loads((DEFAULT_DIR / "build.json").read_text())
-    # the demo's accuracy is capped by the facts the base knows (docs/notes/issue4.md)
+    # the demo's accuracy is capped by the facts the base knows (docs/QLoRA.md, "Evaluation and the demo")
     assert build["parameters"] < 2_000_000 and build["fact_accuracy"] > 0.8
