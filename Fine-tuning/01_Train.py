@@ -82,10 +82,8 @@ def resolve_output_dir(root: Path, name: str, policy: str) -> Path:
     final = root / name
     if not final.exists():
         return final
-    if policy == "refuse":
+    if policy == "refuse":  # validate_config has already refused any policy but refuse | suffix
         raise ConfigError(f"output directory {final} exists; remove it or set --if_output_exists=suffix")
-    if policy != "suffix":
-        raise ConfigError(f"if_output_exists={policy!r} is unknown; allowed: refuse, suffix")
     n = 2
     while (root / f"{name}-{n}").exists():
         n += 1
@@ -268,9 +266,9 @@ def main(argv=None) -> Path | None:
         restore_finished(trainer, resume.checkpoint)
         train_loss = None
     else:
-        result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
-        train_loss = result.training_loss  # mean over the steps this process ran
-        del result
+        # mean over the steps this process ran
+        train_loss = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None
+                                   ).training_loss
     train_seconds = time.time() - train_started
     if stopper.received is not None:
         step("stopped", "%s: stopped at step %d of %d; checkpoint saved in %s; run the same command again to resume",
