@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -15,6 +16,50 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _glibc():
+    """The C library when it is glibc on Linux (mallopt, malloc_trim), else None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def release_free_heap() -> bool:
+    """Give the C heap's free memory back to the OS (glibc's malloc_trim); False where there is none."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+@contextmanager
+def freed_blocks_leave_the_heap(threshold_bytes: int = 1 << 20):
+    """For a burst of large short-lived allocations (loading and quantizing a checkpoint on the CPU side):
+    blocks of `threshold_bytes` or more get their own mapping, so freeing one returns it at once, and
+    the heap is trimmed at the end. No-op off glibc.
+
+    glibc raises its mmap threshold each time such a block is freed (up to 32 MiB), after which blocks
+    of that size come from the heap, whose freed holes stay resident. Loading Qwen3-0.6B in NF4 on CPU
+    peaked at 1.36 to 2.08 GiB RSS that way (0.81 GiB resident after the load once trimmed), and at
+    0.99 GiB with this. Setting the threshold disables glibc's adjustment for the rest of the process,
+    so on exit it is fixed at 32 MiB, where the adjustment ends up anyway: a 1 MiB threshold during
+    training made CPU steps 1.6x slower (every activation a fresh mapping).
+    """
+    libc = _glibc()
+    m_mmap_threshold = -3  # glibc's malloc.h
+    if libc is not None:
+        libc.mallopt(m_mmap_threshold, threshold_bytes)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(m_mmap_threshold, 32 << 20)
+            libc.malloc_trim(0)
 
 
 def get_peak_vram_gb(devices: list[int] | None = None) -> dict[str, Any]:
@@ -133,6 +178,12 @@ OPTIMIZER_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit":
 # datasets, before any model loads (measured here: 0.465 GiB peak RSS, torch 2.13 CPU). CUDA's max
 # allocated counts tensors only, so it has no such term.
 CPU_RUNTIME_BYTES = int(0.465 * GB)
+# TRL's chunked log-prob on a device without Triton works on (tokens, 32768) tiles with torch ops; its
+# backward (trl/kernels/chunked_logprob.py, _backward_tile) holds ten fp32 tiles at once: the upcast tile,
+# the scaled logits, log p, p, the zeroed gradient, the target mask as float, mask - p, its product with
+# the incoming gradient, and the two rescaled gradients. On CUDA a Triton kernel folds the tile in place.
+TRL_VOCAB_CHUNK = 32768
+CPU_LOSS_TILES = 10
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -146,12 +197,13 @@ class TrainingSetup:
     seq_len: int = 512
     batch_size: int = 1
     gradient_checkpointing: bool = True
-    optim: str = "paged_adamw_32bit"
+    optim: str = "paged_adamw_8bit"  # 01_Train.py's default
     fused_loss: bool = True  # TRL's chunked LM head (SFTTrainer's default); False = full fp32 logits
     quant: str = "nf4_dq"  # qlora only: nf4 | nf4_dq | fp4 | fp4_dq
     embeddings_dtype: str = "bf16"  # qlora: bf16 (prepare_kbit_model) | fp32 (peft's upcast kept)
     norms_dtype: str = "bf16"  # bf16 (prepare_kbit_model, TRL's recipe) | fp32 (peft's upcast kept)
     device: str = "cpu"  # cpu (peak RSS, with the runtime term) | cuda (max allocated)
+    checkpoint_mapped: bool = False  # plain from_pretrained (TRL's recipe): the bf16 checkpoint stays memory-mapped
 
 
 def _linear_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
@@ -204,20 +256,29 @@ def layer_activation_bytes(cfg: Mapping[str, Any], tokens: int, lora_targets: tu
     return tokens * per_token
 
 
-def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "cpu") -> dict[str, Any]:
-    """Predicted peak while loading a bf16 checkpoint as bf16 (`quant` None) or 4-bit, before training:
-    runtime + the mapped checkpoint (CPU) + the converted weights (embedding, head and norms in bf16)
-    + one bf16 copy of the largest tensor in flight. The loader converts up to 4 tensors in parallel,
-    so the measured loading peak varies from run to run by up to about 0.4 GiB on a busy machine."""
+def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "cpu",
+                     checkpoint_mapped: bool = False) -> dict[str, Any]:
+    """Predicted peak while loading a bf16 checkpoint as bf16 (`quant` None) or 4-bit, before training.
+
+    On CPU: the runtime, the converted weights (embedding, head and norms in bf16) and the bf16 tensor
+    being quantized. A bf16 load maps the checkpoint and its weights are the mapped pages, read only when
+    first used (so they count in training, not here). A 4-bit load by the project (model_utils: pread,
+    freed buffers leave the heap) holds one bf16 tensor at a time; one by plain from_pretrained
+    (`checkpoint_mapped`) keeps every page it read mapped: the bf16 bytes of all quantized weights.
+    """
     if quant is not None and quant not in QUANT_BITS:
         raise ValueError(f"quant={quant!r} is unknown; allowed: {', '.join(QUANT_BITS)}")
     counts = parameter_counts(cfg)
     bits = 16 if quant is None else QUANT_BITS[quant]
     weights = counts["linear"] * bits / 8 + 2 * (counts["embedding"] + counts["lm_head"] + counts["norms"])
-    checkpoint = 2 * sum(counts.values()) if device == "cpu" else 0
-    largest = max([cfg["vocab_size"] * cfg["hidden_size"]] + [i * o for i, o in _linear_shapes(cfg).values()])
-    parts = {"runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0, "checkpoint": checkpoint, "weights": int(weights),
-             "transient": 2 * largest}  # the loader's bf16 copy of the tensor being converted (at least one)
+    cpu = device == "cpu"
+    if quant is None:  # on CPU the weights are the mapped checkpoint, not yet read
+        parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": 0 if cpu else int(weights)}
+    else:
+        largest = max(i * o for i, o in _linear_shapes(cfg).values())
+        parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": int(weights),
+                 "checkpoint_pages": 2 * counts["linear"] if cpu and checkpoint_mapped else 0,
+                 "transient": 2 * largest}  # the bf16 tensor being quantized
     total = sum(parts.values())
     return {"parts": parts, "peak_bytes": total, "peak_gb": round(total / GB, 3)}
 
@@ -261,6 +322,9 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
     # Full logits: bf16 from the head, fp32 upcast, fp32 log-softmax and its fp32 gradient. TRL's fused
     # head works in tiles: a few (tile, vocab) fp32 blocks, bounded by one fp32 copy of the bf16 head.
     logits = tokens * vocab * (2 + 4 + 4 + 4) if not setup.fused_loss else 0
+    if setup.fused_loss and setup.device == "cpu":  # on CUDA a Triton kernel folds each tile in place
+        logits = CPU_LOSS_TILES * tokens * min(vocab, TRL_VOCAB_CHUNK) * 4
+    cpu_mapped = setup.device == "cpu" and setup.checkpoint_mapped and setup.method == "qlora"
     head_cast = plain // (2 if counts["lm_head"] else 1) * 2 if setup.embeddings_dtype == "fp32" and setup.method == "qlora" else 0
     parts = {
         "runtime": CPU_RUNTIME_BYTES if setup.device == "cpu" else 0,
@@ -271,6 +335,7 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         "activations": int(activations),
         "logits": int(logits),
         "head_cast": int(head_cast),  # bf16 copy of an fp32 head made by autocast and kept for backward
+        "checkpoint_pages": 2 * counts["linear"] if cpu_mapped else 0,  # read while quantizing, still mapped
     }
     if setup.device != "cpu" and setup.optim.startswith("paged_"):
         # bitsandbytes allocates paged optimizer state in CUDA unified memory, outside PyTorch's allocator:
@@ -278,7 +343,8 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         parts["optimizer_paged"] = parts.pop("optimizer")
     train_peak = sum(v for k, v in parts.items() if k != "optimizer_paged")
     # Loading comes before kbit preparation: the weights are as loaded (see plan_load_memory).
-    load_peak = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device)["peak_bytes"]
+    load_peak = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device,
+                                 setup.checkpoint_mapped)["peak_bytes"]
     total = max(train_peak, load_peak)
     return {"parts": parts, "train_peak_bytes": train_peak, "load_peak_bytes": load_peak,
             "peak_phase": "training" if train_peak >= load_peak else "loading",
@@ -294,7 +360,9 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
     setup = TrainingSetup(
         method=method, lora_r=train_cfg["lora_r"], target_modules=targets, seq_len=train_cfg["max_seq_length"],
         batch_size=train_cfg["per_device_train_batch_size"], gradient_checkpointing=train_cfg["gradient_checkpointing"],
-        optim=train_cfg["optim"], device=device)
+        optim=train_cfg["optim"], device=device,
+        # model_utils.load_causal_lm reads with pread, except a model with its own code: from_pretrained maps it
+        checkpoint_mapped=bool(train_cfg.get("trust_remote_code", False)))
     try:
         plan = {"setup": setup.__dict__ | {"target_modules": list(targets)}, **plan_training_memory(model_cfg, setup)}
     except (KeyError, ValueError) as err:
