@@ -50,7 +50,7 @@ learning_rate = 2e-4  # AdamW peak learning rate (linear decay)
 num_train_epochs = 1.0  # used when max_steps is -1
 max_steps = -1  # > 0 stops after this many optimizer steps; -1 = run num_train_epochs
 max_seq_length = 1024  # tokens per example; longer ones are truncated
-optim = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit | adamw_torch | adamw_bnb_8bit | adafactor
+optim = "paged_adamw_8bit"  # paged_adamw_8bit (2 B/param of state) | paged_adamw_32bit (8 B) | adamw_torch | adamw_bnb_8bit | adafactor
 bnb_4bit_quant_storage = "auto"  # auto (bfloat16 under FSDP, else uint8) | uint8 | bfloat16 | float16 | float32
 logging_steps = 10  # log the loss every this many optimizer steps
 save_steps = 50  # resumable checkpoint every this many steps: fewer = less work lost to a crash, more disk writes

@@ -30,7 +30,7 @@ build_qwen3_model("/tmp/models/Qwen3-tiny", tok)
 print("built")
 PY
 
-# Issue 2: the training script on CUDA, single GPU, QLoRA r=64, seq 512, paged_adamw_32bit.
+# Issue 2: the training script on CUDA, single GPU, QLoRA r=64, seq 512, the default optimizer (paged_adamw_8bit).
 part train_cuda 100 $PY Fine-tuning/01_Train.py --MODEL_NAME=/tmp/models/Qwen3-0.6B --DATASET_PATH=samples/openmath_sample.jsonl \
   --OUTPUT_ROOT=/tmp/runs/cuda --lora_r=64 --max_steps=20 --per_device_train_batch_size=1 --gradient_accumulation_steps=1 \
   --max_seq_length=512 --logging_steps=5 --eval_samples=8
