@@ -3,6 +3,7 @@ on tiny Qwen3 models built here. The full Qwen3-0.6B benchmark is behind the slo
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +94,31 @@ def test_prepare_kbit_model_keeps_the_frozen_weights_bf16(tiny_dir):
     assert saved == 2 * (counts["embedding"] + counts["norms"])
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_quantizing_load_reads_the_checkpoint_without_mapping_it(tiny_dir, tmp_path):
+    """load_causal_lm quantizes from tensors read with pread: the same model as from_pretrained gives,
+    and no page of the checkpoint left mapped into the process (it would count in its memory)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "own-copy"  # a path no other test has mapped
+    shutil.copytree(tiny_dir, model_dir)
+    model = load_causal_lm(str(model_dir), bnb("nf4", True), "cpu")
+    maps = open("/proc/self/maps").read()
+    assert str(model_dir / "model.safetensors") not in maps
+    assert model.name_or_path == model.config._name_or_path == str(model_dir)  # peft records it as the base
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb("nf4", True),
+                                                 dtype=torch.bfloat16, device_map={"": "cpu"})
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert str(model_dir / "model.safetensors") in open("/proc/self/maps").read()  # the check above can fail
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
 def test_planner_counts_match_the_real_models(tiny_dir):
     from peft import LoraConfig, get_peft_model
 
@@ -127,17 +153,27 @@ def test_planner_breakdown_moves_with_each_lever():
     no_gc = plan_training_memory(cfg, TrainingSetup(gradient_checkpointing=False))["parts"]["activations"]
     assert no_gc > 10 * parts["activations"]
     logits = plan_training_memory(cfg, TrainingSetup(fused_loss=False))["parts"]["logits"]
-    assert parts["logits"] == 0 and logits == 512 * 151936 * 14
+    assert logits == 512 * 151936 * 14  # bf16 logits, fp32 upcast, log-softmax, its gradient
+    assert parts["logits"] == 10 * 512 * 32768 * 4  # TRL's chunked loss on CPU: ten fp32 (tokens, 32768) tiles
+    assert plan_training_memory(cfg, TrainingSetup(device="cuda"))["parts"]["logits"] == 0
+    adam32 = plan_training_memory(cfg, TrainingSetup(optim="paged_adamw_32bit"))["parts"]["optimizer"]
+    assert adam32 - parts["optimizer"] == 6 * 40_370_176  # 8 bytes of state per parameter instead of 2
     fp32 = plan_training_memory(cfg, TrainingSetup(embeddings_dtype="fp32"))
     assert fp32["parts"]["weights"] - parts["weights"] == 2 * 151936 * 1024
     full = plan_training_memory(cfg, TrainingSetup(method="full"))
-    assert full["trainable_params"] == 596_049_920 and full["peak_bytes"] > 3 * base["peak_bytes"]
+    assert full["trainable_params"] == 596_049_920 and full["peak_bytes"] > 2 * base["peak_bytes"]
     cuda = plan_training_memory(cfg, TrainingSetup(device="cuda"))
     assert cuda["parts"]["runtime"] == 0 and cuda["peak_bytes"] < base["peak_bytes"]
     assert 1 < base["peak_bytes"] / GB < 3
+    linear = parameter_counts(cfg)["linear"]
     load = plan_load_memory(cfg, "nf4_dq")
-    assert load["parts"]["checkpoint"] == 2 * 596_049_920  # the bf16 checkpoint, mapped in while converting
     assert load["peak_bytes"] == base["load_peak_bytes"]  # loading comes before the kbit preparation
+    assert load["parts"]["checkpoint_pages"] == 0 and load["parts"]["transient"] == 2 * 1024 * 3072  # pread
+    mapped = plan_load_memory(cfg, "nf4_dq", checkpoint_mapped=True)
+    assert mapped["parts"]["checkpoint_pages"] == 2 * linear  # plain from_pretrained: every page read stays
+    trl_docs = plan_training_memory(cfg, TrainingSetup(checkpoint_mapped=True))
+    assert trl_docs["train_peak_bytes"] - base["train_peak_bytes"] == 2 * linear
+    assert plan_load_memory(cfg, None)["peak_bytes"] == plan_load_memory(cfg, None)["parts"]["runtime"]
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -171,6 +207,7 @@ def test_full_benchmark_meets_the_targets(tmp_path):
     assert rows["weights_nf4_dq"]["bits_per_quantized_param"] <= 4.13
     assert rows["weights_nf4"]["bits_per_quantized_param"] <= 4.51
     assert rows["qlora"]["peak_ratio_vs_trl_docs"] <= 0.7
+    assert rows["qlora"]["step_ratio_vs_lora_bf16"] <= 1.2
     for row in report["results"]:
         if "planner_error" in row:
             assert abs(row["planner_error"]) <= 0.15, row["case"]["name"]

@@ -44,13 +44,17 @@ class Case:
     variable_lengths: bool = False  # rows of mixed length (for the padding-free lever)
     liger: bool = False  # CUDA only
     batch: int | None = None  # None = the run's --batch
+    optim: str = "paged_adamw_8bit"  # 01_Train.py's default (a test keeps them equal)
     note: str = ""
 
 
 CASES = [
     Case("weights_nf4_dq", "weights", "nf4_dq", note="NF4 + double quant"),
-    Case("trl_docs_qlora", "train", "nf4_dq", recipe="trl_docs", note="baseline: TRL docs recipe"),
+    Case("trl_docs_qlora", "train", "nf4_dq", recipe="trl_docs", optim="paged_adamw_32bit",
+         note="baseline: TRL docs recipe"),
     Case("qlora", "train", "nf4_dq", note="project QLoRA (01_Train.py path)"),
+    Case("qlora_adamw32", "train", "nf4_dq", optim="paged_adamw_32bit",
+         note="lever: 32-bit optimizer state (the recipe's) instead of 8-bit"),
     Case("lora_bf16", "train", None, note="LoRA on a bf16 base"),
     Case("qlora_fp32_embed", "train", "nf4_dq", embeddings_bf16=False,
          note="lever: peft's fp32 upcast of embedding/head kept"),
@@ -124,6 +128,8 @@ def reset_peak_rss() -> bool:
 
 
 def measure_weights(case: Case, model_dir: str) -> dict:
+    import datasets, peft, trl  # noqa: F401  the stack a training process has loaded: the planner's runtime term
+
     from memory_utils import get_peak_vram_gb, weight_footprint
     from model_utils import load_causal_lm, pick_device
 
@@ -175,8 +181,10 @@ def step_timer():
 
 def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, steps: int, work: Path):
     """The model and SFTTrainer of one training case: the project's path or TRL's documented recipe."""
+    import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from model_utils import load_causal_lm, load_tokenizer, pick_device, prepare_kbit_model, target_modules_regex
@@ -184,7 +192,11 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
     device = pick_device()
     tokenizer = load_tokenizer(model_dir)
     rows = long_rows(steps * batch + 4, 8 * seq, variable=case.variable_lengths)
-    model = load_causal_lm(model_dir, bnb_config_for(case.quant), device)
+    if case.recipe == "trl_docs":  # exactly what the docs show: plain from_pretrained
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config_for(case.quant),
+                                                     dtype=torch.bfloat16, device_map={"": device})
+    else:
+        model = load_causal_lm(model_dir, bnb_config_for(case.quant), device)
     peft_config = None
     lora = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
                       target_modules="all-linear" if case.recipe == "trl_docs" else target_modules_regex(PROJECT_TARGETS))
@@ -197,7 +209,7 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
             model = get_peft_model(model, lora)
     args = SFTConfig(
         output_dir=str(work / "trainer"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        max_steps=steps, max_length=seq, learning_rate=2e-4, optim="paged_adamw_32bit", bf16=True,
+        max_steps=steps, max_length=seq, learning_rate=2e-4, optim=case.optim, bf16=True,
         gradient_checkpointing=case.gradient_checkpointing, logging_steps=1000, save_strategy="no", report_to=[],
         use_cpu=device == "cpu", padding_free=case.padding_free, packing=case.padding_free, use_liger_kernel=case.liger,
         **({} if case.recipe == "trl_docs" else {"gradient_checkpointing_kwargs": {"use_reentrant": False},
@@ -236,6 +248,7 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     embed_dtype = str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     tokens = batch_tokens(trainer, steps + warmup)
     rss_before_train = proc_status_gb("VmRSS")
+    file_rss_before_train = proc_status_gb("RssFile")  # pages of mapped files (the checkpoint, when still mapped)
     load_peak = get_peak_vram_gb()
     reset = reset_peak_rss()  # VmHWM then measures the training phase alone; ru_maxrss keeps the whole process
     timer = step_timer()
@@ -253,7 +266,8 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
             "tokens_per_step": tok, "step_wall_times": timer.wall, "step_cpu_times": timer.cpu,
             "trainable_params": trainable, "total_params": total, "trainable_dtypes": dtypes,
             "embedding_dtype": embed_dtype, "weights_gb": footprint["total_bytes"] / 1024**3,
-            "rss_before_train_gb": rss_before_train, "train_phase_peak_rss_gb": train_phase_rss, "peak_before_train": load_peak, "peak": peak}
+            "rss_before_train_gb": rss_before_train, "file_rss_before_train_gb": file_rss_before_train,
+            "file_rss_after_train_gb": proc_status_gb("RssFile"), "train_phase_peak_rss_gb": train_phase_rss, "peak_before_train": load_peak, "peak": peak}
 
 
 def run_worker(args) -> None:
@@ -335,7 +349,8 @@ def setup_for(case: dict, result: dict, device: str):
         method=method, lora_r=result["rank"], seq_len=result["seq"], batch_size=result["batch"],
         gradient_checkpointing=case["gradient_checkpointing"], fused_loss=case["fused_loss"],
         quant=case["quant"] or "nf4_dq", embeddings_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32",
-        norms_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32", device=device)
+        norms_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32", device=device,
+        optim=case.get("optim", "paged_adamw_32bit"), checkpoint_mapped=trl_docs)
 
 
 def annotate(report: dict) -> dict:
@@ -349,14 +364,15 @@ def annotate(report: dict) -> dict:
     base, lora = rows.get("trl_docs_qlora"), rows.get("lora_bf16")
     for row in rows.values():
         row["peak_gb_measured"] = peak_gb(row)
+    for row in rows.values():
         if row["case"]["kind"] != "train":
             row["plan"] = plan_load_memory(cfg, row["case"]["quant"], row["peak"]["device"])
             row["planner_error"] = round((row["plan"]["peak_gb"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
             continue
-        if not row["case"]["variable_lengths"]:
-            plan = plan_training_memory(cfg, setup_for(row["case"], row, row["peak"]["device"]))
-            row["plan"] = plan
-            row["planner_error"] = round((plan["peak_gb"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
+        # rows of mixed length are planned at batch x seq tokens: what a padded batch holds at most
+        plan = plan_training_memory(cfg, setup_for(row["case"], row, row["peak"]["device"]))
+        row["plan"] = plan
+        row["planner_error"] = round((plan["peak_gb"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
         if base:
             row["peak_ratio_vs_trl_docs"] = round(row["peak_gb_measured"] / base["peak_gb_measured"], 3)
         if lora:
