@@ -184,6 +184,12 @@ CPU_RUNTIME_BYTES = int(0.465 * GB)
 # the incoming gradient, and the two rescaled gradients. On CUDA a Triton kernel folds the tile in place.
 TRL_VOCAB_CHUNK = 32768
 CPU_LOSS_TILES = 10
+# bitsandbytes' optimizers on CPU (backends/cpu/ops.py) update one parameter at a time through fp32
+# copies: for 8-bit AdamW the two dequantized states, the gradient, the parameter, sqrt(state2) and the
+# denominator. Six fp32 copies of the largest trainable tensor: 3.5 GiB for full fine-tuning of
+# Qwen3-0.6B (its 155.6M-parameter embedding), a few MB for LoRA. On CUDA the kernels update in place.
+CPU_BNB_OPTIMIZER_COPIES = 6
+BNB_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -325,6 +331,12 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
     if setup.fused_loss and setup.device == "cpu":  # on CUDA a Triton kernel folds each tile in place
         logits = CPU_LOSS_TILES * tokens * min(vocab, TRL_VOCAB_CHUNK) * 4
     cpu_mapped = setup.device == "cpu" and setup.checkpoint_mapped and setup.method == "qlora"
+    if setup.method == "full":
+        largest_trainable = max([vocab * h] + [i * o for i, o in _linear_shapes(cfg).values()])
+    else:
+        largest_trainable = setup.lora_r * max(i + o for i, o in _linear_shapes(cfg).values()) // 2
+    optimizer_step = (CPU_BNB_OPTIMIZER_COPIES * 4 * largest_trainable
+                      if setup.device == "cpu" and setup.optim in BNB_OPTIMIZERS else 0)
     head_cast = plain // (2 if counts["lm_head"] else 1) * 2 if setup.embeddings_dtype == "fp32" and setup.method == "qlora" else 0
     parts = {
         "runtime": CPU_RUNTIME_BYTES if setup.device == "cpu" else 0,
@@ -336,6 +348,7 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         "logits": int(logits),
         "head_cast": int(head_cast),  # bf16 copy of an fp32 head made by autocast and kept for backward
         "checkpoint_pages": 2 * counts["linear"] if cpu_mapped else 0,  # read while quantizing, still mapped
+        "optimizer_step": optimizer_step,  # fp32 working copies of one parameter (CPU bitsandbytes)
     }
     if setup.device != "cpu" and setup.optim.startswith("paged_"):
         # bitsandbytes allocates paged optimizer state in CUDA unified memory, outside PyTorch's allocator:

@@ -77,8 +77,9 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 # ----- data ---------------------------------------------------------------------------------------------
 
 def long_rows(count: int, min_chars: int, seed: int = 0, variable: bool = False) -> list[dict]:
-    """Prompt/completion rows whose completion is at least `min_chars` long (a quarter to all of it when
-    `variable`), built from the project's generated openmath rows."""
+    """Prompt/completion rows whose completion is at least `min_chars` long, built from the project's
+    generated openmath rows. With `variable`, completions of 1/64 to 1/3 of `min_chars` (for the
+    benchmark's 8 * seq, about 80 to 500 tokens with its tokenizer: under seq, so nothing is truncated)."""
     import random
 
     from data_utils import generate_rows
@@ -87,7 +88,7 @@ def long_rows(count: int, min_chars: int, seed: int = 0, variable: bool = False)
     source = generate_rows("openmath", 50 * count + 50, seed)
     rows = []
     for i in range(count):
-        target = rng.randint(min_chars // 4, min_chars) if variable else min_chars
+        target = rng.randint(min_chars // 64, min_chars // 3) if variable else min_chars
         text, j = "", 0
         while len(text) < target:
             text += source[(i * 50 + j) % len(source)]["generated_solution"] + " "
@@ -128,7 +129,10 @@ def reset_peak_rss() -> bool:
 
 
 def measure_weights(case: Case, model_dir: str) -> dict:
-    import datasets, peft, trl  # noqa: F401  the stack a training process has loaded: the planner's runtime term
+    import importlib
+
+    for name in ("datasets", "peft", "trl"):  # the stack a training process has loaded: the planner's runtime term
+        importlib.import_module(name)
 
     from memory_utils import get_peak_vram_gb, weight_footprint
     from model_utils import load_causal_lm, pick_device
@@ -209,9 +213,11 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
             model = get_peft_model(model, lora)
     args = SFTConfig(
         output_dir=str(work / "trainer"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        max_steps=steps, max_length=seq, learning_rate=2e-4, optim=case.optim, bf16=True,
+        # padding-free without packing flattens the batch into one row; TRL then wants max_length None (the
+        # mixed-length rows are all shorter than seq)
+        max_steps=steps, max_length=None if case.padding_free else seq, learning_rate=2e-4, optim=case.optim, bf16=True,
         gradient_checkpointing=case.gradient_checkpointing, logging_steps=1000, save_strategy="no", report_to=[],
-        use_cpu=device == "cpu", padding_free=case.padding_free, packing=case.padding_free, use_liger_kernel=case.liger,
+        use_cpu=device == "cpu", padding_free=case.padding_free, use_liger_kernel=case.liger,
         **({} if case.recipe == "trl_docs" else {"gradient_checkpointing_kwargs": {"use_reentrant": False},
                                                   "completion_only_loss": True}),
     )
@@ -221,18 +227,16 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
     return trainer
 
 
-def batch_tokens(trainer, steps: int) -> list[int]:
-    """Non-padding tokens of the first `steps` batches the trainer will see (same order: no shuffling of a
-    fixed seed's sampler is assumed; we read the batches the dataloader produces)."""
-    counts = []
+def batch_tokens(trainer, steps: int) -> tuple[list[int], list[int]]:
+    """Non-padding tokens, and token slots (padding included), of the first `steps` batches the trainer
+    will see (we read the batches the dataloader produces)."""
+    counts, slots = [], []
     for i, batch in enumerate(trainer.get_train_dataloader()):
         if i >= steps:
             break
-        if "attention_mask" in batch:
-            counts.append(int(batch["attention_mask"].sum()))
-        else:
-            counts.append(int(batch["input_ids"].numel()))
-    return counts
+        slots.append(int(batch["input_ids"].numel()))
+        counts.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else slots[-1])
+    return counts, slots
 
 
 def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int, steps: int, warmup: int,
@@ -246,7 +250,7 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     trainable, total = count_parameters(trainer.model)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad})
     embed_dtype = str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
-    tokens = batch_tokens(trainer, steps + warmup)
+    tokens, slots = batch_tokens(trainer, steps + warmup)
     rss_before_train = proc_status_gb("VmRSS")
     file_rss_before_train = proc_status_gb("RssFile")  # pages of mapped files (the checkpoint, when still mapped)
     load_peak = get_peak_vram_gb()
@@ -263,7 +267,7 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     step_s, step_cpu_s = sum(wall) / len(wall), sum(cpu) / len(cpu)
     tok = sum(tokens[warmup:]) / len(wall)
     return {"step_s": step_s, "step_cpu_s": step_cpu_s, "tokens_per_s": tok / step_s, "tokens_per_cpu_s": tok / step_cpu_s,
-            "tokens_per_step": tok, "step_wall_times": timer.wall, "step_cpu_times": timer.cpu,
+            "tokens_per_step": tok, "max_batch_slots": max(slots), "step_wall_times": timer.wall, "step_cpu_times": timer.cpu,
             "trainable_params": trainable, "total_params": total, "trainable_dtypes": dtypes,
             "embedding_dtype": embed_dtype, "weights_gb": footprint["total_bytes"] / 1024**3,
             "rss_before_train_gb": rss_before_train, "file_rss_before_train_gb": file_rss_before_train,
@@ -345,8 +349,11 @@ def setup_for(case: dict, result: dict, device: str):
 
     method = "full" if case["peft"] == "full" else ("qlora" if case["quant"] else "lora")
     trl_docs = case["recipe"] == "trl_docs"
+    # mixed lengths: the largest batch the data gives, in token slots (padding included), read from the
+    # dataloader before training; fixed lengths: batch x seq
+    seq, batch = (result["max_batch_slots"], 1) if case["variable_lengths"] else (result["seq"], result["batch"])
     return TrainingSetup(
-        method=method, lora_r=result["rank"], seq_len=result["seq"], batch_size=result["batch"],
+        method=method, lora_r=result["rank"], seq_len=seq, batch_size=batch,
         gradient_checkpointing=case["gradient_checkpointing"], fused_loss=case["fused_loss"],
         quant=case["quant"] or "nf4_dq", embeddings_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32",
         norms_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32", device=device,
@@ -369,7 +376,6 @@ def annotate(report: dict) -> dict:
             row["plan"] = plan_load_memory(cfg, row["case"]["quant"], row["peak"]["device"])
             row["planner_error"] = round((row["plan"]["peak_gb"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
             continue
-        # rows of mixed length are planned at batch x seq tokens: what a padded batch holds at most
         plan = plan_training_memory(cfg, setup_for(row["case"], row, row["peak"]["device"]))
         row["plan"] = plan
         row["planner_error"] = round((plan["peak_gb"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
