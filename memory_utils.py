@@ -391,6 +391,29 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
     return plan
 
 
+# The merge check (merge_utils.measure_candidate) keeps the trained model's fp32 logits of every check
+# row and, for the row being compared, holds about eight fp32 copies of the candidate's: its logits, the
+# masked reference and candidate, their difference and its square, two log-softmaxes and the KL product.
+MERGE_CHECK_ROW_COPIES = 8
+
+
+def with_merge_check(plan: Mapping[str, Any], row_tokens: list[int], vocab_size: int, device: str) -> dict[str, Any]:
+    """The plan with the merge check's logits added to its merge phase, once the check rows are tokenized
+    (before the merge runs). On CPU the logits live in host memory; on CUDA only the row being run is on
+    the GPU (its bf16 logits and their fp32 upcast) before it moves to the host."""
+    if "merge_peak_bytes" not in plan or not row_tokens:
+        return dict(plan)
+    if device == "cpu":
+        logits = 4 * vocab_size * (sum(row_tokens) + MERGE_CHECK_ROW_COPIES * max(row_tokens))
+    else:
+        logits = 6 * vocab_size * max(row_tokens)
+    merge_peak = plan["merge_peak_bytes"] + logits
+    out = dict(plan, merge_peak_bytes=merge_peak, merge_check_logits_bytes=logits, merge_check_tokens=sum(row_tokens))
+    if merge_peak > plan["peak_bytes"]:
+        out.update(peak_bytes=merge_peak, peak_gb=round(merge_peak / GB, 3), peak_phase="merge")
+    return out
+
+
 def format_plan(plan: Mapping[str, Any]) -> str:
     """One line: the predicted peak and its parts in GiB."""
     if plan.get("peak_gb") is None:
@@ -399,7 +422,9 @@ def format_plan(plan: Mapping[str, Any]) -> str:
     where = "peak RSS" if plan["setup"]["device"] == "cpu" else "max allocated"
     return (f"predicted {where} {plan['peak_gb']:.2f} GiB ({plan['peak_phase']}): training "
             f"{plan['train_peak_bytes'] / GB:.2f} = {parts}; loading {plan['load_peak_bytes'] / GB:.2f}"
-            + (f"; merge {plan['merge_peak_bytes'] / GB:.2f}" if "merge_peak_bytes" in plan else ""))
+            + (f"; merge {plan['merge_peak_bytes'] / GB:.2f}" if "merge_peak_bytes" in plan else "")
+            + (" + the merge check's logits (added once its rows are tokenized)"
+               if "merge_peak_bytes" in plan and "merge_check_logits_bytes" not in plan else ""))
 
 
 def with_measured_peak(plan: Mapping[str, Any], peak: Mapping[str, Any]) -> dict[str, Any]:

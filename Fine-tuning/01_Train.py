@@ -6,6 +6,7 @@ Flow: config -> validate -> plan -> data -> model -> train -> save -> merge -> m
 The output is one tagged directory under OUTPUT_ROOT (see docs/QLoRA.md).
 """
 
+import gc
 import json
 import logging
 import os
@@ -184,7 +185,8 @@ def main(argv=None) -> Path | None:
     from checkpoint_utils import (MarkCompleteCallback, StopOnSignalCallback, check_free_disk, disk_needed,
                                   keep_trainable_dtypes, restore_finished)
     from dist_utils import combine_peak_reports, gather
-    from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint, with_measured_peak
+    from memory_utils import (GB, count_parameters, get_peak_vram_gb, release_free_heap, weight_footprint,
+                              with_measured_peak, with_merge_check)
     from merge_utils import FINGERPRINT_TOKENS, logits_fingerprint, merge_and_check
     from model_utils import (check_target_modules, load_adapter_model, load_causal_lm, load_merged_dir, load_tokenizer,
                              prepare_kbit_model, target_modules_regex)
@@ -300,6 +302,8 @@ def main(argv=None) -> Path | None:
         model.save_pretrained(staging / "adapter")
     tokenizer.save_pretrained(staging)
     del trainer  # frees the optimizer state before the merge
+    gc.collect()
+    release_free_heap()  # what training freed (activations, loss tiles) leaves the process before the merge grows it
     if launch.fsdp:  # FSDP cannot merge in place: rebuild the trained model from the saved adapter
         model = load_adapter_model(cfg["MODEL_NAME"], staging / "adapter", bnb_config, device, cfg["trust_remote_code"])
 
@@ -314,6 +318,12 @@ def main(argv=None) -> Path | None:
                     "fingerprints": {"merged": logits_fingerprint(model, fingerprint_ids.tolist())}}
     elif cfg["merge_after_train"]:
         check_batches = tokenize_for_check(tokenizer, eval_data.select(range(min(8, len(eval_data)))), cfg["max_seq_length"])
+        memory_plan = with_merge_check(memory_plan, [int(b["attention_mask"].sum()) for b in check_batches],
+                                       model.config.get_text_config().vocab_size, device.split(":")[0])
+        if "merge_check_logits_bytes" in memory_plan:
+            step("plan", "merge check over %d tokens: merge phase predicted %.2f GiB (its logits %.2f); peak %.2f GiB",
+                 memory_plan["merge_check_tokens"], memory_plan["merge_peak_bytes"] / GB,
+                 memory_plan["merge_check_logits_bytes"] / GB, memory_plan["peak_gb"])
         _, nf4_config = build_quantization_plan(QuantMethod.QLORA)
         merge_check, merge_artifact = merge_and_check(
             model, staging=staging, model_name=cfg["MODEL_NAME"], batches=check_batches, merge_base=cfg["merge_base"],
@@ -365,9 +375,9 @@ def main(argv=None) -> Path | None:
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
     os.replace(staging, final_dir)
 
-    peak_text = (f"{peak['overall_max_allocated_gb']} GB allocated / {peak['overall_max_reserved_gb']} GB reserved (CUDA)"
-                 if peak["device"] == "cuda" else f"{peak['peak_rss_gb']} GB peak RSS (no CUDA)")
-    planned = f"planned {memory_plan['peak_gb']} GB" if memory_plan.get("peak_gb") is not None else "not planned"
+    peak_text = (f"{peak['overall_max_allocated_gb']} GiB allocated / {peak['overall_max_reserved_gb']} GiB reserved (CUDA)"
+                 if peak["device"] == "cuda" else f"{peak['peak_rss_gb']} GiB peak RSS (no CUDA)")
+    planned = f"planned {memory_plan['peak_gb']} GiB" if memory_plan.get("peak_gb") is not None else "not planned"
     step("done", "%.1fs total; peak memory %s (%s); wrote %s (%s)", time.time() - started, peak_text, planned, final_dir,
          ", ".join(written + ["metadata.json"]))
     return final_dir

@@ -230,6 +230,16 @@ def test_planner_counts_the_merge_when_the_run_merges():
     assert merged["peak_phase"] == "merge" and merged["peak_gb"] > adapter_only["peak_gb"]
     on_cpu = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cpu")
     assert on_cpu["merge_peak_bytes"] == on_cpu["parts"]["runtime"] + 2 * 596_049_920 + 2 * 40_370_176
+    # once the check rows are known: the trained model's fp32 logits of every row are kept, and the row
+    # being compared is held in about eight fp32 copies (CPU); on CUDA only that row's logits are on the GPU
+    from memory_utils import with_merge_check
+
+    checked = with_merge_check(on_cpu, [100, 300], 151936, "cpu")
+    assert checked["merge_check_logits_bytes"] == 4 * 151936 * (400 + 8 * 300)
+    assert checked["merge_peak_bytes"] == on_cpu["merge_peak_bytes"] + checked["merge_check_logits_bytes"]
+    assert checked["peak_phase"] == "merge" and checked["peak_gb"] > on_cpu["peak_gb"]
+    assert with_merge_check(merged, [100, 300], 151936, "cuda")["merge_check_logits_bytes"] == 6 * 151936 * 300
+    assert "merge_check_logits_bytes" not in with_merge_check(adapter_only, [100], 151936, "cpu")
 
 
 def test_paged_optimizer_state_is_outside_cuda_max_allocated():
