@@ -211,6 +211,17 @@ def build_qwen3_model(out_dir: str | Path, tokenizer, seed: int = 0, **config_ov
     return model
 
 
+# metadata["quantization"]["extras"] key -> build_quantization_plan option: how the 4-bit base was loaded
+BASE_LOAD_EXTRAS = {"double_quant": "double_quant", "base_quant_type": "quant_type",
+                    "compute_dtype": "compute_dtype", "quant_storage": "quant_storage"}
+
+
+def base_load_extras(metadata: dict) -> dict:
+    """The extras of a run's quantization block that say how its 4-bit base was loaded."""
+    extras = (metadata.get("quantization") or {}).get("extras") or {}
+    return {key: value for key, value in extras.items() if key in BASE_LOAD_EXTRAS}
+
+
 def plan_from_metadata(metadata: dict):
     """The `(spec, BitsAndBytesConfig | None)` a run used, rebuilt from its metadata's quantization block."""
     from quantization_utils import build_quantization_plan
@@ -218,10 +229,7 @@ def plan_from_metadata(metadata: dict):
     block = metadata["quantization"]
     extras = dict(block.get("extras") or {})
     options = {"lora_r": extras.get("lora_r"), "merge_after_train": extras.get("merge_after_train", True)}
-    for option, key in (("double_quant", "double_quant"), ("quant_type", "base_quant_type"),
-                        ("compute_dtype", "compute_dtype"), ("quant_storage", "quant_storage")):
-        if key in extras:
-            options[option] = extras[key]
+    options.update({BASE_LOAD_EXTRAS[key]: value for key, value in base_load_extras(metadata).items()})
     return build_quantization_plan(block["method"], lm_head_dtype=block["lm_head_dtype"], **options)
 
 

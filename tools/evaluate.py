@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_utils import DATASETS, check_local_file, get_dataset_spec, squad_answers  # noqa: E402
 from eval_utils import math_answer_correct, perplexity, squad_exact_match, squad_f1  # noqa: E402
+from model_utils import base_load_extras  # noqa: E402
 from quantization_utils import QuantMethod, detect_quant_method  # noqa: E402
 
 # Held-out split used for a dataset no evaluated model was trained on: 01_Train.py's defaults
@@ -69,10 +70,8 @@ def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
     kind = ARTIFACT_LOADERS[artifact]
     if (metadata.get("artifact") or {}).get("primary") == "adapter":  # a flagged merge: the adapter is the model
         kind = "adapter"
-    if kind == "adapter":
-        options = {k: v for k, v in (quant.get("extras") or {}).items()
-                   if k in ("double_quant", "base_quant_type", "compute_dtype", "quant_storage")}
-        return LoadPlan("adapter", method, metadata["base_model"], tuple(sorted(options.items())))
+    if kind == "adapter":  # the options are model_utils.plan_from_metadata's, which loads it
+        return LoadPlan("adapter", method, metadata["base_model"], tuple(sorted(base_load_extras(metadata).items())))
     return LoadPlan(kind, method)  # merged: bf16 on disk whatever the training method
 
 
