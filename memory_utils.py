@@ -7,13 +7,23 @@ import resource
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 GB = 1024**3
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process image: Linux's VmHWM, else ru_maxrss (macOS: bytes).
+
+    Not ru_maxrss on Linux: a child starts from its parent's resident size at fork and keeps it across
+    exec, so a worker spawned by a 1.75 GiB parent reported 1.75 GiB for a 0.5 GiB load.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

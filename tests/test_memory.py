@@ -188,6 +188,20 @@ def test_planner_rejects_unknown_settings(field, value, message):
         plan_training_memory(qwen3_architecture("Qwen3-0.6B"), TrainingSetup(**{field: value}))
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's VmHWM")
+def test_peak_rss_of_a_child_does_not_start_from_its_parents():
+    """Benchmark workers are spawned by a parent that may hold a whole model; their peak is their own."""
+    import subprocess
+    import sys
+
+    held = bytearray(400 * 1024**2)  # touched: 400 MiB resident in this process
+    held[::4096] = b"x" * len(held[::4096])
+    code = "import sys; sys.path.insert(0, '.'); from memory_utils import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 200 * 1024**2
+    del held
+
+
 def test_benchmark_rejects_unknown_cases_before_building_anything(tmp_path):
     from conftest import run_python
 

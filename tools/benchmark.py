@@ -254,12 +254,12 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     rss_before_train = proc_status_gb("VmRSS")
     file_rss_before_train = proc_status_gb("RssFile")  # pages of mapped files (the checkpoint, when still mapped)
     load_peak = get_peak_vram_gb()
-    reset = reset_peak_rss()  # VmHWM then measures the training phase alone; ru_maxrss keeps the whole process
+    reset = reset_peak_rss()  # VmHWM then measures the training phase alone
     timer = step_timer()
     trainer.add_callback(timer)
     trainer.train()
     train_phase_rss = proc_status_gb("VmHWM") if reset else None
-    peak = get_peak_vram_gb()  # the reset also cleared ru_maxrss: the whole-process peak is the larger phase
+    peak = get_peak_vram_gb()  # the training phase's (VmHWM was reset): the whole-process peak is the larger phase
     peak["peak_rss_gb"] = max(peak["peak_rss_gb"], load_peak["peak_rss_gb"])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
