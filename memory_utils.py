@@ -7,6 +7,7 @@ import resource
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,14 +29,15 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+@lru_cache(maxsize=1)
 def _glibc():
     """The C library when it is glibc on Linux (mallopt, malloc_trim), else None."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    libc = ctypes.CDLL(name) if name else None
-    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None)  # the process's own symbols: glibc's when it runs on glibc
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def release_free_heap() -> bool:
@@ -336,15 +338,15 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
     else:
         activations = layers * one_layer
     # Full logits: bf16 from the head, fp32 upcast, fp32 log-softmax and its fp32 gradient. TRL's fused
-    # head works in tiles: a few (tile, vocab) fp32 blocks, bounded by one fp32 copy of the bf16 head.
+    # head: nothing on CUDA (a Triton kernel folds each tile in place), fp32 tiles on CPU (CPU_LOSS_TILES).
     logits = tokens * vocab * (2 + 4 + 4 + 4) if not setup.fused_loss else 0
-    if setup.fused_loss and setup.device == "cpu":  # on CUDA a Triton kernel folds each tile in place
+    if setup.fused_loss and setup.device == "cpu":
         logits = CPU_LOSS_TILES * tokens * min(vocab, TRL_VOCAB_CHUNK) * 4
     cpu_mapped = setup.device == "cpu" and setup.checkpoint_mapped and setup.method == "qlora"
     if setup.method == "full":
         largest_trainable = max([vocab * h] + [i * o for i, o in _linear_shapes(cfg).values()])
     else:
-        largest_trainable = setup.lora_r * max(i + o for i, o in _linear_shapes(cfg).values()) // 2
+        largest_trainable = setup.lora_r * max(max(i, o) for i, o in _linear_shapes(cfg).values())  # A or B
     optimizer_step = (CPU_BNB_OPTIMIZER_COPIES * 4 * largest_trainable
                       if setup.device == "cpu" and setup.optim in BNB_OPTIMIZERS else 0)
     head_cast = plain // (2 if counts["lm_head"] else 1) * 2 if setup.embeddings_dtype == "fp32" and setup.method == "qlora" else 0
