@@ -14,17 +14,24 @@ from typing import Any, Mapping
 GB = 1024**3
 
 
+def proc_status_bytes(field: str) -> int | None:
+    """A memory field of Linux's /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile) in bytes; None elsewhere."""
+    status = Path("/proc/self/status")
+    for line in (status.read_text().splitlines() if status.exists() else []):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process image: Linux's VmHWM, else ru_maxrss (macOS: bytes).
 
     Not ru_maxrss on Linux: a child starts from its parent's resident size at fork and keeps it across
     exec, so a worker spawned by a 1.75 GiB parent reported 1.75 GiB for a 0.5 GiB load.
     """
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    high_water = proc_status_bytes("VmHWM")
+    if high_water is not None:
+        return high_water
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

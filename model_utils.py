@@ -30,7 +30,7 @@ def load_causal_lm(model_name: str, quantization_config=None, device: str | None
 
     Safetensors only: pickle checkpoints can run code on load, so they are refused. `for_fsdp` leaves
     placement to FSDP (no device_map), which shards the model onto the GPUs when training starts.
-    Quantizing on load reads the checkpoint with pread instead of mmap (see `read_checkpoint`).
+    Quantizing on load reads the checkpoint with pread instead of mmap (see `load_quantizing_with_pread`).
     """
     import torch
     from transformers import AutoModelForCausalLM

@@ -111,12 +111,11 @@ def bnb_config_for(quant: str | None):
 
 
 def proc_status_gb(field: str) -> float | None:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in GiB; None off Linux."""
-    status = Path("/proc/self/status")
-    for line in (status.read_text().splitlines() if status.exists() else []):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024**2
-    return None
+    """A memory field of /proc/self/status (VmRSS, VmHWM, RssFile) in GiB; None off Linux."""
+    from memory_utils import GB, proc_status_bytes
+
+    value = proc_status_bytes(field)
+    return None if value is None else value / GB
 
 
 def reset_peak_rss() -> bool:
