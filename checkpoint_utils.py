@@ -1,4 +1,4 @@
-"""Resumable training: complete checkpoints, which one to resume from, stopping on a signal, free disk.
+"""Resumable training: complete checkpoints, which one to resume from, stopping on a signal.
 
 A Trainer checkpoint (`checkpoint-N/`: adapter, optimizer, scheduler, RNG states, trainer state with
 the step and loss history) counts as complete only once `MarkCompleteCallback` has written
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,26 +26,18 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 # Constants that change neither the trained weights nor the loss curve: a resumed run may differ in these.
 RESULT_NEUTRAL = frozenset({"RESUME", "OUTPUT_ROOT", "if_output_exists", "save_steps", "keep_checkpoints",
                             "merge_check_max_kl"})
-# Optimizer state bytes per trainable parameter (two moments: fp32 = 8, 8-bit blockwise = 2, Adafactor <= 4).
-OPTIMIZER_STATE_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2,
-                         "adafactor": 4}
-GB = 1e9
-
 
 def result_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a resolved config that decides the result of a run."""
     return {name: value for name, value in cfg.items() if name not in RESULT_NEUTRAL}
 
-
 def checkpoint_step(path: Path) -> int:
     match = CHECKPOINT_RE.fullmatch(path.name)
     return int(match.group(1)) if match else -1
 
-
 def _file_sizes(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
             if p.is_file() and p.name != MARKER}
-
 
 def write_marker(directory: Path, step: int, cfg: Mapping[str, Any]) -> None:
     """Mark a fully written checkpoint complete (atomically: a crash leaves no half-written marker)."""
@@ -54,7 +45,6 @@ def write_marker(directory: Path, step: int, cfg: Mapping[str, Any]) -> None:
     tmp = directory / f".{MARKER}.tmp"
     tmp.write_text(json.dumps(marker, indent=1))
     os.replace(tmp, directory / MARKER)
-
 
 def checkpoint_problem(directory: Path) -> str | None:
     """Why `directory` is not a complete checkpoint, or None if it is."""
@@ -74,10 +64,8 @@ def checkpoint_problem(directory: Path) -> str | None:
         return f"{MARKER} lists no files"
     return None
 
-
 def read_marker_config(directory: Path) -> dict[str, Any]:
     return json.loads((directory / MARKER).read_text())["config"]
-
 
 def config_differences(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]:
     """`name=saved -> now` for every result-affecting constant that differs."""
@@ -85,13 +73,11 @@ def config_differences(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> list
     return [f"{name}={saved.get(name)!r} -> {now.get(name)!r}" for name in sorted(set(saved) | set(now))
             if saved.get(name) != now.get(name)]
 
-
 @dataclass(frozen=True)
 class ResumePlan:
     checkpoint: Path | None  # the checkpoint to resume from; None = start from step 0
     skipped: tuple[tuple[Path, str], ...]  # checkpoints found unusable, with the reason
     start_over: bool  # True: remove the staging directory before training
-
 
 def plan_resume(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> ResumePlan:
     """Which checkpoint to continue from. Reads marker files only; raises ConfigError on a config mismatch."""
@@ -115,34 +101,11 @@ def plan_resume(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> R
     _check_same_config(candidate, cfg)
     return ResumePlan(candidate, (), False)
 
-
 def _check_same_config(checkpoint: Path, cfg: Mapping[str, Any]) -> None:
     differences = config_differences(read_marker_config(checkpoint), cfg)
     if differences:
         raise ConfigError(f"cannot resume from {checkpoint}: the config differs ({'; '.join(differences)}); "
                           "rerun with the same values, or --RESUME=never to start over")
-
-
-def disk_needed(trainable_bytes: int, trainable_params: int, optim: str, keep_checkpoints: int,
-                merged_params: int) -> dict[str, int]:
-    """Estimated bytes a run writes: `keep_checkpoints` + 1 checkpoints (the Trainer writes a new one before
-    rotating the oldest out), the final adapter, and a bf16 merged model of `merged_params` (0: none)."""
-    checkpoint = trainable_bytes + trainable_params * OPTIMIZER_STATE_BYTES[optim] + 1_000_000
-    merged = merged_params * 2
-    return {"checkpoint": checkpoint, "adapter": trainable_bytes, "merged": merged,
-            "total": (keep_checkpoints + 1) * checkpoint + trainable_bytes + merged}
-
-
-def check_free_disk(path: Path, needed: int, what: str) -> None:
-    """ConfigError when the filesystem holding `path` has less than `needed` bytes free."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise ConfigError(f"not enough free disk under {path} for {what}: need ~{needed / GB:.2f} GB, "
-                          f"{free / GB:.2f} GB free")
-
 
 def keep_trainable_dtypes(trainer) -> None:
     """Make the Trainer's checkpoint loader keep the trainable parameters' dtypes.
@@ -164,7 +127,6 @@ def keep_trainable_dtypes(trainer) -> None:
 
     trainer._load_from_checkpoint = load_keeping_dtypes
 
-
 def restore_finished(trainer, checkpoint: Path) -> None:
     """Load the weights and state of a checkpoint taken at the last step, without training.
 
@@ -176,7 +138,6 @@ def restore_finished(trainer, checkpoint: Path) -> None:
     trainer._load_from_checkpoint(str(checkpoint))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
-
 class MarkCompleteCallback(TrainerCallback):
     """Writes the completeness marker into each checkpoint after the Trainer has saved all of it."""
 
@@ -186,7 +147,6 @@ class MarkCompleteCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:  # one writer under DDP/FSDP
             write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.cfg)
-
 
 class StopOnSignalCallback(TrainerCallback):
     """On SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. A second signal kills at once."""

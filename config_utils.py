@@ -11,17 +11,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from data_utils import DATASETS
+from errors import UserError
 from quantization_utils import QuantMethod
+from training_setup import OPTIMIZERS
 
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")
 MERGED_PRECISIONS = ("bf16", "nf4")
 OUTPUT_EXISTS_POLICIES = ("refuse", "suffix")
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_bnb_8bit", "adafactor")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration value; its message is one line, fit to print as the run's only error."""
 
 

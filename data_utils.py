@@ -18,13 +18,11 @@ from typing import Any, Callable
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 
-
 def _openmath_example(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "prompt": [{"role": "user", "content": row["problem"]}],
         "completion": [{"role": "assistant", "content": row["generated_solution"]}],
     }
-
 
 def squad_answers(row: dict[str, Any]) -> list[str]:
     answers = row["answers"]
@@ -32,17 +30,14 @@ def squad_answers(row: dict[str, Any]) -> list[str]:
         answers = json.loads(answers)
     return list(answers["text"])
 
-
 def squad_prompt(context: str, question: str) -> str:
     return f"Answer the question with a span of the context.\n\nContext: {context}\n\nQuestion: {question}"
-
 
 def _squad_example(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "prompt": [{"role": "user", "content": squad_prompt(row["context"], row["question"])}],
         "completion": [{"role": "assistant", "content": squad_answers(row)[0]}],
     }
-
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -52,7 +47,6 @@ class DatasetSpec:
     columns: tuple[str, ...]  # columns every row must have (hub or local file)
     to_example: Callable[[dict[str, Any]], dict[str, Any]]  # row -> {"prompt": [...], "completion": [...]}
     reference_column: str  # what evaluation compares against
-
 
 DATASETS: dict[str, DatasetSpec] = {
     "openmath": DatasetSpec(
@@ -64,12 +58,10 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
 }
 
-
 def get_dataset_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     return DATASETS[name]
-
 
 def check_local_file(path: str | Path) -> str:
     """Return the `datasets` builder for a local data file, or raise a one-line error."""
@@ -80,14 +72,12 @@ def check_local_file(path: str | Path) -> str:
         raise ValueError(f"dataset file {path} does not exist")
     return LOCAL_FORMATS[path.suffix.lower()]
 
-
 def check_columns(columns: list[str], spec: DatasetSpec, source: str) -> None:
     missing = [c for c in spec.columns if c not in columns]
     if missing:
         raise ValueError(
             f"{source} lacks the {spec.name} columns {missing}; the {spec.name} schema needs {list(spec.columns)}"
         )
-
 
 def load_rows(name: str, path: str | Path | None, max_rows: int):
     """Up to `max_rows` raw rows of a registered dataset, from a local file or streamed from the Hub."""
@@ -104,7 +94,6 @@ def load_rows(name: str, path: str | Path | None, max_rows: int):
     check_columns(rows.column_names, spec, spec.hub_id)
     return rows
 
-
 def split_rows(rows, eval_rows: int, seed: int):
     """Deterministic train / held-out split; the same (rows, eval_rows, seed) always gives the same split."""
     if eval_rows <= 0:
@@ -114,105 +103,11 @@ def split_rows(rows, eval_rows: int, seed: int):
     parts = rows.train_test_split(test_size=eval_rows, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
 
-
 def to_sft_dataset(rows, name: str):
     """Raw rows -> conversational prompt/completion rows (TRL computes the loss on the completion only)."""
     spec = get_dataset_spec(name)
     return rows.map(spec.to_example, remove_columns=rows.column_names)
 
-
 # ----- the project's own sample data (deterministic, generated, not copied from the real datasets) -----
 
-_NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
-_ITEMS = ["apples", "books", "coins", "marbles", "pencils", "shells", "stamps", "stickers"]
-
-
-def _openmath_row(rng: random.Random) -> dict[str, Any]:
-    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = rng.randint(2, 49), rng.randint(2, 49)
-    op = rng.choice(["+", "-"])
-    if op == "-" and b > a:
-        a, b = b, a
-    answer = a + b if op == "+" else a - b
-    verb = "finds" if op == "+" else "gives away"
-    problem = f"{name} has {a} {item} and {verb} {b} more." if op == "+" else f"{name} has {a} {item} and {verb} {b}."
-    problem += f" How many {item} does {name} have now?"
-    solution = f"{name} starts with {a} {item}. {a} {op} {b} = {answer}. The answer is \\boxed{{{answer}}}."
-    return {"problem": problem, "generated_solution": solution, "expected_answer": str(answer)}
-
-
-_PLACES = ["Lumen", "Brask", "Orvel", "Tamsin", "Quill", "Zephyr", "Marrow", "Kestrel"]
-_THINGS = ["a lighthouse", "a glass bridge", "a clock tower", "a salt market", "an old mill", "a river port"]
-
-
-def _squad_row(rng: random.Random) -> dict[str, Any]:
-    place, thing = rng.choice(_PLACES), rng.choice(_THINGS)
-    year = rng.randint(1500, 1990)
-    founder = rng.choice(_NAMES)
-    context = f"The town of {place} is known for {thing}. It was built in {year} by {founder}."
-    question, answer = rng.choice(
-        [(f"When was {thing} in {place} built?", str(year)), (f"Who built {thing} in {place}?", founder),
-         (f"What is {place} known for?", thing)]
-    )
-    return {"context": context, "question": question,
-            "answers": {"text": [answer], "answer_start": [context.index(answer)]}}
-
-
-SAMPLE_GENERATORS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
-    "openmath": _openmath_row,
-    "squad": _squad_row,
-}
-
-
-def generate_rows(name: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
-    """`count` deterministic synthetic rows in the schema of dataset `name`."""
-    rng = random.Random(seed)
-    return [SAMPLE_GENERATORS[name](rng) for _ in range(count)]
-
-
 # ----- pre-training text for the project's small base model (tools/make_base_model.py) -----
-
-def arithmetic_pairs() -> list[tuple[int, str, int, int]]:
-    """Every (a, op, b, result) the openmath sample generator can ask: a, b in 2..49, a - b only for a >= b."""
-    pairs = []
-    for a in range(2, 50):
-        for b in range(2, 50):
-            pairs.append((a, "+", b, a + b))
-            if a >= b:
-                pairs.append((a, "-", b, a - b))
-    return pairs
-
-
-_FACT_TEMPLATES = {
-    "+": ["{a} + {b} = {r}.", "{a} plus {b} is {r}.", "Adding {b} to {a} gives {r}."],
-    "-": ["{a} - {b} = {r}.", "{a} minus {b} is {r}.", "Taking {b} from {a} leaves {r}."],
-}
-_STORY_TEMPLATES = {
-    "+": "{n} had {a} {i}. Then {n} found {b} more {i}, so now {n} had {r} {i}.",
-    "-": "{n} had {a} {i}. Then {n} gave {b} {i} to a friend, so {r} {i} were left.",
-}
-
-
-def pretraining_texts(count: int, seed: int = 0, dense_share: float = 0.6, facts_per_line: int = 8) -> list[str]:
-    """`count` deterministic lines of arithmetic facts in prose and short stories.
-
-    They teach a small model the sums and differences of the openmath sample task, and how a result
-    looks in `\\boxed{}` notation, but never in the task's chat format: a model pre-trained on them
-    still has to be fine-tuned to answer the task's questions. A `dense_share` of the lines list
-    `facts_per_line` random facts in the task's own `a op b = r.` notation (many facts per token).
-    """
-    rng = random.Random(seed)
-    pairs = arithmetic_pairs()
-    texts = []
-    for _ in range(count):
-        a, op, b, r = rng.choice(pairs)
-        kind = rng.random()
-        if kind < dense_share:
-            texts.append(" ".join(f"{a} {op} {b} = {r}." for a, op, b, r in rng.sample(pairs, facts_per_line)))
-        elif kind < dense_share + (1 - dense_share) * 0.75:
-            texts.append(rng.choice(_FACT_TEMPLATES[op]).format(a=a, b=b, r=r))
-        elif kind < dense_share + (1 - dense_share) * 0.95:
-            texts.append(_STORY_TEMPLATES[op].format(n=rng.choice(_NAMES), i=rng.choice(_ITEMS), a=a, b=b, r=r))
-        else:
-            texts.append(f"{a} {op} {b} = {r}, written in a box as \\boxed{{{r}}}.")
-    return texts

@@ -86,11 +86,11 @@ def gather(obj: Any) -> list[Any]:
 
 
 def combine_peak_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One peak-memory report from each rank's `get_peak_vram_gb()`: every GPU listed with its rank."""
+    """One peak-memory report from each rank's `peak_memory_report()`: every GPU listed with its rank."""
     per_gpu = [dict(gpu, rank=rank) for rank, report in enumerate(reports) for gpu in report["per_gpu"]]
-    combined = dict(reports[0], per_gpu=per_gpu, peak_rss_gb=max(r["peak_rss_gb"] for r in reports),
-                    peak_rss_gb_per_rank=[r["peak_rss_gb"] for r in reports], world_size=len(reports))
+    combined = dict(reports[0], per_gpu=per_gpu, peak_rss_gib=max(r["peak_rss_gib"] for r in reports),
+                    peak_rss_gib_per_rank=[r["peak_rss_gib"] for r in reports], world_size=len(reports))
     if per_gpu:
-        combined["overall_max_allocated_gb"] = max(g["peak_allocated_gb"] for g in per_gpu)
-        combined["overall_max_reserved_gb"] = max(g["peak_reserved_gb"] for g in per_gpu)
+        combined["overall_max_allocated_gib"] = max(g["peak_allocated_gib"] for g in per_gpu)
+        combined["overall_max_reserved_gib"] = max(g["peak_reserved_gib"] for g in per_gpu)
     return combined

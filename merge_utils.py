@@ -109,7 +109,7 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from memory_utils import freed_blocks_leave_the_heap
+    from heap import freed_blocks_leave_the_heap
 
     if base not in MERGE_BASE_WEIGHTS:
         raise ValueError(f"merge base {base!r} is unknown; allowed: {', '.join(MERGE_BASE_WEIGHTS)}")

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config_utils import ConfigError, apply_overrides, validate_config  # noqa: E402
 from dist_utils import check_launch, launch_context, resolve_quant_storage  # noqa: E402
 from data_utils import get_dataset_spec, load_rows, split_rows, to_sft_dataset  # noqa: E402
-from memory_utils import format_plan, plan_for_train_config  # noqa: E402
-from model_utils import pick_device  # noqa: E402
+from memory_planner import format_plan, plan_for_train_config  # noqa: E402
+from model_loading import pick_device  # noqa: E402
 from quantization_utils import QuantMethod, build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,14 +182,16 @@ def main(argv=None) -> Path | None:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from checkpoint_utils import (MarkCompleteCallback, StopOnSignalCallback, check_free_disk, disk_needed,
-                                  keep_trainable_dtypes, restore_finished)
+    from checkpoint_utils import MarkCompleteCallback, StopOnSignalCallback, keep_trainable_dtypes, restore_finished
+    from memory_planner import check_free_disk, disk_needed
     from dist_utils import combine_peak_reports, gather
-    from memory_utils import (GB, count_parameters, get_peak_vram_gb, release_free_heap, weight_footprint,
-                              with_measured_peak, with_merge_check)
+    from heap import release_free_heap
+    from memory_planner import with_measured_peak, with_merge_check
+    from memory_usage import GIB, count_parameters, peak_memory_report, weight_footprint
     from merge_utils import FINGERPRINT_TOKENS, logits_fingerprint, merge_and_check
-    from model_utils import (check_target_modules, load_adapter_model, load_causal_lm, load_merged_dir, load_tokenizer,
-                             prepare_kbit_model, target_modules_regex)
+    from artifacts import load_adapter_model, load_merged_dir
+    from model_loading import load_causal_lm, load_tokenizer, prepare_kbit_model
+    from training_setup import check_target_modules, target_modules_regex
 
     set_seed(cfg["seed"])
     state = PartialState()  # joins the process group of a distributed launch; a no-op for a single process
@@ -228,7 +230,7 @@ def main(argv=None) -> Path | None:
         check_free_disk(root, disk["total"], f"{cfg['keep_checkpoints'] + 1} checkpoints and the outputs")
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-    step("disk", "~%.3f GB per checkpoint, ~%.3f GB merged model, ~%.3f GB in all", disk["checkpoint"] / 1e9,
+    step("disk", "~%.3f GIB per checkpoint, ~%.3f GIB merged model, ~%.3f GIB in all", disk["checkpoint"] / 1e9,
          disk["merged"] / 1e9, disk["total"] / 1e9)
 
     # ---- train --------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def main(argv=None) -> Path | None:
          train_seconds, f"{train_loss:.4f}" if train_loss is not None else "n/a",
          f"{eval_loss:.4f}" if eval_loss is not None else "n/a")
     own_gpu = [state.local_process_index] if device.startswith("cuda:") else None  # under torchrun each rank has one
-    rank_peaks, loss_curves = gather(get_peak_vram_gb(own_gpu)), gather(losses)
+    rank_peaks, loss_curves = gather(peak_memory_report(own_gpu)), gather(losses)
 
     # ---- save ---------------------------------------------------------------------------------------
     written = ["adapter/"] if cfg["PEFT_CONFIG"] != "Full" else []
@@ -322,8 +324,8 @@ def main(argv=None) -> Path | None:
                                        model.config.get_text_config().vocab_size, device.split(":")[0])
         if "merge_check_logits_bytes" in memory_plan:
             step("plan", "merge check over %d tokens: merge phase predicted %.2f GiB (its logits %.2f); peak %.2f GiB",
-                 memory_plan["merge_check_tokens"], memory_plan["merge_peak_bytes"] / GB,
-                 memory_plan["merge_check_logits_bytes"] / GB, memory_plan["peak_gb"])
+                 memory_plan["merge_check_tokens"], memory_plan["merge_peak_bytes"] / GIB,
+                 memory_plan["merge_check_logits_bytes"] / GIB, memory_plan["peak_gib"])
         _, nf4_config = build_quantization_plan(QuantMethod.QLORA)
         merge_check, merge_artifact = merge_and_check(
             model, staging=staging, model_name=cfg["MODEL_NAME"], batches=check_batches, merge_base=cfg["merge_base"],
@@ -350,7 +352,7 @@ def main(argv=None) -> Path | None:
             cfg["MODEL_NAME"], staging / "adapter", bnb_config, device, cfg["trust_remote_code"]), fingerprint_ids.tolist())
 
     # ---- metadata -----------------------------------------------------------------------------------
-    peak = combine_peak_reports([get_peak_vram_gb(own_gpu)] + rank_peaks[1:])  # rank 0's again: the merge counts
+    peak = combine_peak_reports([peak_memory_report(own_gpu)] + rank_peaks[1:])  # rank 0's again: the merge counts
     metadata = build_metadata(
         spec,
         base_model=cfg["MODEL_NAME"],
@@ -375,9 +377,9 @@ def main(argv=None) -> Path | None:
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
     os.replace(staging, final_dir)
 
-    peak_text = (f"{peak['overall_max_allocated_gb']} GiB allocated / {peak['overall_max_reserved_gb']} GiB reserved (CUDA)"
-                 if peak["device"] == "cuda" else f"{peak['peak_rss_gb']} GiB peak RSS (no CUDA)")
-    planned = f"planned {memory_plan['peak_gb']} GiB" if memory_plan.get("peak_gb") is not None else "not planned"
+    peak_text = (f"{peak['overall_max_allocated_gib']} GiB allocated / {peak['overall_max_reserved_gib']} GiB reserved (CUDA)"
+                 if peak["device"] == "cuda" else f"{peak['peak_rss_gib']} GiB peak RSS (no CUDA)")
+    planned = f"planned {memory_plan['peak_gib']} GiB" if memory_plan.get("peak_gib") is not None else "not planned"
     step("done", "%.1fs total; peak memory %s (%s); wrote %s (%s)", time.time() - started, peak_text, planned, final_dir,
          ", ".join(written + ["metadata.json"]))
     return final_dir

@@ -2,8 +2,8 @@
 
 import pytest
 
-from checkpoint_utils import (MARKER, check_free_disk, checkpoint_problem, config_differences, disk_needed,
-                              plan_resume, write_marker)
+from checkpoint_utils import MARKER, checkpoint_problem, config_differences, plan_resume, write_marker
+from memory_planner import check_free_disk, disk_needed
 from config_utils import ConfigError
 
 CFG = {"MODEL_NAME": "m", "learning_rate": 2e-4, "max_steps": 100, "RESUME": "auto", "save_steps": 50}
@@ -76,5 +76,5 @@ def test_disk_estimate_and_check():
 
 def test_free_disk_check_says_what_and_how_much(tmp_path):
     check_free_disk(tmp_path / "not" / "yet", 1, "the outputs")  # an existing parent is probed
-    with pytest.raises(ConfigError, match=r"not enough free disk under .* for the merged model: need ~1000000000\.00 GB, [0-9.]+ GB free"):
+    with pytest.raises(ConfigError, match=r"not enough free disk under .* for the merged model: need ~[0-9.]+ GiB, [0-9.]+ (GiB|MiB) free"):
         check_free_disk(tmp_path, 10**18, "the merged model")

@@ -41,7 +41,7 @@ def test_ddp_metadata_covers_both_ranks_and_the_loss_agrees(ddp_run):
     assert training["world_size"] == 2 and training["steps"] == 12
     first, second = training["loss_curve_by_rank"]
     assert first == second == training["loss_curve"] and len(first) == 6
-    assert meta["peak_memory"]["world_size"] == 2 and len(meta["peak_memory"]["peak_rss_gb_per_rank"]) == 2
+    assert meta["peak_memory"]["world_size"] == 2 and len(meta["peak_memory"]["peak_rss_gib_per_rank"]) == 2
     assert meta["merge_check"]["passed"] and meta["artifact"]["kind"] == "merged_bf16"
 
 
@@ -93,11 +93,11 @@ def test_fsdp_on_cpu_is_refused_before_loading(tiny_model_dir, tmp_path):
 
 
 def test_combined_peak_report_lists_every_gpu_with_its_rank():
-    reports = [{"device": "cuda", "overall_max_reserved_gb": 2.0, "overall_max_allocated_gb": 1.5, "peak_rss_gb": 3.0,
-                "per_gpu": [{"gpu": 0, "peak_allocated_gb": 1.5, "peak_reserved_gb": 2.0}]},
-               {"device": "cuda", "overall_max_reserved_gb": 2.5, "overall_max_allocated_gb": 1.0, "peak_rss_gb": 2.0,
-                "per_gpu": [{"gpu": 1, "peak_allocated_gb": 1.0, "peak_reserved_gb": 2.5}]}]
+    reports = [{"device": "cuda", "overall_max_reserved_gib": 2.0, "overall_max_allocated_gib": 1.5, "peak_rss_gib": 3.0,
+                "per_gpu": [{"gpu": 0, "peak_allocated_gib": 1.5, "peak_reserved_gib": 2.0}]},
+               {"device": "cuda", "overall_max_reserved_gib": 2.5, "overall_max_allocated_gib": 1.0, "peak_rss_gib": 2.0,
+                "per_gpu": [{"gpu": 1, "peak_allocated_gib": 1.0, "peak_reserved_gib": 2.5}]}]
     combined = combine_peak_reports(reports)
     assert [(g["rank"], g["gpu"]) for g in combined["per_gpu"]] == [(0, 0), (1, 1)]
-    assert combined["overall_max_reserved_gb"] == 2.5 and combined["overall_max_allocated_gb"] == 1.5
-    assert combined["peak_rss_gb"] == 3.0 and combined["world_size"] == 2
+    assert combined["overall_max_reserved_gib"] == 2.5 and combined["overall_max_allocated_gib"] == 1.5
+    assert combined["peak_rss_gib"] == 3.0 and combined["world_size"] == 2

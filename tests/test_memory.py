@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memory_utils import (GB, QUANT_BITS, TrainingSetup, count_parameters, lora_parameter_count, parameter_counts,
-                          plan_load_memory, plan_training_memory, weight_footprint)
-from model_utils import build_qwen3_model, load_causal_lm, prepare_kbit_model, train_bpe_tokenizer
+from memory_planner import QUANT_BITS, TrainingSetup, lora_parameter_count, parameter_counts, plan_load_memory, plan_training_memory
+from memory_usage import GIB, count_parameters, weight_footprint
+from model_fixtures import build_random_model, train_bpe_tokenizer
+from model_loading import load_causal_lm, prepare_kbit_model
 
 # Wide enough that every Linear has whole 64-blocks and 256-groups of them.
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -21,7 +22,7 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
 def tiny_dir(tmp_path_factory):
     tokenizer = train_bpe_tokenizer(["Ada has 3 apples and 4 more."] * 20, 300)
     out = tmp_path_factory.mktemp("mem") / "tiny"
-    build_qwen3_model(out, tokenizer, **TINY)
+    build_random_model(out, tokenizer, **TINY)
     return out
 
 
@@ -40,7 +41,7 @@ def expected_quantized_bytes(cfg, double_quant):
     """Everything bitsandbytes stores per 4-bit weight of n params: n/2 packed bytes, one absmax per 64
     (fp32, or uint8 plus an fp32 absmax per 256 and an fp32 offset with double quant), the 16-entry
     4-bit code (fp32) and, with double quant, the 256-entry 8-bit map (fp32) that all weights share."""
-    from memory_utils import _linear_shapes
+    from memory_planner import _linear_shapes
 
     total = 0
     for i, o in _linear_shapes(cfg).values():
@@ -141,9 +142,9 @@ def plan_setup_targets():
 
 
 def test_planner_breakdown_moves_with_each_lever():
-    from model_utils import qwen3_architecture
+    from model_fixtures import architecture_dimensions
 
-    cfg = qwen3_architecture("Qwen3-0.6B")
+    cfg = architecture_dimensions("Qwen3-0.6B")
     base = plan_training_memory(cfg, TrainingSetup())
     parts = base["parts"]
     assert set(parts) >= {"weights", "adapters", "gradients", "optimizer", "activations", "logits", "runtime"}
@@ -164,7 +165,7 @@ def test_planner_breakdown_moves_with_each_lever():
     assert full["trainable_params"] == 596_049_920 and full["peak_bytes"] > 2 * base["peak_bytes"]
     cuda = plan_training_memory(cfg, TrainingSetup(device="cuda"))
     assert cuda["parts"]["runtime"] == 0 and cuda["peak_bytes"] < base["peak_bytes"]
-    assert 1 < base["peak_bytes"] / GB < 3
+    assert 1 < base["peak_bytes"] / GIB < 3
     linear = parameter_counts(cfg)["linear"]
     load = plan_load_memory(cfg, "nf4_dq")
     assert load["peak_bytes"] == base["load_peak_bytes"]  # loading comes before the kbit preparation
@@ -178,14 +179,14 @@ def test_planner_breakdown_moves_with_each_lever():
 
 @pytest.mark.parametrize("field,value,message", [
     ("method", "prefix", "method='prefix' is unknown; allowed: qlora, lora, full"),
-    ("optim", "sgd", "optim='sgd' is unknown to the planner"),
+    ("optim", "sgd", "optim='sgd' is unknown; allowed: paged_adamw_8bit"),
     ("quant", "int3", "quant='int3' is unknown"),
 ])
 def test_planner_rejects_unknown_settings(field, value, message):
-    from model_utils import qwen3_architecture
+    from model_fixtures import architecture_dimensions
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        plan_training_memory(qwen3_architecture("Qwen3-0.6B"), TrainingSetup(**{field: value}))
+        plan_training_memory(architecture_dimensions("Qwen3-0.6B"), TrainingSetup(**{field: value}))
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's VmHWM")
@@ -196,7 +197,7 @@ def test_peak_rss_of_a_child_does_not_start_from_its_parents():
 
     held = bytearray(400 * 1024**2)  # touched: 400 MiB resident in this process
     held[::4096] = b"x" * len(held[::4096])
-    code = "import sys; sys.path.insert(0, '.'); from memory_utils import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "import sys; sys.path.insert(0, '.'); from memory_usage import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 200 * 1024**2
     del held
@@ -228,39 +229,39 @@ def test_full_benchmark_meets_the_targets(tmp_path):
 
 
 def test_planner_counts_the_merge_when_the_run_merges():
-    from memory_utils import plan_for_train_config
-    from model_utils import qwen3_architecture
+    from memory_planner import plan_for_train_config
+    from model_fixtures import architecture_dimensions
 
     cfg = {"QUANT_METHOD": "QLORA", "PEFT_CONFIG": "LoRa", "lora_r": 64, "max_seq_length": 512,
            "per_device_train_batch_size": 1, "gradient_checkpointing": True, "optim": "paged_adamw_32bit",
            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-    arch = qwen3_architecture("Qwen3-0.6B")
+    arch = architecture_dimensions("Qwen3-0.6B")
     adapter_only = plan_for_train_config(arch, {**cfg, "merge_after_train": False}, "cuda")
     merged = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cuda")
     assert "merge_peak_bytes" not in adapter_only
     # the merged model ends bf16 (596.0M parameters) beside the bf16 adapters (40.4M parameters) and,
     # on CUDA, the 4-bit base that was still allocated at that point
     assert merged["merge_peak_bytes"] == 2 * 596_049_920 + 2 * 40_370_176 + merged["parts"]["weights"]
-    assert merged["peak_phase"] == "merge" and merged["peak_gb"] > adapter_only["peak_gb"]
+    assert merged["peak_phase"] == "merge" and merged["peak_gib"] > adapter_only["peak_gib"]
     on_cpu = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cpu")
     assert on_cpu["merge_peak_bytes"] == on_cpu["parts"]["runtime"] + 2 * 596_049_920 + 2 * 40_370_176
     # once the check rows are known: the trained model's fp32 logits of every row are kept, and the row
     # being compared is held in about eight fp32 copies (CPU); on CUDA only that row's logits are on the GPU
-    from memory_utils import with_merge_check
+    from memory_planner import with_merge_check
 
     checked = with_merge_check(on_cpu, [100, 300], 151936, "cpu")
     assert checked["merge_check_logits_bytes"] == 4 * 151936 * (400 + 8 * 300)
     assert checked["merge_peak_bytes"] == on_cpu["merge_peak_bytes"] + checked["merge_check_logits_bytes"]
-    assert checked["peak_phase"] == "merge" and checked["peak_gb"] > on_cpu["peak_gb"]
+    assert checked["peak_phase"] == "merge" and checked["peak_gib"] > on_cpu["peak_gib"]
     assert with_merge_check(merged, [100, 300], 151936, "cuda")["merge_check_logits_bytes"] == 6 * 151936 * 300
     assert "merge_check_logits_bytes" not in with_merge_check(adapter_only, [100], 151936, "cpu")
 
 
 def test_paged_optimizer_state_is_outside_cuda_max_allocated():
-    from memory_utils import TrainingSetup, plan_training_memory
-    from model_utils import qwen3_architecture
+    from memory_planner import TrainingSetup, plan_training_memory
+    from model_fixtures import architecture_dimensions
 
-    arch = qwen3_architecture("Qwen3-0.6B")
+    arch = architecture_dimensions("Qwen3-0.6B")
     paged = plan_training_memory(arch, TrainingSetup(method="qlora", lora_r=64, optim="paged_adamw_32bit", device="cuda"))
     plain = plan_training_memory(arch, TrainingSetup(method="qlora", lora_r=64, optim="adamw_torch", device="cuda"))
     on_cpu = plan_training_memory(arch, TrainingSetup(method="qlora", lora_r=64, optim="paged_adamw_32bit", device="cpu"))

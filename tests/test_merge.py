@@ -111,7 +111,7 @@ def test_artifacts_reload_in_a_fresh_process_with_the_recorded_logits(nf4_run, a
     code = f"""
 import json
 from merge_utils import fingerprint_difference, logits_fingerprint
-from model_utils import load_merged_dir, load_output_dir
+from artifacts import load_merged_dir, load_output_dir
 def report(model, recorded):
     print("RESULT", json.dumps([type(model).__name__, str(model.get_output_embeddings().weight.dtype),
                                 fingerprint_difference(recorded, logits_fingerprint(model, recorded["input_ids"]))]))
@@ -151,7 +151,7 @@ def test_merge_settings_are_validated(override, message):
 def _peft_on_4bit(model_dir, targets=("q_proj", "down_proj")):
     from peft import LoraConfig, get_peft_model
 
-    from model_utils import load_causal_lm
+    from model_loading import load_causal_lm
     from quantization_utils import build_quantization_plan
 
     _, bnb = build_quantization_plan("QLORA")

@@ -41,7 +41,7 @@ def test_metadata_has_the_seed_block_and_true_values(trained):
     assert meta["training"]["steps"] == 12
     assert meta["artifact"]["kind"] == "merged_bf16" and meta["merge_check"]["passed"]
     assert 0 < meta["parameters"]["trainable"] < meta["parameters"]["total"]
-    assert meta["peak_memory"]["peak_rss_gb"] > 0 and "overall_max_allocated_gb" in meta["peak_memory"]
+    assert meta["peak_memory"]["peak_rss_gib"] > 0 and "overall_max_allocated_gib" in meta["peak_memory"]
     assert set(meta["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl"}
 
 

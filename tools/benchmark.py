@@ -82,7 +82,7 @@ def long_rows(count: int, min_chars: int, seed: int = 0, variable: bool = False)
     benchmark's 8 * seq, about 80 to 500 tokens with its tokenizer: under seq, so nothing is truncated)."""
     import random
 
-    from data_utils import generate_rows
+    from synthetic_data import generate_rows
 
     rng = random.Random(seed)
     source = generate_rows("openmath", 50 * count + 50, seed)
@@ -110,12 +110,12 @@ def bnb_config_for(quant: str | None):
                               bnb_4bit_use_double_quant=quant == "nf4_dq", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def proc_status_gb(field: str) -> float | None:
+def proc_status_gib(field: str) -> float | None:
     """A memory field of /proc/self/status (VmRSS, VmHWM, RssFile) in GiB; None off Linux."""
-    from memory_utils import GB, proc_status_bytes
+    from memory_usage import GIB, proc_status_bytes
 
     value = proc_status_bytes(field)
-    return None if value is None else value / GB
+    return None if value is None else value / GIB
 
 
 def reset_peak_rss() -> bool:
@@ -133,14 +133,14 @@ def measure_weights(case: Case, model_dir: str) -> dict:
     for name in ("datasets", "peft", "trl"):  # the stack a training process has loaded: the planner's runtime term
         importlib.import_module(name)
 
-    from memory_utils import get_peak_vram_gb, weight_footprint
-    from model_utils import load_causal_lm, pick_device
+    from memory_usage import peak_memory_report, weight_footprint
+    from model_loading import load_causal_lm, pick_device
 
     model = load_causal_lm(model_dir, bnb_config_for(case.quant), pick_device())
     footprint = weight_footprint(model)
     bits = footprint["quantized_bytes"] * 8 / footprint["quantized_params"] if footprint["quantized_params"] else 16.0
-    return {"weights_gb": footprint["total_bytes"] / 1024**3, "bits_per_quantized_param": bits,
-            "quantized_params": footprint["quantized_params"], "footprint": footprint, "peak": get_peak_vram_gb()}
+    return {"weights_gib": footprint["total_bytes"] / 1024**3, "bits_per_quantized_param": bits,
+            "quantized_params": footprint["quantized_params"], "footprint": footprint, "peak": peak_memory_report()}
 
 
 def full_logits_loss(vocab_size: int):
@@ -190,7 +190,8 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from model_utils import load_causal_lm, load_tokenizer, pick_device, prepare_kbit_model, target_modules_regex
+    from model_loading import load_causal_lm, load_tokenizer, pick_device, prepare_kbit_model
+    from training_setup import target_modules_regex
 
     device = pick_device()
     tokenizer = load_tokenizer(model_dir)
@@ -242,7 +243,7 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
                      work: Path) -> dict:
     import torch
 
-    from memory_utils import count_parameters, get_peak_vram_gb, weight_footprint
+    from memory_usage import count_parameters, peak_memory_report, weight_footprint
 
     trainer = build_trainer(case, model_dir, seq, batch, rank, steps + warmup, work)
     footprint = weight_footprint(trainer.model)
@@ -250,16 +251,16 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad})
     embed_dtype = str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     tokens, slots = batch_tokens(trainer, steps + warmup)
-    rss_before_train = proc_status_gb("VmRSS")
-    file_rss_before_train = proc_status_gb("RssFile")  # pages of mapped files (the checkpoint, when still mapped)
-    load_peak = get_peak_vram_gb()
+    rss_before_train = proc_status_gib("VmRSS")
+    file_rss_before_train = proc_status_gib("RssFile")  # pages of mapped files (the checkpoint, when still mapped)
+    load_peak = peak_memory_report()
     reset = reset_peak_rss()  # VmHWM then measures the training phase alone
     timer = step_timer()
     trainer.add_callback(timer)
     trainer.train()
-    train_phase_rss = proc_status_gb("VmHWM") if reset else None
-    peak = get_peak_vram_gb()  # the training phase's (VmHWM was reset): the whole-process peak is the larger phase
-    peak["peak_rss_gb"] = max(peak["peak_rss_gb"], load_peak["peak_rss_gb"])
+    train_phase_rss = proc_status_gib("VmHWM") if reset else None
+    peak = peak_memory_report()  # the training phase's (VmHWM was reset): the whole-process peak is the larger phase
+    peak["peak_rss_gib"] = max(peak["peak_rss_gib"], load_peak["peak_rss_gib"])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall, cpu = timer.wall[warmup:], timer.cpu[warmup:]
@@ -268,9 +269,9 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     return {"step_s": step_s, "step_cpu_s": step_cpu_s, "tokens_per_s": tok / step_s, "tokens_per_cpu_s": tok / step_cpu_s,
             "tokens_per_step": tok, "max_batch_slots": max(slots), "step_wall_times": timer.wall, "step_cpu_times": timer.cpu,
             "trainable_params": trainable, "total_params": total, "trainable_dtypes": dtypes,
-            "embedding_dtype": embed_dtype, "weights_gb": footprint["total_bytes"] / 1024**3,
-            "rss_before_train_gb": rss_before_train, "file_rss_before_train_gb": file_rss_before_train,
-            "file_rss_after_train_gb": proc_status_gb("RssFile"), "train_phase_peak_rss_gb": train_phase_rss, "peak_before_train": load_peak, "peak": peak}
+            "embedding_dtype": embed_dtype, "weights_gib": footprint["total_bytes"] / 1024**3,
+            "rss_before_train_gib": rss_before_train, "file_rss_before_train_gib": file_rss_before_train,
+            "file_rss_after_train_gib": proc_status_gib("RssFile"), "train_phase_peak_rss_gib": train_phase_rss, "peak_before_train": load_peak, "peak": peak}
 
 
 def run_worker(args) -> None:
@@ -289,16 +290,16 @@ def run_worker(args) -> None:
 
 def build_model(arch: str, model_dir: Path) -> None:
     """A random-weight model of `arch` (bf16 safetensors) with the project's small BPE tokenizer."""
-    from model_utils import build_qwen3_model, qwen3_architecture, train_bpe_tokenizer
+    from model_fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
     from tools.make_tiny_model import tokenizer_corpus
 
-    config = qwen3_architecture(arch)
+    config = architecture_dimensions(arch)
     if (model_dir / "config.json").exists():
         saved = json.loads((model_dir / "config.json").read_text())
         if all(saved.get(k) == v for k, v in config.items()):
             return
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(), 512)
-    build_qwen3_model(model_dir, tokenizer, max_position_embeddings=40960, **config)
+    build_random_model(model_dir, tokenizer, max_position_embeddings=40960, **config)
 
 
 def skip_reason(case: Case) -> str | None:
@@ -335,16 +336,16 @@ def run_case(case: Case, args, model_dir: Path) -> dict:
     return result
 
 
-def peak_gb(result: dict) -> float:
+def peak_gib(result: dict) -> float:
     peak = result["peak"]
-    return peak["overall_max_allocated_gb"] if peak["device"] == "cuda" else peak["peak_rss_gb"]
+    return peak["overall_max_allocated_gib"] if peak["device"] == "cuda" else peak["peak_rss_gib"]
 
 
 # ----- tables: the planner beside each measurement, ratios within the run, larger architectures -----------
 
 def setup_for(case: dict, result: dict, device: str):
     """The planner's view of a training case."""
-    from memory_utils import TrainingSetup
+    from memory_planner import TrainingSetup
 
     method = "full" if case["peft"] == "full" else ("qlora" if case["quant"] else "lora")
     trl_docs = case["recipe"] == "trl_docs"
@@ -362,22 +363,22 @@ def setup_for(case: dict, result: dict, device: str):
 def annotate(report: dict) -> dict:
     """Add to each result: planned peak and the planner's error, peak vs the TRL-docs baseline, step time
     vs bf16 LoRA. Ratios only between results of this one report."""
-    from memory_utils import plan_load_memory, plan_training_memory
-    from model_utils import qwen3_architecture
+    from memory_planner import plan_load_memory, plan_training_memory
+    from model_fixtures import architecture_dimensions
 
-    cfg = qwen3_architecture(report["arch"])
+    cfg = architecture_dimensions(report["arch"])
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
     base, lora = rows.get("trl_docs_qlora"), rows.get("lora_bf16")
     for row in rows.values():
-        row["peak_gb_measured"] = peak_gb(row)
+        row["peak_gb_measured"] = peak_gib(row)
     for row in rows.values():
         if row["case"]["kind"] != "train":
             row["plan"] = plan_load_memory(cfg, row["case"]["quant"], row["peak"]["device"])
-            row["planner_error"] = round((row["plan"]["peak_gb"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
+            row["planner_error"] = round((row["plan"]["peak_gib"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
             continue
         plan = plan_training_memory(cfg, setup_for(row["case"], row, row["peak"]["device"]))
         row["plan"] = plan
-        row["planner_error"] = round((plan["peak_gb"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
+        row["planner_error"] = round((plan["peak_gib"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
         if base:
             row["peak_ratio_vs_trl_docs"] = round(row["peak_gb_measured"] / base["peak_gb_measured"], 3)
         if lora:
@@ -392,12 +393,12 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def _phase(row: dict) -> str:
     """Training-phase peak RSS (after a reset of the high-water mark at the start of training) / planned."""
-    measured, plan = row.get("train_phase_peak_rss_gb"), row.get("plan", {})
+    measured, plan = row.get("train_phase_peak_rss_gib"), row.get("plan", {})
     if measured is None or "train_peak_bytes" not in plan:
         return ""
-    from memory_utils import GB
+    from memory_usage import GIB
 
-    return f"{measured:.3f} / {plan['train_peak_bytes'] / GB:.3f}"
+    return f"{measured:.3f} / {plan['train_peak_bytes'] / GIB:.3f}"
 
 
 def render_table(report: dict) -> str:
@@ -417,8 +418,8 @@ def render_table(report: dict) -> str:
             continue
         error = row.get("planner_error")
         lines.append("| " + " | ".join([
-            case["name"], case["note"], _fmt(row.get("weights_gb")), _fmt(row.get("bits_per_quantized_param"), ".4f"),
-            _fmt(row["peak_gb_measured"]), _fmt(row.get("plan", {}).get("peak_gb")),
+            case["name"], case["note"], _fmt(row.get("weights_gib")), _fmt(row.get("bits_per_quantized_param"), ".4f"),
+            _fmt(row["peak_gb_measured"]), _fmt(row.get("plan", {}).get("peak_gib")),
             "" if error is None else f"{100 * error:+.1f}%", _fmt(row.get("peak_ratio_vs_trl_docs"), ".2f"),
             _phase(row),
             _fmt(row.get("step_s"), ".1f"), _fmt(row.get("step_cpu_s"), ".1f"), _fmt(row.get("tokens_per_s"), ".1f"),
@@ -429,27 +430,28 @@ def render_table(report: dict) -> str:
 def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B")) -> str:
     """Larger architectures, EXTRAPOLATED (not measured): weights from the measured bytes per parameter of
     each format, training peaks from the planner scaled by its measured/planned ratio on this run's model."""
-    from memory_utils import GB, parameter_counts, plan_training_memory
-    from model_utils import qwen3_architecture
+    from memory_planner import parameter_counts, plan_training_memory
+    from memory_usage import GIB
+    from model_fixtures import architecture_dimensions
 
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
-    measured_arch = parameter_counts(qwen3_architecture(report["arch"]))
+    measured_arch = parameter_counts(architecture_dimensions(report["arch"]))
     lines = [f"EXTRAPOLATED from the {report['arch']} measurements above (not measured):", "",
              "| architecture | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for arch in archs:
-        counts = parameter_counts(qwen3_architecture(arch))
+        counts = parameter_counts(architecture_dimensions(arch))
         cells = []
         for name, row in rows.items():
             if row["case"]["kind"] == "weights":
                 bits = row.get("bits_per_quantized_param", 16.0)
-                plain = row["weights_gb"] * GB - measured_arch["linear"] * bits / 8
+                plain = row["weights_gib"] * GIB - measured_arch["linear"] * bits / 8
                 per_plain = plain / (measured_arch["embedding"] + measured_arch["lm_head"] + measured_arch["norms"])
                 total = counts["linear"] * bits / 8 + per_plain * (counts["embedding"] + counts["lm_head"] + counts["norms"])
-                cells.append(f"{total / GB:.2f}")
+                cells.append(f"{total / GIB:.2f}")
             elif "plan" in row:
-                scale = row["peak_gb_measured"] / row["plan"]["peak_gb"]
-                plan = plan_training_memory(qwen3_architecture(arch), setup_for(row["case"], row, row["peak"]["device"]))
-                cells.append(f"{plan['peak_gb'] * scale:.2f}")
+                scale = row["peak_gb_measured"] / row["plan"]["peak_gib"]
+                plan = plan_training_memory(architecture_dimensions(arch), setup_for(row["case"], row, row["peak"]["device"]))
+                cells.append(f"{plan['peak_gib'] * scale:.2f}")
             else:
                 cells.append("")
         lines.append(f"| {arch} | " + " | ".join(cells) + " |")
@@ -458,7 +460,7 @@ def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="Qwen3-0.6B", help="architecture built with random weights (model_utils)")
+    parser.add_argument("--arch", default="Qwen3-0.6B", help="architecture built with random weights (configs/models)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (every row is at least this long)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (cases with their own batch keep it)")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank for LoRA and QLoRA")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_utils import DATASETS, check_local_file, get_dataset_spec, squad_answers  # noqa: E402
 from eval_utils import math_answer_correct, perplexity, squad_exact_match, squad_f1  # noqa: E402
-from model_utils import base_load_extras  # noqa: E402
+from artifacts import base_load_extras  # noqa: E402
 from quantization_utils import QuantMethod, detect_quant_method  # noqa: E402
 
 # Held-out split used for a dataset no evaluated model was trained on: 01_Train.py's defaults
@@ -70,18 +70,19 @@ def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
     kind = ARTIFACT_LOADERS[artifact]
     if (metadata.get("artifact") or {}).get("primary") == "adapter":  # a flagged merge: the adapter is the model
         kind = "adapter"
-    if kind == "adapter":  # the options are model_utils.plan_from_metadata's, which loads it
+    if kind == "adapter":  # the options are artifacts.plan_from_metadata's, which loads it
         return LoadPlan("adapter", method, metadata["base_model"], tuple(sorted(base_load_extras(metadata).items())))
     return LoadPlan(kind, method)  # merged: bf16 on disk whatever the training method
 
 
 def load_for_eval(path, device=None):
     """(model, tokenizer, metadata) for any directory kind, model in eval mode: training outputs through
-    model_utils.load_output_dir (the primary artifact their metadata names), PTQ siblings and plain
+    artifacts.load_output_dir (the primary artifact their metadata names), PTQ siblings and plain
     models through their own config.json."""
     import torch
 
-    from model_utils import load_causal_lm, load_output_dir, load_tokenizer, pick_device
+    from artifacts import load_output_dir
+    from model_loading import load_causal_lm, load_tokenizer, pick_device
 
     path = Path(path)
     metadata = read_metadata(path)
@@ -195,7 +196,7 @@ def score(dataset: str, predictions: list[str], rows) -> dict:
 
 def evaluate_dir(path: Path, split: dict, args) -> dict:
     from data_utils import to_sft_dataset
-    from memory_utils import weight_footprint
+    from memory_usage import weight_footprint
 
     rows = held_out_rows(split, args.limit)
     examples = to_sft_dataset(rows, split["name"])

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_utils import pretraining_texts  # noqa: E402
-from model_utils import build_qwen3_model, train_bpe_tokenizer  # noqa: E402
+from synthetic_data import pretraining_texts  # noqa: E402
+from model_fixtures import build_random_model, train_bpe_tokenizer  # noqa: E402
 from tools.make_tiny_model import tokenizer_corpus  # noqa: E402
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "models" / "Qwen3-arith-1M"
@@ -66,7 +66,7 @@ def fact_accuracy(model, tokenizer) -> float:
     """Share of every `a op b =` the task can ask for which the model's greedy next token is the result."""
     import torch
 
-    from data_utils import arithmetic_pairs
+    from synthetic_data import arithmetic_pairs
 
     pairs = arithmetic_pairs()
     prompts = [tokenizer(f"{a} {op} {b} =")["input_ids"] for a, op, b, _ in pairs]
@@ -108,7 +108,7 @@ def main(argv=None) -> Path:
     texts = pretraining_texts(args.texts, args.seed)
     tokenizer = train_bpe_tokenizer(texts + tokenizer_corpus(), args.vocab_size)
     partial = out_dir.with_name(out_dir.name + ".partial")
-    model = build_qwen3_model(partial, tokenizer, seed=args.seed, hidden_size=args.hidden_size,
+    model = build_random_model(partial, tokenizer, seed=args.seed, hidden_size=args.hidden_size,
                               intermediate_size=3 * args.hidden_size, num_hidden_layers=args.layers,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden_size // 4)
     batches = token_batches(tokenizer, texts, args.seq_len, args.batch_size, args.seed)

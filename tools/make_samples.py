@@ -7,7 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_utils import SAMPLE_GENERATORS, SAMPLES_DIR, generate_rows  # noqa: E402
+from data_utils import SAMPLES_DIR  # noqa: E402
+from synthetic_data import SAMPLE_GENERATORS, generate_rows  # noqa: E402
 
 
 def main(argv=None) -> None:

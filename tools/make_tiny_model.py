@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_utils import generate_rows  # noqa: E402
-from model_utils import build_qwen3_model, train_bpe_tokenizer  # noqa: E402
+from synthetic_data import generate_rows  # noqa: E402
+from model_fixtures import build_random_model, train_bpe_tokenizer  # noqa: E402
 
 
 def tokenizer_corpus(rows_per_dataset: int = 400) -> list[str]:
@@ -29,7 +29,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--seed", type=int, default=0, help="weight init seed")
     args = parser.parse_args(argv)
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(), args.vocab_size)
-    build_qwen3_model(args.out_dir, tokenizer, seed=args.seed, hidden_size=args.hidden_size,
+    build_random_model(args.out_dir, tokenizer, seed=args.seed, hidden_size=args.hidden_size,
                       intermediate_size=2 * args.hidden_size, num_hidden_layers=args.layers)
     print(f"wrote {args.out_dir}")
     return Path(args.out_dir)

@@ -62,11 +62,11 @@ class PeakSampler(threading.Thread):
 
 def build_model(directory: Path) -> None:
     """Qwen3-0.6B-architecture model with random weights, bf16 safetensors, and a small tokenizer."""
-    from model_utils import build_qwen3_model, train_bpe_tokenizer
+    from model_fixtures import build_random_model, train_bpe_tokenizer
     from tools.make_tiny_model import tokenizer_corpus
 
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(50), 512)
-    build_qwen3_model(directory, tokenizer, **QWEN3_0_6B)
+    build_random_model(directory, tokenizer, **QWEN3_0_6B)
 
 
 def main(argv=None) -> dict:
@@ -83,9 +83,9 @@ def main(argv=None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from memory_utils import weight_footprint
+    from memory_usage import weight_footprint
     from merge_utils import merge_lora
-    from model_utils import load_causal_lm, pick_device
+    from model_loading import load_causal_lm, pick_device
     from quantization_utils import build_quantization_plan
 
     work = Path(args.work_dir) / "Qwen3-0.6B"

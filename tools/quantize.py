@@ -134,7 +134,7 @@ def quantize_bitsandbytes(source: Source, spec: QuantSpec, bnb_config, texts, ar
     """bitsandbytes quantizes while loading; saved right away (no forward pass before saving)."""
     import torch
 
-    from model_utils import load_causal_lm
+    from model_loading import load_causal_lm
 
     model = load_causal_lm(str(source.dir), bnb_config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir)
@@ -150,7 +150,7 @@ def quantize_llmcompressor(source: Source, spec: QuantSpec, bnb_config, texts, a
     from llmcompressor.modifiers.quantization import GPTQModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
-    from model_utils import load_causal_lm, load_tokenizer
+    from model_loading import load_causal_lm, load_tokenizer
 
     extras = spec.extras
     if extras["scheme"] == "W8A8":
@@ -178,20 +178,6 @@ def saved_format(out_dir: Path) -> str | None:
     """The on-disk format transformers records for the saved quantized checkpoint."""
     quant = json.loads((out_dir / "config.json").read_text()).get("quantization_config") or {}
     return quant.get("format") or quant.get("quant_method")
-
-
-def library_versions(spec: QuantSpec) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = ["torch", "transformers", "bitsandbytes"] if spec.backend == "bitsandbytes" else \
-        ["torch", "transformers", "llmcompressor", "compressed-tensors"]
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return versions
 
 
 def parse_args(argv):
@@ -235,7 +221,7 @@ def main(argv=None) -> Path:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
-    from model_utils import load_tokenizer
+    from model_loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(source.dir))
     texts = calibration_texts(rows, calibration[0], tokenizer) if calibration else None
@@ -267,7 +253,7 @@ def main(argv=None) -> Path:
             peft=meta.get("peft"),
             artifact={"kind": "ptq", "merged": True, "weights_bytes": weights_bytes},
             quantize_seconds=round(seconds, 2),
-            versions=library_versions(spec),
+            versions=library_versions(("llmcompressor", "compressed-tensors") if spec.backend == "compressed-tensors" else ()),
             source={"dir": str(source.dir.resolve()), "metadata": source.metadata},
             created_unix=int(time.time()),
         )

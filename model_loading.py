@@ -1,0 +1,144 @@
+"""Loading a base model and its tokenizer, from the hub or a local directory, 16-bit or quantized on load,
+and preparing a 4-bit model for k-bit training. Shared by the training script and every tool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def load_causal_lm(model_name: str, quantization_config=None, device: str | None = None,
+                   trust_remote_code: bool = False, dtype=None, for_fsdp: bool = False):
+    """A causal LM from the hub or a local dir; 4-bit when `quantization_config` is given.
+
+    Safetensors only: pickle checkpoints can run code on load, so they are refused. `for_fsdp` leaves
+    placement to FSDP (no device_map), which shards the model onto the GPUs when training starts.
+    Quantizing on load reads the checkpoint with pread instead of mmap (see `load_quantizing_with_pread`).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from heap import freed_blocks_leave_the_heap
+
+    device = device or pick_device()
+    # quantization_config=None passed explicitly would override a pre-quantized checkpoint's own config
+    quantization = {} if quantization_config is None else {"quantization_config": quantization_config}
+    options = dict(dtype=dtype or torch.bfloat16, device_map=None if for_fsdp else {"": device},
+                   trust_remote_code=trust_remote_code, **quantization)
+    files = [] if quantization_config is None or for_fsdp or trust_remote_code else safetensors_files(model_name)
+    with freed_blocks_leave_the_heap():  # the bf16 buffers freed while quantizing would otherwise stay resident
+        if files:
+            model = load_quantizing_with_pread(model_name, files, options)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_name, use_safetensors=True, **options)
+    share_nested_quant_maps(model)
+    return model
+
+def safetensors_files(model_name: str) -> list[str]:
+    """Local paths of a checkpoint's safetensors shards, downloaded from the hub for a repo id; [] if none."""
+    import json
+
+    from transformers.utils import cached_file
+
+    def find(filename: str) -> str | None:
+        return cached_file(model_name, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+
+    index = find("model.safetensors.index.json")
+    if index:
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        paths = [find(shard) for shard in shards]
+        return paths if all(paths) else []
+    single = find("model.safetensors")
+    return [single] if single else []
+
+def load_quantizing_with_pread(model_name: str, files: list[str], options: dict):
+    """from_pretrained fed with tensors read by pread(2), one at a time as the quantizer asks for them.
+
+    from_pretrained memory-maps the checkpoint: every page it reads for quantization stays in the process
+    (RSS) until the map is closed, and the bf16 embedding, kept as a view of the map, keeps it open for
+    the whole run. On Qwen3-0.6B that was 0.92 GiB of a 1.47 GiB RSS after an NF4 load on CPU; read
+    with pread (and with `heap.freed_blocks_leave_the_heap`) the load peaked at 0.99 GiB. A
+    checkpoint that is already quantized, or one with its own code, goes through plain from_pretrained.
+    """
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_name)
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is None or getattr(config, "quantization_config", None):
+        return AutoModelForCausalLM.from_pretrained(model_name, use_safetensors=True, **options)
+    with ExitStack() as stack:
+        state_dict = {}
+        for path in files:
+            reader = stack.enter_context(safe_open(path, framework="pt", device="cpu", backend="pread"))
+            state_dict.update({key: reader.get_slice(key) for key in reader.keys()})
+        model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **options)
+    # as from_pretrained(model_name) records it; peft writes it into the adapter config as the base model
+    model.name_or_path = model.config._name_or_path = model_name
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(model_name)
+    except OSError:  # no generation_config.json: from_pretrained keeps the one built from the config
+        pass
+    return model
+
+def share_nested_quant_maps(model) -> int:
+    """Point every 4-bit weight's double-quant lookup table at one tensor per device; returns bytes freed.
+
+    bitsandbytes keeps a private copy of the same 256-entry fp32 map (1 KiB) in each weight's nested
+    state; that is 0.004 bits per parameter on Qwen3-0.6B. Only identical tables are shared, and
+    bitsandbytes clones the table when it serializes a state, so saving is unaffected.
+    """
+    import torch
+
+    shared: dict = {}
+    freed = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        state2 = getattr(state, "state2", None) if state is not None else None
+        if state2 is None or state2.code is None:
+            continue
+        first = shared.setdefault(state2.code.device, state2.code)
+        if first is not state2.code and torch.equal(first, state2.code):
+            freed += state2.code.numel() * state2.code.element_size()
+            state2.code = first
+    return freed
+
+def load_tokenizer(model_name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+def prepare_kbit_model(model, gradient_checkpointing: bool, keep_embeddings_bf16: bool = True):
+    """peft's `prepare_model_for_kbit_training`, minus its fp32 upcast of the frozen parameters.
+
+    peft upcasts every non-4-bit parameter to fp32. For Qwen3-0.6B that is the 155.6M-parameter tied
+    embedding/lm_head (0.29 GiB in bf16 -> 0.58 GiB in fp32), frozen, so it gains nothing from fp32; and
+    the RMSNorm weights, which in fp32 turn the residual stream fp32: more activation memory, and a
+    function that differs from the bf16 model the adapter is later served on (merged, or reloaded on
+    the 4-bit base). With `keep_embeddings_bf16` (default) every frozen fp32 parameter goes back to
+    bf16, as in TRL's own QLoRA recipe; False keeps peft's upcast (a benchmark lever).
+    """
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    from heap import release_free_heap
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if keep_embeddings_bf16:
+        for param in model.parameters():
+            if param.dtype == torch.float32 and not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+        release_free_heap()  # the fp32 copies just dropped
+    return model
