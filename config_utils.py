@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from data_utils import DATASETS
+from data_utils import DATASETS, NEEDS_PATH
 from errors import UserError
 from quantization_utils import QuantMethod
 from training_setup import OPTIMIZERS
@@ -87,6 +87,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
              "allowed here: QLORA, NONE")
     _require(cfg["DATASET_CHOICE"] in DATASETS,
              f"DATASET_CHOICE={cfg['DATASET_CHOICE']!r} is unknown; allowed: {', '.join(DATASETS)}")
+    _require(not DATASETS[cfg["DATASET_CHOICE"]].needs_path or cfg.get("DATASET_PATH") is not None,
+             f"DATASET_CHOICE={cfg['DATASET_CHOICE']} {NEEDS_PATH}")
     _require(cfg["PEFT_CONFIG"] in PEFT_CHOICES,
              f"PEFT_CONFIG={cfg['PEFT_CONFIG']!r} is unknown; allowed: {', '.join(PEFT_CHOICES)}")
     for name in ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",

@@ -46,8 +46,8 @@ def _no_weights_model(tiny_model_dir, tmp_path):
     ("--QUANT_METHOD=INT3", "QUANT_METHOD='INT3' is not a training method; allowed: QLORA, NONE"),
     ("--lora_r=0", "lora_r=0 must be an integer > 0"),
     ("--lora_r=-4", "lora_r=-4 must be an integer > 0"),
-    ("--DATASET_PATH=/nonexistent/rows.jsonl", "dataset file /nonexistent/rows.jsonl does not exist"),
-    ("--DATASET_CHOICE=imagenet", "DATASET_CHOICE='imagenet' is unknown; allowed: openmath, squad"),
+    ("--DATASET_PATH=/nonexistent/rows.jsonl", "DATASET_PATH /nonexistent/rows.jsonl does not exist"),
+    ("--DATASET_CHOICE=imagenet", "DATASET_CHOICE='imagenet' is unknown; allowed: openmath, squad, messages, prompt_completion, text"),
     ("--per_device_train_batch_size=0", "per_device_train_batch_size=0 must be an integer > 0"),
     ("--max_seq_length=100000", "max_seq_length=100000 exceeds the model's context of 2048 tokens"),
     ("--keep_lm_head_fp16=true", "keep_lm_head_fp16=True needs merge_after_train=True"),
@@ -91,7 +91,8 @@ def test_dataset_file_missing_schema_columns(tiny_model_dir, tmp_path):
     result = run_train([f"--MODEL_NAME={model}", f"--DATASET_PATH={bad}", f"--OUTPUT_ROOT={out}"])
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(
-        f"error: dataset file {bad} lacks the openmath columns ['problem', 'generated_solution', 'expected_answer']")
+        f"error: {bad} row 1: 'problem' is missing (the openmath format needs problem, generated_solution, "
+        "expected_answer)")
     assert not out.exists() or not any(out.iterdir())
 
 

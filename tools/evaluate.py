@@ -6,8 +6,9 @@ Each directory's kind is detected from its metadata.json (or, without one, from 
 loaded that way: a merged or fully fine-tuned model, an adapter on the 4-bit base rebuilt from the
 metadata's quantization plan, a post-training-quantized sibling, or a plain base model. Every model is
 scored on the held-out split its training run used (rebuilt from the metadata), or on the dataset given:
-openmath final-answer accuracy, squad exact match / F1, held-out loss and perplexity on the completions,
-weight footprint (quantization state included), load time and greedy generation tokens/s.
+openmath final-answer accuracy, squad exact match / F1 (messages and prompt_completion data have no answer
+metric), held-out loss and perplexity on the completions, weight footprint (quantization state included),
+load time and greedy generation tokens/s.
 Writes eval_results.json into each directory, prints one markdown table, and with several directories
 writes a PNG chart of accuracy against weight footprint.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_utils import DATASETS, check_local_file, get_dataset_spec, squad_answers  # noqa: E402
+from data_utils import DATASETS, get_dataset_spec, resolve_source, squad_answers  # noqa: E402
 from eval_utils import math_answer_correct, perplexity, squad_exact_match, squad_f1  # noqa: E402
 from artifacts import base_load_extras  # noqa: E402
 from quantization_utils import QuantMethod, detect_quant_method  # noqa: E402
@@ -186,6 +187,9 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: int):
 
 
 def score(dataset: str, predictions: list[str], rows) -> dict:
+    """The dataset's answer metrics; none for a format without reference answers (messages, prompt_completion)."""
+    if get_dataset_spec(dataset).reference_column is None:
+        return {}
     if dataset == "openmath":
         correct = [math_answer_correct(p, r) for p, r in zip(predictions, rows["expected_answer"])]
         return {"accuracy": 100 * sum(correct) / len(correct)}
@@ -223,7 +227,8 @@ def evaluate_dir(path: Path, split: dict, args) -> dict:
         "examples": [{"prompt": e["prompt"][-1]["content"], "prediction": p} for e, p in zip(examples, predictions)][:5],
     }
     (path / "eval_results.json").write_text(json.dumps(result, indent=2))
-    print(f"evaluate | {path.name}: {MAIN_METRIC[split['name']]} {result[MAIN_METRIC[split['name']]]:.1f}, "
+    metric = MAIN_METRIC.get(split["name"])
+    print(f"evaluate | {path.name}: " + (f"{metric} {result[metric]:.1f}, " if metric else "") +
           f"held-out loss {loss:.4f}, {result['tokens_per_second'] or 0:.1f} tokens/s", flush=True)
     return result
 
@@ -273,7 +278,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", help="output directories of 01_Train.py / tools/quantize.py, or base models")
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="evaluate on this dataset (default: the training one)")
-    parser.add_argument("--dataset-path", help="local file in the dataset's schema (default: the hub dataset)")
+    parser.add_argument("--dataset-path", help="local file or hub id in the dataset's format (default: the hub dataset)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N held-out rows")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit per answer")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
@@ -289,9 +294,9 @@ def main(argv=None) -> list[dict]:
         if args.max_new_tokens <= 0 or args.batch_size <= 0:
             raise ValueError("--max-new-tokens and --batch-size must be positive integers")
         if args.dataset_path is not None:
-            check_local_file(args.dataset_path)
             if args.dataset is None:
-                raise ValueError("--dataset-path needs --dataset to say its schema (openmath or squad)")
+                raise ValueError(f"--dataset-path needs --dataset to say its format ({', '.join(DATASETS)})")
+            resolve_source(args.dataset, args.dataset_path)
         paths = [Path(d) for d in args.dirs]
         for path in paths:
             if not path.is_dir():
@@ -300,7 +305,9 @@ def main(argv=None) -> list[dict]:
         for path, metadata in zip(paths, metadatas):
             detect_load_plan(path, metadata)  # every directory understood before any model loads
         splits = choose_splits(metadatas, args.dataset, args.dataset_path)
-        get_dataset_spec(splits[0]["name"])
+        if splits[0]["name"] == "text":
+            raise ValueError("the text format has no prompts to answer: evaluate on a messages, prompt_completion, "
+                             "openmath or squad dataset (--dataset, --dataset-path)")
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     import peft  # noqa: F401  imported before any load is timed, so the first model's load time is not imports
@@ -309,7 +316,8 @@ def main(argv=None) -> list[dict]:
     results = [evaluate_dir(path, split, args) for path, split in zip(paths, splits)]
     print()
     print(markdown_table(results))
-    if len(results) > 1 and len({r["dataset"]["name"] for r in results}) == 1:
+    names = {r["dataset"]["name"] for r in results}
+    if len(results) > 1 and len(names) == 1 and names <= set(MAIN_METRIC):  # a chart of the answer metric
         write_chart(results, Path(args.chart))
         print(f"\nchart: {args.chart}")
     return results

@@ -111,6 +111,9 @@ def calibration_texts(rows, name: str, tokenizer) -> list[str]:
     """Each row as the chat text the model was trained on (prompt + completion)."""
     texts = []
     for example in to_sft_dataset(rows, name):
+        if "text" in example:  # the text format: trained as it is
+            texts.append(example["text"])
+            continue
         messages = example["prompt"] + example["completion"]
         if tokenizer.chat_template:
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
