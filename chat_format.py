@@ -100,6 +100,20 @@ def has_generation_markers(tokenizer) -> bool:
     return has_chat_template(tokenizer) and trl_has_markers(tokenizer.chat_template)
 
 
+def conversation(example: dict) -> list[dict]:
+    """The messages of a conversational trainer row: `messages`, or `prompt` + `completion`."""
+    return example.get("messages") or example["prompt"] + example["completion"]
+
+
+def example_token_ids(tokenizer, example: dict) -> list[int]:
+    """A trainer row's token ids as TRL's SFTTrainer builds them, before truncation: a conversation through the
+    chat template (which writes its own BOS), a text row through the tokenizer with EOS appended."""
+    if "text" in example:
+        text = example["text"]
+        return tokenizer(text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
+    return tokenizer.apply_chat_template(conversation(example), tokenize=True, return_dict=False)
+
+
 def check_template_renders(tokenizer, conversations, model_name: str = "the model") -> None:
     """Render one conversation per distinct sequence of roles with the tokenizer's template; a template that
     refuses one (Gemma 2's "System role not supported", roles that must alternate) is a UserError naming

@@ -225,7 +225,9 @@ def resolve_source(choice: str, path: str | None) -> DataSource:
     if file.exists():
         raise UserError(f"DATASET_PATH {path} has an unsupported extension; allowed: {allowed}")
     if not _HUB_ID.match(str(path)):
-        raise UserError(f"DATASET_PATH {path} is neither an existing {allowed} file nor a hub dataset id (owner/name)")
+        if file.suffix:
+            raise UserError(f"DATASET_PATH {path} has an unsupported extension; allowed: {allowed}")
+        raise UserError(f"DATASET_PATH {path} does not exist and is not a hub dataset id (owner/name)")
     return DataSource("hub", str(path))
 
 
@@ -396,10 +398,6 @@ def cut_example(example: dict[str, Any], max_chars: int) -> tuple[dict[str, Any]
             for key, value in example.items()}, cut
 
 
-def _conversation(example: dict[str, Any]) -> list[dict[str, str]]:
-    return example.get("messages") or example["prompt"] + example["completion"]
-
-
 @dataclass(frozen=True)
 class TrainingData:
     """What the training script trains and evaluates on, and what metadata.json says about it."""
@@ -433,7 +431,7 @@ def load_training_data(cfg: Mapping[str, Any], tokenizer) -> TrainingData:
     template that refuses a row fails now, not inside the trainer."""
     from datasets import Dataset
 
-    from chat_format import check_template_renders, has_generation_markers
+    from chat_format import check_template_renders, conversation, has_generation_markers
 
     choice = cfg["DATASET_CHOICE"]
     spec = get_dataset_spec(choice)
@@ -442,7 +440,7 @@ def load_training_data(cfg: Mapping[str, Any], tokenizer) -> TrainingData:
     whole_conversations = choice == "messages" and has_generation_markers(tokenizer)
     examples = [(label, row if whole_conversations else spec.to_example(row)) for label, row in rows]
     if choice != "text":
-        check_template_renders(tokenizer, ((label, _conversation(example)) for label, example in examples),
+        check_template_renders(tokenizer, ((label, conversation(example)) for label, example in examples),
                                cfg["MODEL_NAME"])
     max_chars = MAX_CHARS_PER_TOKEN * cfg["max_seq_length"]
     cut = [cut_example(example, max_chars) for _, example in examples]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chat_format import ensure_chat_template, plain_chat_template
+from chat_format import ensure_chat_template, example_token_ids, plain_chat_template
 from data_utils import load_training_data
 from errors import UserError
 from model_fixtures import SPECIAL_TOKENS, TINY_DIMENSIONS, base_tokenizer, train_bpe_tokenizer
@@ -91,7 +91,8 @@ def tokenizer_for(style: str):
 
 
 def trained_sequences(tokenizer, data, tmp_path):
-    """(input_ids, labels) of every training row, as the training script's SFTTrainer prepares them."""
+    """(input_ids, labels) of every training row, as the training script's SFTTrainer prepares them; the ids are
+    also what chat_format.example_token_ids says they are."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -100,7 +101,9 @@ def trained_sequences(tokenizer, data, tmp_path):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "llama", **dict(TINY_DIMENSIONS, vocab_size=len(tokenizer), num_hidden_layers=1)), dtype=torch.bfloat16)
     trainer = build_trainer(model, tokenizer, CFG, data.train, None, tmp_path / "checkpoints", "cpu", **data.sft_options)
-    return [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
+    sequences = [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
+    assert [ids for ids, _ in sequences] == [example_token_ids(tokenizer, example) for example in data.train]
+    return sequences
 
 
 def write_data(tmp_path, choice, rows):

@@ -132,8 +132,8 @@ def test_parquet_null_names_the_row(tmp_path, chat_tokenizer):
     (lambda tmp: tmp / "missing.jsonl", "missing.jsonl does not exist"),
     (lambda tmp: (tmp / "data.txt").write_text("x") and tmp / "data.txt",
      "data.txt has an unsupported extension; allowed: .jsonl, .json, .parquet, .csv"),
-    (lambda tmp: tmp / "no such dir" / "data", "is neither an existing .jsonl, .json, .parquet, .csv file nor a hub "
-                                               "dataset id (owner/name)"),
+    (lambda tmp: tmp / "no such dir" / "data", "data does not exist and is not a hub dataset id (owner/name)"),
+    (lambda tmp: tmp / "rows.txt", "rows.txt has an unsupported extension; allowed: .jsonl, .json, .parquet, .csv"),
 ])
 def test_bad_paths_say_what_they_are(tmp_path, chat_tokenizer, make, expected):
     path = make(tmp_path)
