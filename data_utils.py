@@ -252,10 +252,11 @@ def _decoded_lines(file: Path) -> Iterator[tuple[int, str]]:
     with open(file, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             try:
-                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise UserError(f"{file} line {number} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
                                 f"{err.start + 1}); save the file as UTF-8") from None
+            yield number, text
 
 
 def _json_lines(file: Path) -> Iterator[tuple[str, Any]]:

@@ -279,3 +279,26 @@ def test_shipped_samples_load_in_their_schema(chat_tokenizer):
     for choice, path in (("openmath", OPENMATH_SAMPLE), ("squad", SQUAD_SAMPLE)):
         data = load_training_data(config(choice, path, max_train_samples=398), chat_tokenizer)
         assert (len(data.train), len(data.eval), data.dataset_word, data.cut_rows) == (398, 2, choice, 0)
+
+
+def test_a_utf8_byte_order_mark_is_read_as_text(tmp_path, chat_tokenizer):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(GOOD_PC, GOOD_PC))
+    assert load_rows("prompt_completion", str(path), 10).to_list() == [GOOD_PC, GOOD_PC]
+
+
+def test_an_unreachable_hub_dataset_is_one_line():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("from data_utils import load_rows\n"
+            "try:\n    load_rows('text', 'nobody/nothing', 5)\nexcept Exception as err:\n"
+            "    print(type(err).__name__, err)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.stdout.strip().startswith("UserError nobody/nothing cannot be read from the Hugging Face Hub: "), \
+        result.stdout + result.stderr[-2000:]
+    assert result.stdout.strip().count("\n") == 0
