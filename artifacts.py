@@ -3,6 +3,9 @@ rebuilding the quantization plan it used, and the facts recorded about it (libra
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 from model_loading import load_causal_lm, load_tokenizer
@@ -98,3 +101,23 @@ def load_output_dir(path: str | Path, device: str | None = None):
     else:
         model = load_merged_dir(path, None, device, trust)
     return model, load_tokenizer(str(path), trust), metadata
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (NaN or infinity is an error, not a bare `NaN`), written atomically: a crash leaves the old
+    file or the new one, never half of one."""
+    text = json.dumps(obj, indent=2, allow_nan=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def publish_run(run, cfg: dict, metadata: dict) -> Path:
+    """Finish a training run's staging directory (checkpoints dropped, config and metadata written, all
+    flushed and marked complete) and publish it under its final name."""
+    shutil.rmtree(run.staging / "checkpoints", ignore_errors=True)
+    write_json(run.staging / "resolved_config.json", cfg)
+    write_json(run.staging / "metadata.json", metadata)
+    run.mark_staged()
+    return run.publish()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,22 @@ def plan_resume(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> R
     _check_same_config(candidate, cfg)
     return ResumePlan(candidate, (), False)
 
+def prepare_staging(staging: Path, resume: ResumePlan, resume_setting: str) -> None:
+    """The staging directory ready for training: an earlier partial run that cannot be resumed is removed,
+    with a log line, and so are checkpoints found unusable."""
+    from run_log import step
+
+    if resume.start_over and staging.exists():
+        reason = "RESUME=never" if resume_setting == "never" else "no complete checkpoint in it"
+        step("resume", "removing the earlier partial run %s (%s)", staging, reason)
+        shutil.rmtree(staging)
+    for path, problem in resume.skipped:
+        step("resume", "WARNING: skipping checkpoint %s: %s", path, problem)
+        shutil.rmtree(path, ignore_errors=True)
+    if resume.checkpoint is not None:
+        step("resume", "resuming from %s (step %d)", resume.checkpoint, checkpoint_step(resume.checkpoint))
+    staging.mkdir(parents=True, exist_ok=True)
+
 def _check_same_config(checkpoint: Path, cfg: Mapping[str, Any]) -> None:
     differences = config_differences(read_marker_config(checkpoint), cfg)
     if differences:
@@ -148,14 +165,19 @@ class MarkCompleteCallback(TrainerCallback):
         if state.is_world_process_zero:  # one writer under DDP/FSDP
             write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.cfg)
 
+def _announce_stop(name: str) -> None:
+    from run_log import step
+
+    step("signal", "%s received: saving a checkpoint after this step, then stopping (send it again to kill now)", name)
+
 class StopOnSignalCallback(TrainerCallback):
     """On SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. A second signal kills at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce):
+    def __init__(self, announce=None):
         self.received: int | None = None
-        self.announce = announce
+        self.announce = announce or _announce_stop
         self.previous = {}
 
     def _handle(self, signum, frame):

@@ -8,23 +8,23 @@ evaluated.
 from __future__ import annotations
 
 from pathlib import Path
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "Fine-tuning" / "01_Train.py"
 from typing import Any, Mapping
 
 from data_utils import DATASETS
 from errors import UserError
 from quantization_utils import QuantMethod
+from run_dir import IF_EXISTS_POLICIES
 from training_setup import OPTIMIZERS
 
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")
 MERGED_PRECISIONS = ("bf16", "nf4")
-OUTPUT_EXISTS_POLICIES = ("refuse", "suffix")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
 
 class ConfigError(UserError):
     """A bad configuration value; its message is one line, fit to print as the run's only error."""
-
 
 def _parse_value(name: str, text: str, kind: type, optional: bool) -> Any:
     if optional and text in ("None", "none", ""):
@@ -44,7 +44,6 @@ def _parse_value(name: str, text: str, kind: type, optional: bool) -> Any:
         expected = {bool: "true or false", int: "an integer", float: "a number", list: "a comma-separated list",
                     str: "a string"}[kind]
         raise ConfigError(f"--{name}={text!r} is not {expected}" + (" (or None)" if optional else "")) from None
-
 
 def apply_overrides(defaults: Mapping[str, Any], argv: list[str],
                     optional_types: Mapping[str, type] | None = None) -> dict[str, Any]:
@@ -68,11 +67,28 @@ def apply_overrides(defaults: Mapping[str, Any], argv: list[str],
         config[name] = _parse_value(name, text, kind, optional)
     return config
 
+def training_defaults() -> dict[str, Any]:
+    """Fine-tuning/01_Train.py's constants as they stand in its fenced block (the script is read, not run)."""
+    import runpy
+
+    namespace = runpy.run_path(str(TRAIN_SCRIPT), run_name="training_constants")
+    return {name: namespace[name] for name in namespace["CONFIG_NAMES"]}
+
+def resolve_config(defaults: Mapping[str, Any], argv: list[str], optional_types: Mapping[str, type]) -> dict[str, Any]:
+    """The run's config: defaults with the command line's overrides, validated. QLORA trains LoRA adapters,
+    so a QLORA run asking for another PEFT_CONFIG gets LoRa, and says so."""
+    from run_log import step
+
+    cfg = apply_overrides(defaults, argv, optional_types)
+    validate_config(cfg)
+    if str(cfg["QUANT_METHOD"]).upper() == "QLORA" and cfg["PEFT_CONFIG"] != "LoRa":
+        step("config", "QLORA trains LoRA adapters: PEFT_CONFIG=%s overridden to LoRa", cfg["PEFT_CONFIG"])
+        cfg["PEFT_CONFIG"] = "LoRa"
+    return cfg
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Check a resolved training config before anything loads: types, ranges and combinations."""
@@ -115,8 +131,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
              "keep_lm_head_fp16=True needs merge_after_train=True: an adapter-only output has no head of its own")
     _require(cfg["OUTPUT_ROOT"] != "", "OUTPUT_ROOT is empty; give a directory")
     if "if_output_exists" in cfg:
-        _require(cfg["if_output_exists"] in OUTPUT_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
-                 f"is unknown; allowed: {', '.join(OUTPUT_EXISTS_POLICIES)}")
+        _require(cfg["if_output_exists"] in IF_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
+                 f"is unknown; allowed: {', '.join(IF_EXISTS_POLICIES)}")
     if "RESUME" in cfg:
         _require(cfg["RESUME"] in ("auto", "never") or Path(cfg["RESUME"]).is_dir(),
                  f"RESUME={cfg['RESUME']!r} is not auto, never or an existing checkpoint directory")

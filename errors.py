@@ -2,6 +2,5 @@
 source, an output directory), found before expensive work where it can be. Everything else is a bug
 and keeps its traceback."""
 
-
 class UserError(ValueError):
     """An expected failure caused by the user's input; its message is one line, fit to print as `error: ...`."""

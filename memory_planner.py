@@ -277,6 +277,27 @@ def disk_needed(trainable_bytes: int, trainable_params: int, optim: str, keep_ch
     return {"checkpoint": checkpoint, "adapter": trainable_bytes, "merged": merged,
             "total": (keep_checkpoints + 1) * checkpoint + trainable_bytes + merged}
 
+def disk_needed_for(model, cfg: Mapping[str, Any]) -> dict[str, int]:
+    """`disk_needed` for a model ready to train under the run's constants."""
+    from memory_usage import count_parameters
+
+    trainable, total = count_parameters(model)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    head_copy = model.get_output_embeddings().weight.numel() if cfg["keep_lm_head_fp16"] else 0  # untied fp16 head
+    writes_model = cfg["merge_after_train"] or cfg["PEFT_CONFIG"] == "Full"
+    return disk_needed(trainable_bytes, trainable, cfg["optim"], cfg["keep_checkpoints"],
+                       total + head_copy if writes_model else 0)
+
+def check_disk_for_run(model, cfg: Mapping[str, Any], root: Path) -> dict[str, int]:
+    """What the run will write, checked against the free disk under `root` before training starts."""
+    from run_log import step
+
+    disk = disk_needed_for(model, cfg)
+    check_free_disk(root, disk["total"], f"{cfg['keep_checkpoints'] + 1} checkpoints and the outputs")
+    step("disk", "%s per checkpoint, %s merged model, %s in all", format_size(disk["checkpoint"]),
+         format_size(disk["merged"]), format_size(disk["total"]))
+    return disk
+
 def check_free_disk(path: Path, needed: int, what: str) -> None:
     """ConfigError when the filesystem holding `path` has less than `needed` bytes free."""
     probe = path

@@ -5,6 +5,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: bool = False) -> dict:
+    """The model's (text) config as a dict, from config.json alone (hub id or local dir; no weights), after
+    checking that the sequence length fits the model's context. Bad input is one ConfigError line."""
+    from transformers import AutoConfig
+
+    from config_utils import ConfigError
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"MODEL_NAME={model_name!r} cannot be loaded: {first_line}") from None
+    text_config = model_config.get_text_config()
+    context = getattr(text_config, "max_position_embeddings", None)
+    if context is not None and max_seq_length > context:
+        raise ConfigError(f"max_seq_length={max_seq_length} exceeds the model's context of {context} tokens")
+    return text_config.to_dict()
+
 def pick_device() -> str:
     import torch
 

@@ -20,12 +20,10 @@ part env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
 # A Qwen3-0.6B-architecture model with random weights (real sizes; the tokenizer is the project's small BPE).
 part build_model 90 $PY - <<'PY'
 import sys; sys.path.insert(0, ".")
-from model_fixtures import build_random_model, train_bpe_tokenizer
+from model_fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
 from tools.make_tiny_model import tokenizer_corpus
 tok = train_bpe_tokenizer(tokenizer_corpus(), 512)
-build_random_model("/tmp/models/Qwen3-0.6B", tok, vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                  num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                  max_position_embeddings=40960, tie_word_embeddings=True)
+build_random_model("/tmp/models/Qwen3-0.6B", tok, **architecture_dimensions("Qwen3-0.6B"))
 build_random_model("/tmp/models/Qwen3-tiny", tok)
 print("built")
 PY

@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from artifacts import library_versions  # noqa: E402
 from data_utils import DATASETS, load_rows, to_sft_dataset  # noqa: E402
 from quantization_utils import (PTQ_METHODS, QuantSpec, build_metadata, build_ptq_plan,  # noqa: E402
                                 short_dtype_name, sibling_dir_name)
