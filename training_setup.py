@@ -103,13 +103,17 @@ def sft_config(cfg: Mapping[str, Any], output_dir: Path, device: str, **override
 
 def build_trainer(model, tokenizer, cfg: Mapping[str, Any], train_data, eval_data, output_dir: Path, device: str,
                   callbacks=(), compute_loss_func=None, **sft_overrides):
-    """The SFTTrainer of a run; trainable parameters keep their dtype when a checkpoint is resumed."""
+    """The SFTTrainer of a run; trainable parameters keep their dtype when a checkpoint is resumed, and a
+    `StopOnNonFiniteLossCallback` among `callbacks` is given the trainer's losses to watch."""
     from trl import SFTTrainer
 
-    from checkpoint_utils import keep_trainable_dtypes
+    from checkpoint_utils import StopOnNonFiniteLossCallback, keep_trainable_dtypes
 
     trainer = SFTTrainer(model=model, args=sft_config(cfg, output_dir, device, **sft_overrides),
                          train_dataset=train_data, eval_dataset=eval_data if eval_data is not None and len(eval_data) else None,
                          processing_class=tokenizer, callbacks=list(callbacks), compute_loss_func=compute_loss_func)
     keep_trainable_dtypes(trainer)
+    for callback in callbacks:
+        if isinstance(callback, StopOnNonFiniteLossCallback):
+            callback.watch(trainer)
     return trainer
