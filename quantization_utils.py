@@ -1,10 +1,10 @@
 """Quantization plans, output names, metadata and detection.
 
 Pure: no printing, nothing read from globals, no I/O but `base_model_name`'s look at whether a local
-model path exists. Every quantization method the project knows is
-one `QuantMethod` member plus one builder: `_PLAN_BUILDERS` for the methods 01_Train.py trains with,
-`PTQ_METHODS` + `_PTQ_BUILDERS` for the post-training ones tools/quantize.py writes. Names, tags,
-metadata and detection all derive from the `QuantSpec` a builder returns.
+model path exists. Every quantization method the project knows is one `QuantMethod` member plus one
+builder: `_PLAN_BUILDERS` for the methods 01_Train.py trains with, `PTQ_METHODS` + `_PTQ_BUILDERS` for
+the post-training ones tools/quantize.py writes. Names, tags, metadata and detection all derive from
+the `QuantSpec` a builder returns; every part of a directory name passes `safe_name_part`.
 """
 
 from __future__ import annotations
