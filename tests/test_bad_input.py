@@ -16,15 +16,14 @@ import pytest
 import torch
 
 from artifacts import load_output_dir, write_json
-from checkpoint_utils import MARKER, NonFiniteLossError, StopOnNonFiniteLossCallback, MarkCompleteCallback
-from checkpoint_utils import checkpoint_problem
+from checkpoint_utils import (MARKER, MarkCompleteCallback, NonFiniteLossError, StopOnNonFiniteLossCallback,
+                              checkpoint_problem, write_marker)
 from config_utils import ConfigError, validate_config
 from conftest import OPENMATH_SAMPLE, ROOT, TRAIN_SCRIPT
 from errors import UserError
 from memory_planner import explain_disk_full
 from model_loading import load_causal_lm
-from quantization_utils import base_model_name, build_quantization_plan, output_dir_name, build_metadata
-from quantization_utils import safe_name_part
+from quantization_utils import base_model_name, build_metadata, build_quantization_plan, output_dir_name, safe_name_part
 from tools.evaluate import main as evaluate
 from tools.quantize import main as quantize
 
@@ -208,8 +207,6 @@ def test_non_finite_loss_stops_training_before_saving_that_step(tiny_model_dir, 
 # ----- 4. a checkpoint whose bytes changed after the save ---------------------------------------------------
 
 def test_zero_filled_file_of_the_right_size_fails_its_checksum(tmp_path):
-    from checkpoint_utils import write_marker
-
     directory = tmp_path / "checkpoint-4"
     directory.mkdir()
     (directory / "optimizer.pt").write_bytes(os.urandom(4096))
