@@ -105,16 +105,20 @@ def sft_config(cfg: Mapping[str, Any], output_dir: Path, device: str, **override
 def build_trainer(model, tokenizer, cfg: Mapping[str, Any], train_data, eval_data, output_dir: Path, device: str,
                   compute_loss_func=None, **sft_overrides):
     """The SFTTrainer of a run: checkpoints marked complete once fully written, a clean stop on SIGINT/SIGTERM,
-    and trainable parameters that keep their dtype when a checkpoint is resumed."""
+    one error line (and no checkpoint of it) on a non-finite loss, and trainable parameters that keep their
+    dtype when a checkpoint is resumed."""
     from trl import SFTTrainer
 
-    from checkpoint_utils import MarkCompleteCallback, StopOnSignalCallback, keep_trainable_dtypes
+    from checkpoint_utils import (MarkCompleteCallback, StopOnNonFiniteLossCallback, StopOnSignalCallback,
+                                  keep_trainable_dtypes)
 
     held_out = eval_data if eval_data is not None and len(eval_data) else None
+    non_finite = StopOnNonFiniteLossCallback()
     trainer = SFTTrainer(model=model, args=sft_config(cfg, output_dir, device, **sft_overrides),
                          train_dataset=train_data, eval_dataset=held_out, processing_class=tokenizer,
-                         callbacks=[MarkCompleteCallback(cfg), StopOnSignalCallback()],
+                         callbacks=[MarkCompleteCallback(cfg), StopOnSignalCallback(), non_finite],
                          compute_loss_func=compute_loss_func)
+    non_finite.watch(trainer)
     keep_trainable_dtypes(trainer)
     return trainer
 

@@ -19,7 +19,7 @@ from data_utils import load_training_data  # noqa: E402
 from dist_utils import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,  # noqa: E402
                         resolve_quant_storage, start_device)
 from errors import UserError  # noqa: E402
-from memory_planner import check_disk_for_run, check_free_disk, format_plan, plan_for_train_config, with_measured_peak  # noqa: E402
+from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, format_plan, plan_for_train_config, with_measured_peak  # noqa: E402
 from memory_usage import count_parameters, describe_peak, format_size, peak_memory_report, weight_footprint  # noqa: E402
 from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config  # noqa: E402
 from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
@@ -76,7 +76,7 @@ OPTIONAL_TYPES = {"DATASET_PATH": str}
 def main(argv=None) -> Path | None:
     launch = launch_context()  # torchrun / accelerate launch: one process per device; rank 0 logs and writes
     setup_logging(launch.is_main)
-    started = time.time()
+    started, disk = time.time(), None
     try:
         # ---- config ---------------------------------------------------------------------------------
         cfg = resolve_config({name: globals()[name] for name in CONFIG_NAMES},
@@ -159,6 +159,11 @@ def main(argv=None) -> Path | None:
         return final_dir
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
+    except (OSError, RuntimeError) as err:  # a save that filled the disk: say how much it needs, and that a rerun resumes
+        full = explain_disk_full(err, disk["total"] if disk else 0, Path(cfg["OUTPUT_ROOT"]))
+        if full is None:
+            raise
+        raise SystemExit(f"error: {full}") from None
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def _no_weights_model(tiny_model_dir, tmp_path):
     ("--if_output_exists=overwrite", "if_output_exists='overwrite' is unknown; allowed: refuse, suffix"),
     ("--RESUME=sometimes", "RESUME='sometimes' is not auto, never or an existing checkpoint directory"),
     ("--RESUME={tmp}", "RESUME='{tmp}' is not a complete checkpoint: no checkpoint_complete.json"),
+    ("--learning_rate=inf", "learning_rate=inf must be a finite number > 0"),
+    ("--seed=-1", "seed=-1 must be an integer >= 0"),
 ])
 def test_invalid_config_fails_before_loading_with_one_line(override, message, tiny_model_dir, tmp_path):
     model = _no_weights_model(tiny_model_dir, tmp_path)
