@@ -231,12 +231,6 @@ def resolve_source(choice: str, path: str | None) -> DataSource:
     return DataSource("hub", str(path))
 
 
-def check_local_file(path: str | Path) -> str:
-    """The `datasets` builder of a local data file, or a one-line UserError (see resolve_source)."""
-    resolve_source("openmath", str(path))
-    return LOCAL_FORMATS[Path(path).suffix.lower()]
-
-
 def dataset_tag(choice: str, path: str | None) -> str:
     """The dataset's word in output names: the registry name (openmath, squad), else the data file's stem or the
     hub id's last part, kept to letters, digits, '.' and '-' (names are read back as '_'-separated words)."""
@@ -351,7 +345,8 @@ def read_rows(spec: DatasetSpec, source: DataSource, max_rows: int) -> list[tupl
         rows = _hub_rows(source)
     checked = [(label, check_row(spec, row, label)) for label, row in islice(rows, max_rows)]
     if not checked:
-        raise UserError(f"{source.location} has no rows")
+        empty = source.kind == "file" and Path(source.location).stat().st_size == 0
+        raise UserError(f"{source.location} has no rows" + (" (the file is empty)" if empty else ""))
     return checked
 
 
@@ -404,7 +399,7 @@ class TrainingData:
     """What the training script trains and evaluates on, and what metadata.json says about it."""
 
     train: Any  # datasets.Dataset of trainer rows
-    eval: Any  # held-out rows, same form (empty when eval_samples is 0)
+    held_out: Any  # held-out rows, same form (empty when eval_samples is 0)
     dataset_word: str  # the dataset's word in the output name
     cut_rows: int  # rows whose strings were cut to max_row_chars
     source: str  # absolute path of the data file, or the hub id
@@ -421,7 +416,7 @@ class TrainingData:
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.choice, "format": self.trained_as, "path": self.path, "source": self.source,
-                "word": self.dataset_word, "train_rows": len(self.train), "eval_rows": len(self.eval),
+                "word": self.dataset_word, "train_rows": len(self.train), "eval_rows": len(self.held_out),
                 "split_seed": self.split_seed, "cut_rows": self.cut_rows, "max_row_chars": self.max_row_chars}
 
 
@@ -447,7 +442,7 @@ def load_training_data(cfg: Mapping[str, Any], tokenizer) -> TrainingData:
     cut = [cut_example(example, max_chars) for _, example in examples]
     train, held_out = split_rows(Dataset.from_list([example for example, _ in cut]), cfg["eval_samples"], cfg["seed"])
     return TrainingData(
-        train=train, eval=held_out, dataset_word=dataset_tag(choice, cfg["DATASET_PATH"]),
+        train=train, held_out=held_out, dataset_word=dataset_tag(choice, cfg["DATASET_PATH"]),
         cut_rows=sum(was_cut for _, was_cut in cut), source=source.resolved, choice=choice,
         path=source.resolved if cfg["DATASET_PATH"] is not None else None,
         trained_as="messages" if whole_conversations else "text" if choice == "text" else "prompt_completion",

@@ -63,6 +63,13 @@ def peak_memory_report(devices: list[int] | None = None) -> dict[str, Any]:
         report["overall_max_allocated_gib"] = max(g["peak_allocated_gib"] for g in report["per_gpu"])
     return report
 
+def describe_peak(report: dict[str, Any]) -> str:
+    """A `peak_memory_report` in words: CUDA allocated/reserved when there is CUDA, else peak RSS."""
+    if report["device"] == "cuda":
+        return (f"{report['overall_max_allocated_gib']} GiB allocated / {report['overall_max_reserved_gib']} GiB "
+                "reserved (CUDA)")
+    return f"{report['peak_rss_gib']} GiB peak RSS (no CUDA)"
+
 def _tensor_bytes_once(tensor, seen: set) -> int:
     """Bytes of a tensor, or 0 if its storage was already counted (shared tables count once)."""
     if tensor is None:

@@ -57,6 +57,8 @@ def _no_weights_model(tiny_model_dir, tmp_path):
     ("--if_output_exists=overwrite", "if_output_exists='overwrite' is unknown; allowed: refuse, suffix"),
     ("--RESUME=sometimes", "RESUME='sometimes' is not auto, never or an existing checkpoint directory"),
     ("--RESUME={tmp}", "RESUME='{tmp}' is not a complete checkpoint: no checkpoint_complete.json"),
+    ("--learning_rate=inf", "learning_rate=inf must be a finite number > 0"),
+    ("--seed=-1", "seed=-1 must be an integer >= 0"),
 ])
 def test_invalid_config_fails_before_loading_with_one_line(override, message, tiny_model_dir, tmp_path):
     model = _no_weights_model(tiny_model_dir, tmp_path)
@@ -108,7 +110,3 @@ def test_defaults_validate():
     assert defaults["MODEL_NAME"] == "Qwen/Qwen3-0.6B" and defaults["QUANT_METHOD"] == "QLORA"
     assert defaults["lora_r"] == 256 and defaults["lora_alpha"] == 16 and defaults["optim"] == "paged_adamw_8bit"
     assert defaults["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    # the benchmark's "project QLoRA" rows run the script's own optimizer
-    from tools.benchmark import CASES_BY_NAME
-
-    assert CASES_BY_NAME["qlora"].optim == defaults["optim"]

@@ -84,7 +84,7 @@ HOSTILE = [
      " line 3 is not valid JSON: Expecting value (column 10)"),
     ("non-UTF-8", "prompt_completion", "data.jsonl", jsonl_bytes(GOOD_PC, b'{"prompt": "caf\xe9", "completion": "x"}'),
      " line 2 is not valid UTF-8 (byte 0xe9 at column 16); save the file as UTF-8"),
-    ("empty file", "prompt_completion", "data.jsonl", b"", " has no rows"),
+    ("empty file", "prompt_completion", "data.jsonl", b"", " has no rows (the file is empty)"),
     ("blank lines only", "text", "data.jsonl", b"\n\n  \n", " has no rows"),
     ("empty JSON array", "text", "data.json", b"[]", " has no rows"),
     ("csv header only", "text", "data.csv", b"text\n", " has no rows"),
@@ -182,7 +182,7 @@ def test_dataset_tag_is_one_word_of_letters_digits_dots_dashes(choice, path, wor
 def test_messages_train_on_the_last_assistant_turn_with_history_as_prompt(tmp_path, chat_tokenizer):
     path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT, "id": 7}] * 3)
     data = load_training_data(config("messages", path, eval_samples=1), chat_tokenizer)
-    assert (len(data.train), len(data.eval), data.trained_as, data.dataset_word) == (2, 1, "prompt_completion", "chats")
+    assert (len(data.train), len(data.held_out), data.trained_as, data.dataset_word) == (2, 1, "prompt_completion", "chats")
     assert data.train[0] == {"prompt": CHAT[:-1], "completion": CHAT[-1:]}
     assert data.sft_options == {"assistant_only_loss": False}
     assert data.metadata()["path"] == str(path.resolve()) and data.metadata()["format"] == "prompt_completion"
@@ -235,7 +235,7 @@ def test_rows_read_stop_at_max_rows(tmp_path, chat_tokenizer):
     path = tmp_path / "data.jsonl"
     path.write_bytes(jsonl_bytes(*[GOOD_PC] * 5, {"prompt": None}))  # the bad row is past the rows used
     data = load_training_data(config("prompt_completion", path, max_train_samples=3, eval_samples=2), chat_tokenizer)
-    assert len(data.train) + len(data.eval) == 5
+    assert len(data.train) + len(data.held_out) == 5
 
 
 def test_long_rows_are_cut_and_counted(tmp_path, chat_tokenizer):
@@ -278,7 +278,7 @@ def test_shipped_samples_load_in_their_schema(chat_tokenizer):
 
     for choice, path in (("openmath", OPENMATH_SAMPLE), ("squad", SQUAD_SAMPLE)):
         data = load_training_data(config(choice, path, max_train_samples=398), chat_tokenizer)
-        assert (len(data.train), len(data.eval), data.dataset_word, data.cut_rows) == (398, 2, choice, 0)
+        assert (len(data.train), len(data.held_out), data.dataset_word, data.cut_rows) == (398, 2, choice, 0)
 
 
 def test_a_utf8_byte_order_mark_is_read_as_text(tmp_path, chat_tokenizer):

@@ -114,7 +114,7 @@ BAD_INPUT = {
     "group vs model": (["--method", "GPTQ", "--group-size", "128", "--calibration", "openmath"],
                        "group size 128 does not divide this model's layer input widths [64]"),
     "wrong columns": (["--method", "GPTQ", "--group-size", "64", "--calibration", "openmath", "--calibration-path",
-                       str(SQUAD_SAMPLE)], "lacks the openmath columns ['problem', 'generated_solution'"),
+                       str(SQUAD_SAMPLE)], "row 1: 'problem' is missing (the openmath format needs problem, generated_solution"),
     "no calibration": (["--method", "W8A8"], "needs calibration data and"),
     "data-free": (["--method", "BNB_NF4", "--calibration", "squad"], "BNB_NF4 is data-free"),
     "samples": (["--method", "GPTQ", "--samples", "0"], "--samples=0: need at least 1"),
