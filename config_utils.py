@@ -13,7 +13,7 @@ from pathlib import Path
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "Fine-tuning" / "01_Train.py"
 from typing import Any, Mapping
 
-from data_utils import DATASETS, NEEDS_PATH
+from data_utils import DATASETS, NEEDS_PATH, resolve_source
 from errors import UserError
 from quantization_utils import QuantMethod
 from run_dir import IF_EXISTS_POLICIES
@@ -82,6 +82,7 @@ def resolve_config(defaults: Mapping[str, Any], argv: list[str], optional_types:
 
     cfg = apply_overrides(defaults, argv, optional_types)
     validate_config(cfg)
+    resolve_source(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"])  # a data file that exists, or a hub id; not read yet
     if str(cfg["QUANT_METHOD"]).upper() == "QLORA" and cfg["PEFT_CONFIG"] != "LoRa":
         step("config", "QLORA trains LoRA adapters: PEFT_CONFIG=%s overridden to LoRa", cfg["PEFT_CONFIG"])
         cfg["PEFT_CONFIG"] = "LoRa"

@@ -152,19 +152,24 @@ def test_generic_formats_need_a_path():
 
 
 def test_validate_config_accepts_the_formats_and_requires_their_path():
-    from importlib import util
-    from pathlib import Path
+    from config_utils import training_defaults
 
-    spec = util.spec_from_file_location("train_script", Path(__file__).resolve().parent.parent / "Fine-tuning" / "01_Train.py")
-    script = util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    defaults = {name: getattr(script, name) for name in script.CONFIG_NAMES}
+    defaults = training_defaults()
     for choice in ("openmath", "squad", "messages", "prompt_completion", "text"):
         validate_config({**defaults, "DATASET_CHOICE": choice, "DATASET_PATH": "data.jsonl"})
     with pytest.raises(ConfigError, match="^DATASET_CHOICE=messages needs DATASET_PATH"):
         validate_config({**defaults, "DATASET_CHOICE": "messages", "DATASET_PATH": None})
     with pytest.raises(ConfigError, match="allowed: openmath, squad, messages, prompt_completion, text"):
         validate_config({**defaults, "DATASET_CHOICE": "chat"})
+
+
+def test_the_data_path_is_checked_with_the_config_before_anything_loads(tmp_path):
+    from config_utils import resolve_config, training_defaults
+
+    (tmp_path / "x.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"x\.jsonl is a directory, not a data file"):
+        resolve_config(training_defaults(), ["--DATASET_CHOICE=text", f"--DATASET_PATH={tmp_path / 'x.jsonl'}"],
+                       {"DATASET_PATH": str})
 
 
 @pytest.mark.parametrize("choice, path, word", [
