@@ -38,7 +38,7 @@ def base_load_extras(metadata: dict) -> dict:
     extras = (metadata.get("quantization") or {}).get("extras") or {}
     return {key: value for key, value in extras.items() if key in BASE_LOAD_EXTRAS}
 
-def plan_from_metadata(metadata: dict):
+def quantization_plan_from_metadata(metadata: dict):
     """The `(spec, BitsAndBytesConfig | None)` a run used, rebuilt from its metadata's quantization block."""
     from quantization_utils import build_quantization_plan
 
@@ -98,7 +98,7 @@ def load_output_dir(path: str | Path, device: str | None = None, trust_remote_co
     check_remote_code(path, metadata, trust_remote_code)
     artifact = metadata.get("artifact") or {}
     if artifact.get("primary", "merged") == "adapter" or artifact.get("kind") == "adapter_only":
-        _, bnb_config = plan_from_metadata(metadata)
+        _, bnb_config = quantization_plan_from_metadata(metadata)
         model = load_adapter_model(metadata["base_model"], path / artifact.get("adapter_dir", "adapter"), bnb_config,
                                    device, trust_remote_code)
     else:

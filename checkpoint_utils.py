@@ -97,15 +97,15 @@ def config_differences(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> list
             if saved.get(name) != now.get(name)]
 
 @dataclass(frozen=True)
-class ResumePlan:
+class ResumePoint:
     checkpoint: Path | None  # the checkpoint to resume from; None = start from step 0
     skipped: tuple[tuple[Path, str], ...]  # checkpoints found unusable, with the reason
     start_over: bool  # True: remove the staging directory before training
 
-def plan_resume(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> ResumePlan:
+def find_resume_point(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> ResumePoint:
     """Which checkpoint to continue from. Reads marker files only; raises ConfigError on a config mismatch."""
     if resume == "never":
-        return ResumePlan(None, (), True)
+        return ResumePoint(None, (), True)
     if resume == "auto":
         found = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0),
                        key=checkpoint_step, reverse=True) if checkpoints_dir.is_dir() else []
@@ -114,17 +114,17 @@ def plan_resume(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> R
             problem = checkpoint_problem(candidate)
             if problem is None:
                 _check_same_config(candidate, cfg)
-                return ResumePlan(candidate, tuple(skipped), False)
+                return ResumePoint(candidate, tuple(skipped), False)
             skipped.append((candidate, problem))
-        return ResumePlan(None, tuple(skipped), True)
+        return ResumePoint(None, tuple(skipped), True)
     candidate = Path(resume)
     problem = checkpoint_problem(candidate)
     if problem is not None:
         raise ConfigError(f"RESUME={resume!r} is not a complete checkpoint: {problem}")
     _check_same_config(candidate, cfg)
-    return ResumePlan(candidate, (), False)
+    return ResumePoint(candidate, (), False)
 
-def prepare_staging(staging: Path, resume: ResumePlan, resume_setting: str) -> None:
+def prepare_staging(staging: Path, resume: ResumePoint, resume_setting: str) -> None:
     """The staging directory ready for training: an earlier partial run that cannot be resumed is removed,
     with a log line, and so are checkpoints found unusable."""
     from run_log import step

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from artifacts import library_versions, publish_run  # noqa: E402
-from checkpoint_utils import plan_resume, prepare_staging  # noqa: E402
+from checkpoint_utils import find_resume_point, prepare_staging  # noqa: E402
 from config_utils import resolve_config  # noqa: E402
 from data_utils import load_training_data  # noqa: E402
 from dist_utils import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,  # noqa: E402
@@ -102,7 +102,7 @@ def main(argv=None) -> Path | None:
             if run.staged_complete and launch.is_main:
                 step("publish", "the staged run had finished all but its rename: publishing it without training")
                 return run.publish()
-            resume = plan_resume(cfg["RESUME"], run.staging / "checkpoints", cfg)
+            resume = find_resume_point(cfg["RESUME"], run.staging / "checkpoints", cfg)
             # ---- data -------------------------------------------------------------------------------
             data = load_training_data(cfg)
             step("data", "%s: %d train / %d held-out rows from %s", cfg["DATASET_CHOICE"], len(data.train),
