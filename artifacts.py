@@ -13,6 +13,7 @@ from typing import Any
 
 from errors import UserError
 from model_loading import load_causal_lm, load_tokenizer
+from run_dir import fsync_path
 
 # The stack whose versions every output records: the seed's libraries, plus what a PTQ backend adds.
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
@@ -175,14 +176,6 @@ def check_remote_code(directory: str | Path, metadata: dict | None, trust_remote
 
 # ----- writing --------------------------------------------------------------------------------------------
 
-def fsync_directory(directory: str | Path) -> None:
-    """Make the entries of a directory (a file created or renamed in it) durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 def non_finite_values(value: Any, where: str = "") -> list[str]:
     """`key.path=value` of every nan / inf float inside a JSON-like value."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -223,7 +216,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    fsync_path(path.parent)
 
 
 def publish_run(run, cfg: dict, metadata: dict) -> Path:

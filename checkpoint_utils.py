@@ -23,7 +23,8 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
-from artifacts import fsync_directory, write_json
+from artifacts import write_json
+from run_dir import fsync_path
 from config_utils import ConfigError
 from errors import UserError
 
@@ -59,9 +60,9 @@ def write_marker(directory: Path, step: int, cfg: Mapping[str, Any]) -> None:
              and not p.name.startswith(f".{MARKER}")]
     records = {str(p.relative_to(directory)): _synced_file_record(p) for p in files}
     for folder in {p.parent for p in files}:
-        fsync_directory(folder)
+        fsync_path(folder)
     write_json(directory / MARKER, {"step": step, "files": records, "config": result_config(cfg)})
-    fsync_directory(directory.parent)
+    fsync_path(directory.parent)
 
 def checkpoint_problem(directory: Path) -> str | None:
     """Why `directory` is not a complete checkpoint, or None if it is. Reads every file (sizes first, then sha256)."""

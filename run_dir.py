@@ -48,7 +48,8 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's content, or a directory's entries, durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -74,9 +75,9 @@ class RunDir:
         """Flush every staged file to disk, then mark the staging complete (the marker is written last)."""
         for path in sorted(self.staging.rglob("*")):
             if path.is_file():
-                _fsync(path)
+                fsync_path(path)
         (self.staging / STAGED_MARKER).write_text(json.dumps({"pid": os.getpid(), "time": int(time.time())}))
-        _fsync(self.staging)
+        fsync_path(self.staging)
 
     def publish(self) -> Path:
         """Give the staged files the modes the umask allows (safetensors writes 0600), and rename the staging
@@ -96,7 +97,7 @@ class RunDir:
             os.replace(self.final, replaced)
         (self.staging / STAGED_MARKER).unlink()
         os.replace(self.staging, self.final)
-        _fsync(self.final.parent)
+        fsync_path(self.final.parent)
         shutil.rmtree(replaced, ignore_errors=True)
         return self.final
 

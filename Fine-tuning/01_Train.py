@@ -70,7 +70,6 @@ merge_check_max_kl = 5e-3  # mean KL(trained || merged) per token above which th
 # ----------------------------------------------------------------------------------------------------
 
 CONFIG_NAMES = [name for name in globals() if name not in _names_before_config and name != "_names_before_config"]
-OPTIONAL_TYPES = {"DATASET_PATH": str}
 
 
 def main(argv=None) -> Path | None:
@@ -80,7 +79,7 @@ def main(argv=None) -> Path | None:
     try:
         # ---- config ---------------------------------------------------------------------------------
         cfg = resolve_config({name: globals()[name] for name in CONFIG_NAMES},
-                             sys.argv[1:] if argv is None else list(argv), OPTIONAL_TYPES)
+                             sys.argv[1:] if argv is None else list(argv))
         model_config = read_model_config(cfg["MODEL_NAME"], cfg["max_seq_length"], cfg["trust_remote_code"])
         import torch
 

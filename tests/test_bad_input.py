@@ -211,13 +211,19 @@ def test_zero_filled_file_of_the_right_size_fails_its_checksum(tmp_path):
 
 # ----- 5. one line instead of a traceback ---------------------------------------------------------------
 
-def test_pickle_only_model_directory_is_refused_before_loading(tiny_model_dir, tmp_path):
+def pickle_only_copy(model_dir, tmp_path):
+    """A copy of a model directory whose weights are a pickle file (pytorch_model.bin) only."""
     directory = tmp_path / "Qwen3-0.6B"
-    shutil.copytree(tiny_model_dir, directory)
+    shutil.copytree(model_dir, directory)
     from safetensors.torch import load_file
 
     torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
     (directory / "model.safetensors").unlink()
+    return directory
+
+
+def test_pickle_only_model_directory_is_refused_before_loading(tiny_model_dir, tmp_path):
+    directory = pickle_only_copy(tiny_model_dir, tmp_path)
     with pytest.raises(UserError, match=r"has only pickle weights \(pytorch_model.bin\); safetensors is required "
                                         "because loading a pickle can run code hidden in it"):
         load_causal_lm(str(directory), None, "cpu")
@@ -347,20 +353,11 @@ def test_tool_bad_input_is_one_error_line_and_writes_nothing(case, tiny_model_di
 
 # ----- the training script: each bad input one `error:` line, nothing finished-looking left -------------
 
-def _pickle_only(model_dir, tmp_path):
-    directory = tmp_path / "Qwen3-0.6B"
-    shutil.copytree(model_dir, directory)
-    from safetensors.torch import load_file
-
-    torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
-    (directory / "model.safetensors").unlink()
-    return [f"--MODEL_NAME={directory}"]
-
-
 TRAIN_CASES = {
     "output root is a file": (lambda model_dir, tmp: (tmp / "file").write_text("x") and [f"--OUTPUT_ROOT={tmp / 'file'}"],
                               "is a file, not a directory"),
-    "pickle-only model": (_pickle_only, "safetensors is required"),
+    "pickle-only model": (lambda model_dir, tmp: [f"--MODEL_NAME={pickle_only_copy(model_dir, tmp)}"],
+                          "safetensors is required"),
     "diverging learning rate": (lambda model_dir, tmp: ["--learning_rate=1e30"], "training diverged"),
 }
 
