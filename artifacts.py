@@ -13,6 +13,7 @@ from typing import Any
 
 from errors import UserError
 from model_loading import load_causal_lm, load_tokenizer
+from run_dir import fsync_path
 
 # The stack whose versions every output records: the seed's libraries, plus what a PTQ backend adds.
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
@@ -38,7 +39,7 @@ def base_load_extras(metadata: dict) -> dict:
     extras = (metadata.get("quantization") or {}).get("extras") or {}
     return {key: value for key, value in extras.items() if key in BASE_LOAD_EXTRAS}
 
-def plan_from_metadata(metadata: dict):
+def quantization_plan_from_metadata(metadata: dict):
     """The `(spec, BitsAndBytesConfig | None)` a run used, rebuilt from its metadata's quantization block."""
     from quantization_utils import build_quantization_plan
 
@@ -98,7 +99,7 @@ def load_output_dir(path: str | Path, device: str | None = None, trust_remote_co
     check_remote_code(path, metadata, trust_remote_code)
     artifact = metadata.get("artifact") or {}
     if artifact.get("primary", "merged") == "adapter" or artifact.get("kind") == "adapter_only":
-        _, bnb_config = plan_from_metadata(metadata)
+        _, bnb_config = quantization_plan_from_metadata(metadata)
         model = load_adapter_model(metadata["base_model"], path / artifact.get("adapter_dir", "adapter"), bnb_config,
                                    device, trust_remote_code)
     else:
@@ -175,14 +176,6 @@ def check_remote_code(directory: str | Path, metadata: dict | None, trust_remote
 
 # ----- writing --------------------------------------------------------------------------------------------
 
-def fsync_directory(directory: str | Path) -> None:
-    """Make the entries of a directory (a file created or renamed in it) durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 def non_finite_values(value: Any, where: str = "") -> list[str]:
     """`key.path=value` of every nan / inf float inside a JSON-like value."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -223,7 +216,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    fsync_path(path.parent)
 
 
 def publish_run(run, cfg: dict, metadata: dict) -> Path:

@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "Fine-tuning" / "01_Train.py"
+# The type of each training constant whose default is None (it then also accepts None).
+OPTIONAL_TYPES = {"DATASET_PATH": str}
 from typing import Any, Mapping
 
 from data_utils import DATASETS, NEEDS_PATH, resolve_source
@@ -75,12 +77,12 @@ def training_defaults() -> dict[str, Any]:
     namespace = runpy.run_path(str(TRAIN_SCRIPT), run_name="training_constants")
     return {name: namespace[name] for name in namespace["CONFIG_NAMES"]}
 
-def resolve_config(defaults: Mapping[str, Any], argv: list[str], optional_types: Mapping[str, type]) -> dict[str, Any]:
+def resolve_config(defaults: Mapping[str, Any], argv: list[str]) -> dict[str, Any]:
     """The run's config: defaults with the command line's overrides, validated. QLORA trains LoRA adapters,
     so a QLORA run asking for another PEFT_CONFIG gets LoRa, and says so."""
     from run_log import step
 
-    cfg = apply_overrides(defaults, argv, optional_types)
+    cfg = apply_overrides(defaults, argv, OPTIONAL_TYPES)
     validate_config(cfg)
     resolve_source(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"])  # a data file that exists, or a hub id; not read yet
     if str(cfg["QUANT_METHOD"]).upper() == "QLORA" and cfg["PEFT_CONFIG"] != "LoRa":

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from artifacts import library_versions, publish_run  # noqa: E402
-from checkpoint_utils import plan_resume, prepare_staging  # noqa: E402
+from checkpoint_utils import find_resume_point, prepare_staging  # noqa: E402
 from config_utils import resolve_config  # noqa: E402
 from chat_format import ensure_chat_template  # noqa: E402
 from data_utils import dataset_tag, load_training_data  # noqa: E402
@@ -71,7 +71,6 @@ merge_check_max_kl = 5e-3  # mean KL(trained || merged) per token above which th
 # ----------------------------------------------------------------------------------------------------
 
 CONFIG_NAMES = [name for name in globals() if name not in _names_before_config and name != "_names_before_config"]
-OPTIONAL_TYPES = {"DATASET_PATH": str}
 
 
 def main(argv=None) -> Path | None:
@@ -81,7 +80,7 @@ def main(argv=None) -> Path | None:
     try:
         # ---- config ---------------------------------------------------------------------------------
         cfg = resolve_config({name: globals()[name] for name in CONFIG_NAMES},
-                             sys.argv[1:] if argv is None else list(argv), OPTIONAL_TYPES)
+                             sys.argv[1:] if argv is None else list(argv))
         model_config = read_model_config(cfg["MODEL_NAME"], cfg["max_seq_length"], cfg["trust_remote_code"])
         import torch
 
@@ -104,7 +103,7 @@ def main(argv=None) -> Path | None:
             if run.staged_complete and launch.is_main:
                 step("publish", "the staged run had finished all but its rename: publishing it without training")
                 return run.publish()
-            resume = plan_resume(cfg["RESUME"], run.staging / "checkpoints", cfg)
+            resume = find_resume_point(cfg["RESUME"], run.staging / "checkpoints", cfg)
             # ---- data -------------------------------------------------------------------------------
             tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
             prompt_format = ensure_chat_template(tokenizer, cfg["MODEL_NAME"])  # "model" | "plain" (saved with the output)

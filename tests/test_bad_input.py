@@ -4,10 +4,10 @@ Remote code shipped in a directory, names read from a file, non-finite constants
 checkpoints, pickle weights, broken data and metadata files, a full disk, unfinished runs."""
 
 import errno
-import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from artifacts import load_output_dir, write_json
-from checkpoint_utils import (MARKER, MarkCompleteCallback, NonFiniteLossError, StopOnNonFiniteLossCallback,
-                              checkpoint_problem, write_marker)
-from config_utils import ConfigError, validate_config
-from conftest import OPENMATH_SAMPLE, ROOT, TRAIN_SCRIPT
+from checkpoint_utils import MARKER, NonFiniteLossError, checkpoint_problem, write_marker
+from config_utils import ConfigError, training_defaults, validate_config
+from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, ROOT, run_train
 from errors import UserError
 from memory_planner import explain_disk_full
 from model_loading import load_causal_lm
@@ -28,14 +27,6 @@ from tools.evaluate import main as evaluate
 from tools.quantize import main as quantize
 
 OUTPUT_NAME = "Qwen3-0.6B-openmath_SFT_LoRa8_QLORA_w4_headbf16"
-
-
-def train_defaults() -> dict:
-    """The constants of Fine-tuning/01_Train.py as shipped."""
-    spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return {name: getattr(module, name) for name in module.CONFIG_NAMES}
 
 
 def output_metadata(**overrides) -> dict:
@@ -163,7 +154,7 @@ BAD_CONSTANTS = {
 @pytest.mark.parametrize("case", BAD_CONSTANTS)
 def test_bad_numeric_constant_names_itself_and_the_allowed_range(case):
     value, message = BAD_CONSTANTS[case]
-    cfg = {**train_defaults(), case.split()[0]: value}
+    cfg = {**training_defaults(), case.split()[0]: value}
     with pytest.raises(ConfigError) as raised:
         validate_config(cfg)
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
@@ -186,15 +177,14 @@ def test_non_finite_loss_stops_training_before_saving_that_step(tiny_model_dir, 
     from model_loading import load_tokenizer
     from training_setup import build_trainer, prepare_for_training
 
-    cfg = {**train_defaults(), "lora_r": 8, "max_steps": 5, "save_steps": 1, "keep_checkpoints": 5,
+    cfg = {**training_defaults(), "lora_r": 8, "max_steps": 5, "save_steps": 1, "keep_checkpoints": 5,
            "logging_steps": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
            "max_seq_length": 64, "gradient_checkpointing": False, "optim": "adamw_torch", "PEFT_CONFIG": "LoRa"}
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = prepare_for_training(load_causal_lm(str(tiny_model_dir), None, "cpu"), cfg, quantized=False)
     data = to_sft_dataset(load_rows("openmath", OPENMATH_SAMPLE, 20), "openmath")
     checkpoints = tmp_path / "checkpoints"
-    trainer = build_trainer(model, tokenizer, cfg, data, None, checkpoints, "cpu",
-                            callbacks=[MarkCompleteCallback(cfg), StopOnNonFiniteLossCallback()])
+    trainer = build_trainer(model, tokenizer, cfg, data, None, checkpoints, "cpu")  # its callbacks: marker, non-finite
     embeddings = model.get_input_embeddings()  # TRL's fused loss reads lm_head's weight without calling it
     embeddings.register_forward_hook(lambda module, args, out: out * math.nan if trainer.state.global_step >= 2 else out)
     with pytest.raises(NonFiniteLossError) as raised:
@@ -221,13 +211,19 @@ def test_zero_filled_file_of_the_right_size_fails_its_checksum(tmp_path):
 
 # ----- 5. one line instead of a traceback ---------------------------------------------------------------
 
-def test_pickle_only_model_directory_is_refused_before_loading(tiny_model_dir, tmp_path):
+def pickle_only_copy(model_dir, tmp_path):
+    """A copy of a model directory whose weights are a pickle file (pytorch_model.bin) only."""
     directory = tmp_path / "Qwen3-0.6B"
-    shutil.copytree(tiny_model_dir, directory)
+    shutil.copytree(model_dir, directory)
     from safetensors.torch import load_file
 
     torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
     (directory / "model.safetensors").unlink()
+    return directory
+
+
+def test_pickle_only_model_directory_is_refused_before_loading(tiny_model_dir, tmp_path):
+    directory = pickle_only_copy(tiny_model_dir, tmp_path)
     with pytest.raises(UserError, match=r"has only pickle weights \(pytorch_model.bin\); safetensors is required "
                                         "because loading a pickle can run code hidden in it"):
         load_causal_lm(str(directory), None, "cpu")
@@ -353,3 +349,27 @@ def test_tool_bad_input_is_one_error_line_and_writes_nothing(case, tiny_model_di
     assert message.startswith("error: ") and "\n" not in message, message
     assert expected.format(data=data) in message, message
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, nothing half-written
+
+
+# ----- the training script: each bad input one `error:` line, nothing finished-looking left -------------
+
+TRAIN_CASES = {
+    "output root is a file": (lambda model_dir, tmp: (tmp / "file").write_text("x") and [f"--OUTPUT_ROOT={tmp / 'file'}"],
+                              "is a file, not a directory"),
+    "pickle-only model": (lambda model_dir, tmp: [f"--MODEL_NAME={pickle_only_copy(model_dir, tmp)}"],
+                          "safetensors is required"),
+    "diverging learning rate": (lambda model_dir, tmp: ["--learning_rate=1e30"], "training diverged"),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_training_bad_input_is_one_error_line_and_nothing_finished(case, tiny_model_dir, tmp_path):
+    make_args, message = TRAIN_CASES[case]
+    out = tmp_path / "out"
+    args = [f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
+            *FAST_TRAIN_ARGS, *make_args(tiny_model_dir, tmp_path)]
+    result = run_train(args)
+    errors = re.findall(r"(?:^|[\r\n\]])error: [^\r\n]*", result.stderr)  # a progress bar may end the line before it
+    assert result.returncode == 1 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not list(out.glob("*/metadata.json")) and not [p for p in out.glob("*") if not p.name.startswith(".")]

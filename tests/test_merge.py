@@ -137,13 +137,9 @@ report(model, meta["artifact"]["fingerprints"]["adapter"])
     ({"eval_samples": 0}, "merge_after_train=True needs eval_samples > 0"),
 ])
 def test_merge_settings_are_validated(override, message):
-    import importlib.util
+    from config_utils import training_defaults
 
-    from conftest import TRAIN_SCRIPT
-    spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = {name: getattr(module, name) for name in module.CONFIG_NAMES} | override
+    cfg = training_defaults() | override
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         validate_config(cfg)
 

@@ -44,16 +44,16 @@ ARTIFACT_LOADERS = {
 
 
 @dataclass(frozen=True)
-class LoadPlan:
+class LoadKind:
     """How one directory is loaded: `kind` is merged | adapter | ptq | base."""
 
     kind: str
     method: str  # quantization method of the training run or PTQ (metadata, else name, else NONE)
     base_model: str | None = None  # adapter kind: the model the adapter was trained on
-    quant_options: tuple = ()  # adapter kind: extras of the training plan, as (name, value) pairs
+    quant_options: tuple = ()  # adapter kind: extras of the quantization plan, as (name, value) pairs
 
 
-def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
+def detect_load_kind(path: Path, metadata: dict | None) -> LoadKind:
     """What a directory holds and how to load it, from its metadata (or name); reads no weights."""
     path = Path(path)
     check_finished(path)
@@ -63,7 +63,7 @@ def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
             raise ValueError(f"{path} looks like a QLoRA adapter (name) but has no metadata.json naming its base model")
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is neither an output directory (metadata.json) nor a model (config.json)")
-        return LoadPlan("merged" if method else "base", (method or QuantMethod.NONE).value)
+        return LoadKind("merged" if method else "base", (method or QuantMethod.NONE).value)
     quant = metadata.get("quantization") or {}
     method = str(quant.get("method", "NONE"))
     artifact = (metadata.get("artifact") or {}).get("kind")
@@ -72,16 +72,16 @@ def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
     kind = ARTIFACT_LOADERS[artifact]
     if (metadata.get("artifact") or {}).get("primary") == "adapter":  # a flagged merge: the adapter is the model
         kind = "adapter"
-    if kind == "adapter":  # the options are artifacts.plan_from_metadata's, which loads it
-        return LoadPlan("adapter", method, metadata["base_model"], tuple(sorted(base_load_extras(metadata).items())))
-    return LoadPlan(kind, method)  # merged: bf16 on disk whatever the training method
+    if kind == "adapter":  # the options are artifacts.quantization_plan_from_metadata's, which loads it
+        return LoadKind("adapter", method, metadata["base_model"], tuple(sorted(base_load_extras(metadata).items())))
+    return LoadKind(kind, method)  # merged: bf16 on disk whatever the training method
 
 
-def check_loadable(path: Path, metadata: dict | None, plan: LoadPlan, trust_remote_code: bool) -> None:
+def check_loadable(path: Path, metadata: dict | None, load: LoadKind, trust_remote_code: bool) -> None:
     """What loading would refuse, found before any model loads: remote code not asked for, pickle weights."""
     check_remote_code(path, metadata, trust_remote_code)
-    weights_dir = plan.base_model if plan.kind == "adapter" else path
-    if plan.kind == "adapter" and Path(weights_dir).is_dir():
+    weights_dir = load.base_model if load.kind == "adapter" else path
+    if load.kind == "adapter" and Path(weights_dir).is_dir():
         check_remote_code(weights_dir, None, trust_remote_code)
     check_safetensors_weights(str(weights_dir))
 
@@ -97,14 +97,14 @@ def load_for_eval(path, device=None, trust_remote_code: bool = False):
 
     path = Path(path)
     metadata = read_metadata(path)
-    plan = detect_load_plan(path, metadata)
-    if plan.kind in ("adapter", "merged") and metadata is not None:
+    load = detect_load_kind(path, metadata)
+    if load.kind in ("adapter", "merged") and metadata is not None:
         model, tokenizer, metadata = load_output_dir(path, device, trust_remote_code)
         return model.eval(), tokenizer, metadata
     check_remote_code(path, metadata, trust_remote_code)
     # base: bf16 safetensors; ptq: the quantization_config in config.json decides the format
     model = load_causal_lm(str(path), None, device or pick_device(), trust_remote_code,
-                           dtype=torch.bfloat16 if plan.kind != "ptq" else "auto")
+                           dtype=torch.bfloat16 if load.kind != "ptq" else "auto")
     return model.eval(), load_tokenizer(str(path), trust_remote_code), metadata
 
 
@@ -216,18 +216,18 @@ def score(dataset: str, predictions: list[str], rows) -> dict:
 def evaluate_dir(path: Path, split: dict, rows, examples, args) -> dict:
     from memory_usage import weight_footprint
 
-    plan = detect_load_plan(path, read_metadata(path))
+    load = detect_load_kind(path, read_metadata(path))
     started = time.time()
     model, tokenizer, metadata = load_for_eval(path, trust_remote_code=args.trust_remote_code)
     load_seconds = time.time() - started
-    print(f"evaluate | {path.name}: {plan.kind} ({plan.method}) loaded in {load_seconds:.1f}s; "
+    print(f"evaluate | {path.name}: {load.kind} ({load.method}) loaded in {load_seconds:.1f}s; "
           f"{len(rows)} held-out {split['name']} rows", flush=True)
     loss = completion_loss(model, tokenizer, examples)
     predictions, new_tokens, gen_seconds = generate(model, tokenizer, list(examples["prompt"]),
                                                     args.max_new_tokens, args.batch_size)
     footprint = weight_footprint(model)
     result = {
-        "directory": str(path), "load_kind": plan.kind, "method": plan.method, "peft": (metadata or {}).get("peft"),
+        "directory": str(path), "load_kind": load.kind, "method": load.method, "peft": (metadata or {}).get("peft"),
         "artifact": (metadata or {}).get("artifact", {}).get("kind", "base_model"),
         "dataset": {k: split[k] for k in ("name", "path", "max_rows", "eval_rows", "seed")}, "rows": len(rows),
         **score(split["name"], predictions, rows),
@@ -322,7 +322,7 @@ def main(argv=None) -> list[dict]:
         metadatas = [read_metadata(p) for p in paths]
         for path, metadata in zip(paths, metadatas):  # every directory understood before any model loads
             with metadata_fields(path):
-                check_loadable(path, metadata, detect_load_plan(path, metadata), args.trust_remote_code)
+                check_loadable(path, metadata, detect_load_kind(path, metadata), args.trust_remote_code)
         with metadata_fields(*paths):
             splits = choose_splits(metadatas, args.dataset, args.dataset_path)
         if splits[0]["name"] == "text":

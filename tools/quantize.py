@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -36,6 +34,7 @@ from artifacts import (check_finished, check_remote_code, library_versions, meta
 from data_utils import DATASETS, load_rows, to_sft_dataset  # noqa: E402
 from errors import reading_user_file  # noqa: E402
 from model_loading import check_safetensors_weights  # noqa: E402
+from run_dir import claim, discard_staging  # noqa: E402
 from quantization_utils import (PTQ_METHODS, QuantSpec, build_metadata, build_ptq_plan,  # noqa: E402
                                 short_dtype_name, sibling_dir_name)
 
@@ -240,10 +239,9 @@ def main(argv=None) -> Path:
             final_dir = out_root / sibling_dir_name(source.dir.resolve().name, source.metadata, spec)
         if final_dir.resolve().parent != out_root.resolve():  # the name's parts are sanitized; this is the guarantee
             raise ValueError(f"the sibling's name {final_dir.name!r} would put it outside {out_root}")
-        if final_dir.exists():
-            raise ValueError(f"output directory {final_dir} exists; remove it or pass another --out-root")
         examples = calibration_examples(calibration, args.samples) if calibration else None
         check_backend_installed(spec)
+        run = claim(out_root, final_dir.name, "refuse")  # held until the sibling is published
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -257,37 +255,39 @@ def main(argv=None) -> Path:
                                            "max_seq_length": args.max_seq_length}})
     print(f"quantize | {spec.method.value} {source.dir} -> {final_dir}", flush=True)
 
-    staging = out_root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        started = time.time()
-        model = QUANTIZERS[spec.backend](source, spec, bnb_config, texts, args, staging)
-        seconds = time.time() - started
-        head = short_dtype_name(str(model.get_output_embeddings().weight.dtype))
-        if head != spec.lm_head_dtype:
-            raise RuntimeError(f"quantized lm_head is {head}, but the source's is {spec.lm_head_dtype}")
-        tokenizer.save_pretrained(staging)
-        spec = dataclasses.replace(spec, extras={**spec.extras, "format": saved_format(staging)})
-        weights_bytes = sum(f.stat().st_size for f in staging.glob("*.safetensors"))
-        meta = source.metadata or {}
-        metadata = build_metadata(
-            spec,
-            base_model=meta.get("base_model", str(source.dir)),
-            dataset=meta.get("dataset"),
-            peft=meta.get("peft"),
-            artifact={"kind": "ptq", "merged": True, "weights_bytes": weights_bytes},
-            quantize_seconds=round(seconds, 2),
-            versions=library_versions(("llmcompressor", "compressed-tensors") if spec.backend == "compressed-tensors" else ()),
-            source={"dir": str(source.dir.resolve()), "metadata": source.metadata},
-            created_unix=int(time.time()),
-        )
-        write_json(staging / "metadata.json", metadata)
-        os.replace(staging, final_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with run:
+        staging = run.staging  # nothing here looks finished until the final rename
+        discard_staging(run)
+        staging.mkdir(parents=True)
+        try:
+            started = time.time()
+            model = QUANTIZERS[spec.backend](source, spec, bnb_config, texts, args, staging)
+            seconds = time.time() - started
+            head = short_dtype_name(str(model.get_output_embeddings().weight.dtype))
+            if head != spec.lm_head_dtype:
+                raise RuntimeError(f"quantized lm_head is {head}, but the source's is {spec.lm_head_dtype}")
+            tokenizer.save_pretrained(staging)
+            spec = dataclasses.replace(spec, extras={**spec.extras, "format": saved_format(staging)})
+            weights_bytes = sum(f.stat().st_size for f in staging.glob("*.safetensors"))
+            meta = source.metadata or {}
+            metadata = build_metadata(
+                spec,
+                base_model=meta.get("base_model", str(source.dir)),
+                dataset=meta.get("dataset"),
+                peft=meta.get("peft"),
+                artifact={"kind": "ptq", "merged": True, "weights_bytes": weights_bytes},
+                quantize_seconds=round(seconds, 2),
+                versions=library_versions(("llmcompressor", "compressed-tensors")
+                                          if spec.backend == "compressed-tensors" else ()),
+                source={"dir": str(source.dir.resolve()), "metadata": source.metadata},
+                created_unix=int(time.time()),
+            )
+            write_json(staging / "metadata.json", metadata)
+            run.mark_staged()
+            final_dir = run.publish()
+        except BaseException:
+            discard_staging(run)
+            raise
     print(f"done     | {seconds:.1f}s, weights {weights_bytes / 1e6:.2f} MB -> {final_dir}", flush=True)
     return final_dir
 
