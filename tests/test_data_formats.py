@@ -168,8 +168,7 @@ def test_the_data_path_is_checked_with_the_config_before_anything_loads(tmp_path
 
     (tmp_path / "x.jsonl").mkdir()
     with pytest.raises(UserError, match=r"x\.jsonl is a directory, not a data file"):
-        resolve_config(training_defaults(), ["--DATASET_CHOICE=text", f"--DATASET_PATH={tmp_path / 'x.jsonl'}"],
-                       {"DATASET_PATH": str})
+        resolve_config(training_defaults(), ["--DATASET_CHOICE=text", f"--DATASET_PATH={tmp_path / 'x.jsonl'}"])
 
 
 @pytest.mark.parametrize("choice, path, word", [
