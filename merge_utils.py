@@ -6,9 +6,9 @@ W + scale * B @ A computed in fp32, so the merge never holds two copies of the m
   - "dequantized": dequant(NF4(W)), the function the adapter was trained against (exact up to bf16
     rounding), or
   - "original": the 16-bit weight read from the base checkpoint's safetensors, tensor by tensor.
-`merge_and_check` runs the candidates, measures each against the trained model on held-out
-examples (max |logit diff|, mean KL(trained || merged), loss), keeps the closest, optionally
-re-quantizes it to NF4, and returns the figures for metadata.json.
+`merge_and_check` runs the candidates, saves each and measures it as a user reloads it against the
+trained model on held-out examples (max |logit diff|, mean KL(trained || merged), loss), keeps the
+closest, optionally re-quantizes it to NF4, and returns the figures for metadata.json.
 """
 
 from __future__ import annotations
@@ -93,6 +93,20 @@ def checkpoint_reader(model_name: str) -> Callable[[str], Any]:
     return read
 
 
+def cast_weights(model, dtype) -> None:
+    """Cast parameters and persistent buffers to `dtype`; non-persistent buffers keep their dtype.
+
+    Non-persistent buffers (rotary `inv_freq`, Gemma's `embed_scale`) are not saved: every load
+    recomputes them, in fp32. `model.to(bf16)` rounds them too, and the model then differs from the one
+    a user reloads (bf16 `inv_freq` moved the demo model's logits by up to 0.21).
+    """
+    kept = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
+            if buffer is not None and name in module._non_persistent_buffers_set]
+    model.to(dtype)
+    for module, name, buffer in kept:
+        module._buffers[name] = buffer
+
+
 def _is_dora(model) -> bool:
     return any(getattr(cfg, "use_dora", False) for cfg in getattr(model, "peft_config", {}).values())
 
@@ -101,8 +115,8 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     """Fold every LoRA adapter into its base layer: W' = W + scale * B @ A, in fp32, cast to `dtype`.
 
     W is dequant(NF4(W)) for base="dequantized", the checkpoint's 16-bit weight of `model_name` for
-    base="original". Returns the unwrapped transformers model with only plain Linear layers, all in
-    `dtype` (bf16 by default), quantization markers removed. `peft_model` is consumed: it no longer
+    base="original". Returns the unwrapped transformers model with only plain Linear layers, its weights
+    in `dtype` (bf16 by default; non-persistent buffers as loaded), quantization markers removed. `peft_model` is consumed: it no longer
     holds the model, so references to it left elsewhere do not keep a second copy alive.
     """
     import bitsandbytes as bnb
@@ -117,7 +131,7 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     if _is_dora(peft_model):  # DoRA is not additive; only on an unquantized base (QLORA forces LoRA)
         model = peft_model.merge_and_unload()
         peft_model.base_model.model = None
-        model.to(dtype)
+        cast_weights(model, dtype)
         return model
     read = checkpoint_reader(model_name) if base == "original" else None
     base_weight = MERGE_BASE_WEIGHTS[base]
@@ -138,7 +152,7 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
             if isinstance(module, bnb.nn.Linear4bit):  # layers without an adapter (lora targets a subset)
                 model.set_submodule(name, _plain_linear(module, base_weight(module, name, read), dtype))
     strip_quantization(model)
-    model.to(dtype)  # undo prepare_model_for_kbit_training's fp32 upcast of norms and embeddings
+    cast_weights(model, dtype)  # undo prepare_model_for_kbit_training's fp32 upcast of norms and embeddings
     model.config.dtype = dtype
     return model
 
@@ -292,22 +306,47 @@ def _move_contents(source: Path, target: Path) -> None:
     shutil.rmtree(source)
 
 
+def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits: list, batches,
+                  fingerprint_ids: list[int]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A saved model directory, reloaded by `reload` as a user loads it, measured against the trained model:
+    (merge-check figures, logits fingerprint, lm_head dtype name). The reloaded model is freed before
+    returning."""
+    import gc
+
+    model = reload(directory)
+    figures = measure_candidate(model, trained_logits, batches)
+    fingerprint = logits_fingerprint(model, fingerprint_ids)
+    head = head_dtype_name(model)
+    del model
+    gc.collect()
+    return figures, fingerprint, head
+
+
 def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_base: str, precision: str,
                     head_dtype, max_kl: float, load_trained: Callable[[], Any], load_merged: Callable[..., Any],
+                    reload: Callable[[Path], Any] | None = None,
                     report: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge `model` (a trained PeftModel), check every candidate, write the kept one into `staging`.
 
     merge_base "dequantized" | "original" | "auto" (both, the one with the lower mean KL kept);
     precision "bf16" (plain safetensors) | "nf4" (the kept candidate re-quantized through
-    `load_merged(dir)`, bitsandbytes serialization). Candidates go to `staging/.merge-*` first; only
-    one copy of the model is in memory at a time (`load_trained()` rebuilds the trained model for
-    the second candidate of "auto"). Returns (merge_check, artifact) for metadata.json.
+    `load_merged(dir)`, bitsandbytes serialization). Every candidate is saved first (to
+    `staging/.merge-*`, the NF4 one to `staging`), freed, and measured as `reload(dir)` loads it back
+    (default `artifacts.load_merged_dir` on the trained model's device: plain `from_pretrained`, the
+    saved fp16 head kept): the figures and fingerprints are those of the files, not of the object that
+    wrote them. Only one copy of the model is in memory at a time (`load_trained()` rebuilds the trained
+    model for the second candidate of "auto"). Returns (merge_check, artifact) for metadata.json.
     """
     import gc
     import shutil
 
     import torch
 
+    if reload is None:
+        from artifacts import load_merged_dir
+
+        device = str(next(model.parameters()).device)
+        reload = lambda directory: load_merged_dir(directory, None, device)  # noqa: E731
     trained = logits_on(model, batches)
     fingerprint_ids = batches[0]["input_ids"][0, :FINGERPRINT_TOKENS].tolist()
     candidates, fingerprints, head_names = {}, {}, {}
@@ -319,26 +358,25 @@ def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_bas
         del model
         if head_dtype != torch.bfloat16:
             set_lm_head_dtype(merged, head_dtype)
-        candidates[base] = measure_candidate(merged, trained, batches)
-        fingerprints[base] = logits_fingerprint(merged, fingerprint_ids)
-        head_names[base] = head_dtype_name(merged)
-        report(f"{base}: " + _figures(candidates[base]))
         merged.save_pretrained(staging / f".merge-{base}")
         del merged
         gc.collect()
+        candidates[base], fingerprints[base], head_names[base] = measure_saved(
+            staging / f".merge-{base}", reload, trained, batches, fingerprint_ids)
+        report(f"{base}: " + _figures(candidates[base]))
     chosen = min(bases, key=lambda b: candidates[b]["mean_kl"])
     final = chosen
     if precision == "nf4":
         quantized = load_merged(staging / f".merge-{chosen}")
         # Saved before any forward: on CPU, bitsandbytes repacks 4-bit weights on the first inference
         # forward with bf16 absmax, and re-quantizes them on save, so a model saved after a forward is
-        # not the one that was measured.
+        # not the one a forward ran on.
         quantized.save_pretrained(staging)
-        candidates["nf4"] = measure_candidate(quantized, trained, batches)
-        fingerprints["nf4"] = logits_fingerprint(quantized, fingerprint_ids)
-        head_names["nf4"] = head_dtype_name(quantized)
-        report(f"nf4 (re-quantized {chosen}): " + _figures(candidates["nf4"]))
         del quantized
+        gc.collect()
+        candidates["nf4"], fingerprints["nf4"], head_names["nf4"] = measure_saved(
+            staging, reload, trained, batches, fingerprint_ids)
+        report(f"nf4 (re-quantized {chosen}): " + _figures(candidates["nf4"]))
         final = "nf4"
     else:
         _move_contents(staging / f".merge-{chosen}", staging)

@@ -196,3 +196,18 @@ def test_original_base_is_the_checkpoint_weight_plus_the_adapter(tiny_model_dir)
     expected = (checkpoint[f"{name}.weight"].float() + delta).to(torch.bfloat16)
     assert torch.equal(merged.get_submodule(name).weight, expected)
     assert torch.equal(merged.get_submodule(untargeted).weight, checkpoint[f"{untargeted}.weight"])
+
+
+def test_merge_leaves_non_persistent_buffers_as_every_load_computes_them(tiny_model_dir):
+    """Rotary inv_freq is not saved; every load computes it in fp32. The merged model keeps it so: cast to
+    bf16 it moved the reloaded logits away from those measured before saving."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from merge_utils import merge_lora
+
+    merged = merge_lora(_peft_on_4bit(tiny_model_dir), "dequantized")
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    assert merged.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(merged.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
