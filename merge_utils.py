@@ -107,6 +107,15 @@ def cast_weights(model, dtype) -> None:
         module._buffers[name] = buffer
 
 
+def _release_model(peft_model) -> None:
+    """Drop every reference a PeftModel holds to the transformers model it wraps: the submodule, and the
+    bound `prepare_inputs_for_generation` that peft keeps for causal LMs (it alone kept a merged
+    Qwen3-0.6B, 1.2 GB, alive while the caller held the PeftModel)."""
+    peft_model.base_model.model = None
+    if hasattr(peft_model, "base_model_prepare_inputs_for_generation"):
+        peft_model.base_model_prepare_inputs_for_generation = None
+
+
 def _is_dora(model) -> bool:
     return any(getattr(cfg, "use_dora", False) for cfg in getattr(model, "peft_config", {}).values())
 
@@ -116,8 +125,9 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
 
     W is dequant(NF4(W)) for base="dequantized", the checkpoint's 16-bit weight of `model_name` for
     base="original". Returns the unwrapped transformers model with only plain Linear layers, its weights
-    in `dtype` (bf16 by default; non-persistent buffers as loaded), quantization markers removed. `peft_model` is consumed: it no longer
-    holds the model, so references to it left elsewhere do not keep a second copy alive.
+    in `dtype` (bf16 by default; non-persistent buffers as loaded), quantization markers removed.
+    `peft_model` is consumed: it no longer holds the model, so references to it left elsewhere do not
+    keep the merged model alive once its own references are gone.
     """
     import bitsandbytes as bnb
     import torch
@@ -130,13 +140,13 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     dtype = dtype or torch.bfloat16
     if _is_dora(peft_model):  # DoRA is not additive; only on an unquantized base (QLORA forces LoRA)
         model = peft_model.merge_and_unload()
-        peft_model.base_model.model = None
+        _release_model(peft_model)
         cast_weights(model, dtype)
         return model
     read = checkpoint_reader(model_name) if base == "original" else None
     base_weight = MERGE_BASE_WEIGHTS[base]
     model = peft_model.base_model.model
-    peft_model.base_model.model = None
+    _release_model(peft_model)
     # Every layer's fp32 working copies are freed at once; without this the heap kept them resident
     # (Qwen3-0.6B on CPU: RSS grew ~0.8 GiB beyond the merged weights during the merge).
     with freed_blocks_leave_the_heap():
@@ -313,12 +323,16 @@ def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits
     returning."""
     import gc
 
+    from heap import release_free_heap
+
+    release_free_heap()  # the model that wrote `directory` was just freed: its memory leaves before the reload
     model = reload(directory)
     figures = measure_candidate(model, trained_logits, batches)
     fingerprint = logits_fingerprint(model, fingerprint_ids)
     head = head_dtype_name(model)
     del model
     gc.collect()
+    release_free_heap()
     return figures, fingerprint, head
 
 

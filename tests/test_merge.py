@@ -156,12 +156,13 @@ def _peft_on_4bit(model_dir, targets=("q_proj", "down_proj")):
 
     _, bnb = build_quantization_plan("QLORA")
     model = load_causal_lm(str(model_dir), bnb, "cpu")
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), init_lora_weights=False))
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), init_lora_weights=False,
+                                            task_type="CAUSAL_LM"))
 
 
 def test_merge_frees_each_4bit_layer_and_keeps_no_second_copy(tiny_model_dir):
-    """Layer by layer: once merged, no 4-bit weight or adapter survives, even while the PeftModel
-    object the caller holds is still alive."""
+    """Layer by layer: once merged, no 4-bit weight or adapter survives, and the merged model lives only
+    as long as its own references, even while the PeftModel object the caller holds is still alive."""
     import gc
     import weakref
 
@@ -179,6 +180,10 @@ def test_merge_frees_each_4bit_layer_and_keeps_no_second_copy(tiny_model_dir):
     assert not any(ref() is not None for ref in quantized + adapters)
     assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    merged_ref = weakref.ref(merged)
+    del merged
+    gc.collect()
+    assert merged_ref() is None and model is not None
 
 
 def test_original_base_is_the_checkpoint_weight_plus_the_adapter(tiny_model_dir):
