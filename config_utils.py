@@ -7,24 +7,27 @@ evaluated.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "Fine-tuning" / "01_Train.py"
+# The type of each training constant whose default is None (it then also accepts None).
+OPTIONAL_TYPES = {"DATASET_PATH": str}
 from typing import Any, Mapping
 
 from data_utils import DATASETS
 from errors import UserError
 from quantization_utils import QuantMethod
+from run_dir import IF_EXISTS_POLICIES
 from training_setup import OPTIMIZERS
 
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")
 MERGED_PRECISIONS = ("bf16", "nf4")
-OUTPUT_EXISTS_POLICIES = ("refuse", "suffix")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
 
 class ConfigError(UserError):
     """A bad configuration value; its message is one line, fit to print as the run's only error."""
-
 
 def _parse_value(name: str, text: str, kind: type, optional: bool) -> Any:
     if optional and text in ("None", "none", ""):
@@ -44,7 +47,6 @@ def _parse_value(name: str, text: str, kind: type, optional: bool) -> Any:
         expected = {bool: "true or false", int: "an integer", float: "a number", list: "a comma-separated list",
                     str: "a string"}[kind]
         raise ConfigError(f"--{name}={text!r} is not {expected}" + (" (or None)" if optional else "")) from None
-
 
 def apply_overrides(defaults: Mapping[str, Any], argv: list[str],
                     optional_types: Mapping[str, type] | None = None) -> dict[str, Any]:
@@ -68,11 +70,53 @@ def apply_overrides(defaults: Mapping[str, Any], argv: list[str],
         config[name] = _parse_value(name, text, kind, optional)
     return config
 
+def training_defaults() -> dict[str, Any]:
+    """Fine-tuning/01_Train.py's constants as they stand in its fenced block (the script is read, not run)."""
+    import runpy
+
+    namespace = runpy.run_path(str(TRAIN_SCRIPT), run_name="training_constants")
+    return {name: namespace[name] for name in namespace["CONFIG_NAMES"]}
+
+def resolve_config(defaults: Mapping[str, Any], argv: list[str]) -> dict[str, Any]:
+    """The run's config: defaults with the command line's overrides, validated. QLORA trains LoRA adapters,
+    so a QLORA run asking for another PEFT_CONFIG gets LoRa, and says so."""
+    from run_log import step
+
+    cfg = apply_overrides(defaults, argv, OPTIONAL_TYPES)
+    validate_config(cfg)
+    if str(cfg["QUANT_METHOD"]).upper() == "QLORA" and cfg["PEFT_CONFIG"] != "LoRa":
+        step("config", "QLORA trains LoRA adapters: PEFT_CONFIG=%s overridden to LoRa", cfg["PEFT_CONFIG"])
+        cfg["PEFT_CONFIG"] = "LoRa"
+    return cfg
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_POSITIVE_INT = ("an integer > 0", lambda v: _integer(v) and v > 0)
+# Every numeric constant of Fine-tuning/01_Train.py: (what is allowed, in words; the test). nan and inf never pass.
+NUMERIC_RANGES = {
+    **{name: _POSITIVE_INT for name in ("lora_r", "lora_alpha", "per_device_train_batch_size",
+                                        "gradient_accumulation_steps", "max_seq_length", "max_train_samples",
+                                        "save_steps", "logging_steps", "keep_checkpoints")},
+    "eval_samples": ("an integer >= 0", lambda v: _integer(v) and v >= 0),
+    "seed": ("an integer >= 0 (and < 2**32)", lambda v: _integer(v) and 0 <= v < 2**32),  # numpy's seed range
+    "max_steps": ("an integer > 0, or -1 to run num_train_epochs", lambda v: _integer(v) and (v > 0 or v == -1)),
+    "learning_rate": ("a finite number > 0", lambda v: _finite(v) and v > 0),
+    "lora_dropout": ("a finite number in [0, 1)", lambda v: _finite(v) and 0 <= v < 1),
+    "num_train_epochs": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),  # > 0 when max_steps is -1
+    "merge_check_max_kl": ("a finite number >= 0 (a mean KL divergence; 0 flags any difference)",
+                           lambda v: _finite(v) and v >= 0),
+}
+
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Check a resolved training config before anything loads: types, ranges and combinations."""
@@ -89,15 +133,11 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
              f"DATASET_CHOICE={cfg['DATASET_CHOICE']!r} is unknown; allowed: {', '.join(DATASETS)}")
     _require(cfg["PEFT_CONFIG"] in PEFT_CHOICES,
              f"PEFT_CONFIG={cfg['PEFT_CONFIG']!r} is unknown; allowed: {', '.join(PEFT_CHOICES)}")
-    for name in ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
-                 "max_seq_length", "max_train_samples", "save_steps", "logging_steps", "keep_checkpoints"):
+    for name, (allowed, accepts) in NUMERIC_RANGES.items():
         if name in cfg:
-            _require(isinstance(cfg[name], int) and cfg[name] > 0, f"{name}={cfg[name]!r} must be an integer > 0")
-    _require(cfg["learning_rate"] > 0, f"learning_rate={cfg['learning_rate']!r} must be > 0")
-    _require(0 <= cfg["lora_dropout"] < 1, f"lora_dropout={cfg['lora_dropout']!r} must be in [0, 1)")
-    _require(cfg["eval_samples"] >= 0, f"eval_samples={cfg['eval_samples']!r} must be >= 0")
-    _require(cfg["max_steps"] == -1 or cfg["max_steps"] > 0,
-             f"max_steps={cfg['max_steps']!r} must be > 0, or -1 to run num_train_epochs")
+            _require(accepts(cfg[name]), f"{name}={cfg[name]!r} must be {allowed}")
+    for name, value in cfg.items():  # a float constant added without a range of its own is still checked
+        _require(not isinstance(value, float) or math.isfinite(value), f"{name}={value!r} must be a finite number")
     _require(cfg["max_steps"] > 0 or cfg["num_train_epochs"] > 0,
              f"num_train_epochs={cfg['num_train_epochs']!r} must be > 0 when max_steps is -1")
     _require(len(cfg["target_modules"]) > 0, "target_modules is empty; give module names such as q_proj,v_proj")
@@ -115,8 +155,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
              "keep_lm_head_fp16=True needs merge_after_train=True: an adapter-only output has no head of its own")
     _require(cfg["OUTPUT_ROOT"] != "", "OUTPUT_ROOT is empty; give a directory")
     if "if_output_exists" in cfg:
-        _require(cfg["if_output_exists"] in OUTPUT_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
-                 f"is unknown; allowed: {', '.join(OUTPUT_EXISTS_POLICIES)}")
+        _require(cfg["if_output_exists"] in IF_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
+                 f"is unknown; allowed: {', '.join(IF_EXISTS_POLICIES)}")
     if "RESUME" in cfg:
         _require(cfg["RESUME"] in ("auto", "never") or Path(cfg["RESUME"]).is_dir(),
                  f"RESUME={cfg['RESUME']!r} is not auto, never or an existing checkpoint directory")

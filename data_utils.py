@@ -10,10 +10,11 @@ jsonl/json/parquet/csv file. The project's own sample files (`samples/`) are gen
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from errors import UserError
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
@@ -60,22 +61,22 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def get_dataset_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     return DATASETS[name]
 
 def check_local_file(path: str | Path) -> str:
     """Return the `datasets` builder for a local data file, or raise a one-line error."""
     path = Path(path)
     if path.suffix.lower() not in LOCAL_FORMATS:
-        raise ValueError(f"dataset file {path} has an unsupported extension; allowed: {', '.join(LOCAL_FORMATS)}")
+        raise UserError(f"dataset file {path} has an unsupported extension; allowed: {', '.join(LOCAL_FORMATS)}")
     if not path.is_file():
-        raise ValueError(f"dataset file {path} does not exist")
+        raise UserError(f"dataset file {path} does not exist")
     return LOCAL_FORMATS[path.suffix.lower()]
 
 def check_columns(columns: list[str], spec: DatasetSpec, source: str) -> None:
     missing = [c for c in spec.columns if c not in columns]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{source} lacks the {spec.name} columns {missing}; the {spec.name} schema needs {list(spec.columns)}"
         )
 
@@ -99,9 +100,25 @@ def split_rows(rows, eval_rows: int, seed: int):
     if eval_rows <= 0:
         return rows, rows.select([])
     if eval_rows >= len(rows):
-        raise ValueError(f"eval_samples={eval_rows} leaves no training rows out of {len(rows)}")
+        raise UserError(f"eval_samples={eval_rows} leaves no training rows out of {len(rows)}")
     parts = rows.train_test_split(test_size=eval_rows, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A run's rows, split and in TRL's conversational prompt/completion form."""
+
+    train: Any
+    held_out: Any
+    source: str  # the local file or the hub id the rows came from
+
+def load_training_data(cfg: dict[str, Any]) -> TrainingData:
+    """Read, split and convert the rows a training config names (raises ValueError on bad input)."""
+    name, path = cfg["DATASET_CHOICE"], cfg["DATASET_PATH"]
+    rows = load_rows(name, path, cfg["max_train_samples"] + cfg["eval_samples"])
+    train_rows, held_out_rows = split_rows(rows, cfg["eval_samples"], cfg["seed"])
+    return TrainingData(to_sft_dataset(train_rows, name), to_sft_dataset(held_out_rows, name),
+                        str(path) if path is not None else get_dataset_spec(name).hub_id)
 
 def to_sft_dataset(rows, name: str):
     """Raw rows -> conversational prompt/completion rows (TRL computes the loss on the completion only)."""

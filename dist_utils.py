@@ -11,9 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from errors import UserError
+
 QUANT_STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
 _TRUE = ("1", "true", "yes")
-
 
 @dataclass(frozen=True)
 class LaunchContext:
@@ -30,7 +31,6 @@ class LaunchContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-
 def launch_context(env: Mapping[str, str] | None = None) -> LaunchContext:
     """This process's place in the launch, read from the variables torchrun / accelerate set."""
     env = os.environ if env is None else env
@@ -41,7 +41,6 @@ def launch_context(env: Mapping[str, str] | None = None) -> LaunchContext:
         fsdp=env.get("ACCELERATE_USE_FSDP", "false").lower() in _TRUE,
     )
 
-
 def resolve_quant_storage(setting: str, fsdp: bool, compute_dtype: str = "bfloat16") -> str | None:
     """The bnb_4bit_quant_storage dtype name to use, or None for bitsandbytes' default (uint8).
 
@@ -49,30 +48,28 @@ def resolve_quant_storage(setting: str, fsdp: bool, compute_dtype: str = "bfloat
     weights must be stored in the model's dtype; elsewhere uint8 is the default.
     """
     if setting not in QUANT_STORAGE_CHOICES:
-        raise ValueError(f"bnb_4bit_quant_storage={setting!r} is unknown; allowed: {', '.join(QUANT_STORAGE_CHOICES)}")
+        raise UserError(f"bnb_4bit_quant_storage={setting!r} is unknown; allowed: {', '.join(QUANT_STORAGE_CHOICES)}")
     if setting == "auto":
         return compute_dtype if fsdp else None
     return None if setting == "uint8" else setting
-
 
 def check_launch(ctx: LaunchContext, cfg: Mapping[str, Any], cuda_available: bool) -> None:
     """Refuse launch/config combinations known to fail or, worse, to train silently wrong."""
     if not ctx.fsdp:
         return
     if not cuda_available:
-        raise ValueError("FSDP needs CUDA GPUs (bitsandbytes 4-bit layers are sharded on GPU only); "
+        raise UserError("FSDP needs CUDA GPUs (bitsandbytes 4-bit layers are sharded on GPU only); "
                          "on CPU use DDP: torchrun --nproc_per_node N Fine-tuning/01_Train.py")
     storage = resolve_quant_storage(cfg["bnb_4bit_quant_storage"], True)
     if str(cfg["QUANT_METHOD"]).upper() == "QLORA" and storage != "bfloat16":
-        raise ValueError(f"bnb_4bit_quant_storage={cfg['bnb_4bit_quant_storage']!r} under FSDP: the 4-bit storage "
+        raise UserError(f"bnb_4bit_quant_storage={cfg['bnb_4bit_quant_storage']!r} under FSDP: the 4-bit storage "
                          "dtype must equal the model dtype (bfloat16) or training silently gives loss 0/NaN; "
                          "allowed with FSDP: auto, bfloat16")
     if str(cfg["optim"]).startswith("paged_"):
-        raise ValueError(f"optim={cfg['optim']!r} under FSDP: paged optimizer state lives outside what FSDP's sharded "
+        raise UserError(f"optim={cfg['optim']!r} under FSDP: paged optimizer state lives outside what FSDP's sharded "
                          "checkpoints save and restore; use adamw_torch")
     if cfg["PEFT_CONFIG"] == "DoRa":
-        raise ValueError("PEFT_CONFIG='DoRa' under FSDP is not supported here; use LoRa")
-
+        raise UserError("PEFT_CONFIG='DoRa' under FSDP is not supported here; use LoRa")
 
 def gather(obj: Any) -> list[Any]:
     """`obj` from every rank, in rank order (just `[obj]` without a process group)."""
@@ -84,6 +81,53 @@ def gather(obj: Any) -> list[Any]:
     dist.all_gather_object(objects, obj)
     return objects
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+def from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (just `obj` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+def start_device(launch: LaunchContext, seed: int) -> str:
+    """This process's device ("cpu", "cuda" or, in a distributed launch, "cuda:N"), with the process group
+    joined, the seed set and the CUDA peak counters reset, so the run's peaks are its own."""
+    import torch
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from run_log import step
+
+    state = PartialState()  # joins the process group of a distributed launch; a no-op for a single process
+    device = state.device.type if not launch.distributed else str(state.device)
+    set_seed(seed)
+    if launch.distributed:
+        step("model", "%s launch: %d processes, one per %s", "FSDP" if launch.fsdp else "DDP", launch.world_size,
+             state.device.type)
+    if device == "cpu":
+        step("model", "no CUDA device: running on CPU (bitsandbytes NF4 CPU kernels; paged optimizers run unpaged)")
+    else:
+        torch.cuda.reset_peak_memory_stats()
+    return device
+
+def claim_on_main(is_main: bool, root, name: str, if_exists: str):
+    """Rank 0 claims the output directory (run_dir.claim: the lock is held until publish); every rank gets its
+    paths."""
+    from run_dir import RunDir, claim
+    from run_log import step
+
+    run = claim(root, name, if_exists, log=lambda line: step("plan", "%s", line)) if is_main else None
+    final, staging = from_main((run.final, run.staging) if run else None)
+    return run or RunDir(final, staging, lock_path=final.parent / f".{final.name}.lock", lock_fd=None)
 
 def combine_peak_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One peak-memory report from each rank's `peak_memory_report()`: every GPU listed with its rank."""

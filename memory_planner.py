@@ -6,12 +6,14 @@ prints the planner's error beside each measurement.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from config_utils import ConfigError
+from errors import UserError
 from memory_usage import GIB, format_size
 from training_setup import DEFAULT_TARGET_MODULES, OPTIMIZERS
 
@@ -277,12 +279,63 @@ def disk_needed(trainable_bytes: int, trainable_params: int, optim: str, keep_ch
     return {"checkpoint": checkpoint, "adapter": trainable_bytes, "merged": merged,
             "total": (keep_checkpoints + 1) * checkpoint + trainable_bytes + merged}
 
-def check_free_disk(path: Path, needed: int, what: str) -> None:
-    """ConfigError when the filesystem holding `path` has less than `needed` bytes free."""
-    probe = path
+def disk_needed_for(model, cfg: Mapping[str, Any]) -> dict[str, int]:
+    """`disk_needed` for a model ready to train under the run's constants."""
+    from memory_usage import count_parameters
+
+    trainable, total = count_parameters(model)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    head_copy = model.get_output_embeddings().weight.numel() if cfg["keep_lm_head_fp16"] else 0  # untied fp16 head
+    writes_model = cfg["merge_after_train"] or cfg["PEFT_CONFIG"] == "Full"
+    return disk_needed(trainable_bytes, trainable, cfg["optim"], cfg["keep_checkpoints"],
+                       total + head_copy if writes_model else 0)
+
+
+def check_disk_for_run(model, cfg: Mapping[str, Any], root: Path) -> dict[str, int]:
+    """What the run will write, checked against the free disk under `root` before training starts."""
+    from run_log import step
+
+    disk = disk_needed_for(model, cfg)
+    check_free_disk(root, disk["total"], f"{cfg['keep_checkpoints'] + 1} checkpoints and the outputs")
+    step("disk", "%s per checkpoint, %s merged model, %s in all", format_size(disk["checkpoint"]),
+         format_size(disk["merged"]), format_size(disk["total"]))
+    return disk
+
+
+def _existing_ancestor(path: Path) -> Path:
+    probe = Path(path)
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    return probe
+
+def check_free_disk(path: Path, needed: int, what: str) -> None:
+    """ConfigError when the filesystem holding `path` has less than `needed` bytes free."""
+    free = shutil.disk_usage(_existing_ancestor(path)).free
     if free < needed:
         raise ConfigError(f"not enough free disk under {path} for {what}: need ~{format_size(needed)}, "
                           f"{format_size(free)} free")
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded")  # safetensors' Rust I/O errors
+TORCH_WRITE_FAILED = ("inline_container.cc", "PytorchStreamWriter")  # torch.save's zip writer, errno not kept
+
+def explain_disk_full(err: BaseException, needed_bytes: int, directory: Path) -> UserError | None:
+    """The one-line error for a save that failed because the disk filled up, or None when `err` is something else.
+
+    ENOSPC / EDQUOT (Python's OSError, safetensors' message) count always. torch.save reports a full disk
+    only as a failed write of its zip stream ('[enforce fail at inline_container.cc] . unexpected pos'):
+    that counts when the filesystem now has less than `needed_bytes` free.
+    """
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    free = shutil.disk_usage(_existing_ancestor(directory)).free
+    full = any(getattr(e, "errno", None) in DISK_FULL_ERRNOS or any(t in str(e) for t in DISK_FULL_TEXTS) for e in chain)
+    torch_write = any(t in str(e) for e in chain for t in TORCH_WRITE_FAILED)
+    if not (full or (torch_write and free < needed_bytes)):
+        return None
+    return UserError(f"the disk under {directory} is full: saving needs ~{format_size(needed_bytes)} free there, "
+                     f"{format_size(free)} is; free some space, then rerun the same command: it resumes from the "
+                     "last complete checkpoint")

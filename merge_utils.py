@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-
 def dense_weight(layer):
     """The weight of a Linear, nn or bitsandbytes 4-bit, as an fp32 tensor of its logical shape."""
     import bitsandbytes as bnb
@@ -33,7 +32,6 @@ def dense_weight(layer):
         return bnb.functional.dequantize_4bit(data, state).to(torch.float32)
     return weight.data.to(torch.float32)
 
-
 def _plain_linear(layer, weight, dtype):
     import torch
 
@@ -44,7 +42,6 @@ def _plain_linear(layer, weight, dtype):
         if layer.bias is not None:
             linear.bias.copy_(layer.bias.data.to(dtype))
     return linear
-
 
 def strip_quantization(model) -> None:
     """Remove what marks a transformers model as bitsandbytes-quantized, once no 4-bit layer remains."""
@@ -58,7 +55,6 @@ def strip_quantization(model) -> None:
     for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if hasattr(model, attr):
             setattr(model, attr, False)
-
 
 def checkpoint_reader(model_name: str) -> Callable[[str], Any]:
     """A function key -> tensor over the safetensors checkpoint of a hub id or local directory.
@@ -92,7 +88,6 @@ def checkpoint_reader(model_name: str) -> Callable[[str], Any]:
 
     return read
 
-
 def cast_weights(model, dtype) -> None:
     """Cast parameters and persistent buffers to `dtype`; non-persistent buffers keep their dtype.
 
@@ -106,7 +101,6 @@ def cast_weights(model, dtype) -> None:
     for module, name, buffer in kept:
         module._buffers[name] = buffer
 
-
 def _release_model(peft_model) -> None:
     """Drop every reference a PeftModel holds to the transformers model it wraps: the submodule, and the
     bound `prepare_inputs_for_generation` that peft keeps for causal LMs (it alone kept a merged
@@ -115,10 +109,8 @@ def _release_model(peft_model) -> None:
     if hasattr(peft_model, "base_model_prepare_inputs_for_generation"):
         peft_model.base_model_prepare_inputs_for_generation = None
 
-
 def _is_dora(model) -> bool:
     return any(getattr(cfg, "use_dora", False) for cfg in getattr(model, "peft_config", {}).values())
-
 
 def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = None, dtype=None):
     """Fold every LoRA adapter into its base layer: W' = W + scale * B @ A, in fp32, cast to `dtype`.
@@ -166,7 +158,6 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     model.config.dtype = dtype
     return model
 
-
 def _original_weight(layer, name: str, read):
     import torch
 
@@ -176,16 +167,13 @@ def _original_weight(layer, name: str, read):
         raise ValueError(f"checkpoint tensor {name}.weight has shape {tuple(weight.shape)}, the model {expected}")
     return weight
 
-
 MERGE_BASE_WEIGHTS: dict[str, Callable] = {
     "dequantized": lambda layer, name, read: dense_weight(layer),
     "original": _original_weight,
 }
 
-
 def _cast_input_to_head_dtype(module, args):
     return (args[0].to(module.weight.dtype), *args[1:])
-
 
 def set_lm_head_dtype(model, dtype, weight=None) -> None:
     """Give lm_head its own weight in `dtype` (untied from the embedding when they were tied).
@@ -207,13 +195,11 @@ def set_lm_head_dtype(model, dtype, weight=None) -> None:
         head.register_forward_pre_hook(_cast_input_to_head_dtype)
         head._casts_input = True
 
-
 def head_dtype_name(model) -> str:
     """Short name of the dtype lm_head really has: 'bf16' | 'fp16' | 'fp32'."""
     from quantization_utils import short_dtype_name
 
     return short_dtype_name(str(model.get_output_embeddings().weight.dtype))
-
 
 def logits_on(model, batches) -> list:
     """fp32 logits of `model` on each batch (dicts of input_ids / attention_mask), on CPU."""
@@ -227,7 +213,6 @@ def logits_on(model, batches) -> list:
             outputs.append(model(**batch).logits.float().cpu())
     return outputs
 
-
 def _comparison_sums(ref, cand, batch) -> dict[str, float]:
     """One batch's share of `compare_logits`: sums and maxima over its non-padding tokens."""
     import torch
@@ -240,20 +225,17 @@ def _comparison_sums(ref, cand, batch) -> dict[str, float]:
             "diff_sq": diff.pow(2).sum().item(), "ref_sq": ref.pow(2).sum().item(),
             "kl_sum": (ref_logp.exp() * (ref_logp - cand_logp)).sum().item(), "tokens": int(mask.sum())}
 
-
 def _comparison(parts: list[dict[str, float]]) -> dict[str, Any]:
     tokens = sum(p["tokens"] for p in parts)
     return {"max_abs_logit_diff": max(p["max_abs"] for p in parts), "max_abs_logit": max(p["max_logit"] for p in parts),
             "relative_error": (sum(p["diff_sq"] for p in parts) / max(sum(p["ref_sq"] for p in parts), 1e-30)) ** 0.5,
             "mean_kl": sum(p["kl_sum"] for p in parts) / max(tokens, 1), "tokens": tokens}
 
-
 def compare_logits(reference: list, candidate: list, batches) -> dict[str, Any]:
     """Max |logit difference|, relative error ||candidate - reference|| / ||reference|| and mean per-token
     KL(reference || candidate) over non-padding tokens; `max_abs_logit` (the reference's largest |logit|)
     sets the scale of bf16 rounding (2**-8 relative)."""
     return _comparison([_comparison_sums(r, c, b) for r, c, b in zip(reference, candidate, batches)])
-
 
 def _loss_sum(out, batch) -> tuple[float, int]:
     """Summed next-token cross-entropy of one batch over its non-padding tokens, and their count."""
@@ -265,15 +247,12 @@ def _loss_sum(out, batch) -> tuple[float, int]:
                                               ignore_index=-100).item()
     return total, int((labels != -100).sum())
 
-
 def sequence_loss(logits: list, batches) -> float:
     """Mean next-token cross-entropy over the non-padding tokens of `batches`."""
     sums = [_loss_sum(out, batch) for out, batch in zip(logits, batches)]
     return sum(t for t, _ in sums) / max(sum(c for _, c in sums), 1)
 
-
 FINGERPRINT_TOKENS, FINGERPRINT_VOCAB = 16, 8
-
 
 def logits_fingerprint(model, input_ids: list[int]) -> dict[str, Any]:
     """A small record of `model`'s logits on `input_ids`: the first few vocabulary entries per position,
@@ -285,7 +264,6 @@ def logits_fingerprint(model, input_ids: list[int]) -> dict[str, Any]:
     return {"input_ids": list(input_ids), "logits_head": logits[:, :FINGERPRINT_VOCAB].tolist(),
             "argmax": logits.argmax(-1).tolist(), "abs_sum": logits.abs().sum().item()}
 
-
 def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> float:
     """Max |difference| between two fingerprints' logits (inf when they were taken on other inputs)."""
     import torch
@@ -293,7 +271,6 @@ def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> 
     if recorded["input_ids"] != actual["input_ids"]:
         return float("inf")
     return (torch.tensor(recorded["logits_head"]) - torch.tensor(actual["logits_head"])).abs().max().item()
-
 
 def measure_candidate(model, trained_logits: list, batches) -> dict[str, Any]:
     """Merge-check figures of one candidate against the trained model's logits, one batch at a time (only
@@ -306,7 +283,6 @@ def measure_candidate(model, trained_logits: list, batches) -> dict[str, Any]:
         del cand
     return {**_comparison(parts), "loss": sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1)}
 
-
 def _move_contents(source: Path, target: Path) -> None:
     import os
     import shutil
@@ -314,7 +290,6 @@ def _move_contents(source: Path, target: Path) -> None:
     for item in source.iterdir():
         os.replace(item, target / item.name)
     shutil.rmtree(source)
-
 
 def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits: list, batches,
                   fingerprint_ids: list[int]) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -334,7 +309,6 @@ def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits
     gc.collect()
     release_free_heap()
     return figures, fingerprint, head
-
 
 def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_base: str, precision: str,
                     head_dtype, max_kl: float, load_trained: Callable[[], Any], load_merged: Callable[..., Any],
@@ -408,7 +382,76 @@ def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_bas
                 "fingerprints": {"merged": fingerprints[final]}}
     return merge_check, artifact
 
-
 def _figures(figures: dict[str, Any]) -> str:
     return (f"max |logit diff| {figures['max_abs_logit_diff']:.4g}, mean KL {figures['mean_kl']:.3g}, "
             f"loss {figures['loss']:.4f} over {figures['tokens']} held-out tokens")
+
+def tokenize_for_check(tokenizer, examples, max_length: int) -> list[dict]:
+    """Held-out prompt+completion rows as single-sequence batches for the merge check."""
+    batches = []
+    for example in examples:
+        text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+        encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
+        batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    return batches
+
+MERGE_CHECK_ROWS = 8  # held-out rows the merge check compares the merged model with the trained one on
+
+def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_config, device: str,
+                memory_plan: dict, report: Callable[[str], None]) -> tuple[dict | None, dict, dict]:
+    """Write the run's model into `staging` beside its adapter: the fully fine-tuned model, or the merged one
+    (checked against the trained model first), or nothing more for an adapter-only run. Returns
+    (merge_check, artifact, memory_plan) for metadata.json; `model` is consumed."""
+    import torch
+
+    from artifacts import load_adapter_model, load_merged_dir
+    from heap import release_free_heap
+    from memory_planner import with_merge_check
+    from memory_usage import GIB
+    from quantization_utils import QuantMethod, build_quantization_plan
+
+    fingerprint_ids = tokenize_for_check(tokenizer, check_rows.select(range(1)), FINGERPRINT_TOKENS)[0]["input_ids"][0]
+    load_trained = lambda: load_adapter_model(cfg["MODEL_NAME"], staging / "adapter", bnb_config, device,  # noqa: E731
+                                              cfg["trust_remote_code"])
+    reload = lambda path: load_merged_dir(path, None, device, cfg["trust_remote_code"])  # noqa: E731
+    if cfg["PEFT_CONFIG"] == "Full":
+        cast_weights(model, torch.bfloat16)
+        model.save_pretrained(staging)
+        # the weights leave memory before the reload (the trainer's callbacks still hold the model object)
+        model.to("meta")
+        release_free_heap()
+        return None, {"kind": "full_bf16", "weights_bits": 16, "merge_base": None, "primary": "merged",
+                      "fingerprints": {"merged": logits_fingerprint(reload(staging), fingerprint_ids.tolist())}}, memory_plan
+    if not cfg["merge_after_train"]:  # what the adapter gives when reloaded on the 4-bit base by the same plan
+        _release_model(model)  # the trained weights go before the reload: one copy in memory at a time
+        return None, {"kind": "adapter_only", "weights_bits": None, "merge_base": None, "primary": "adapter",
+                      "fingerprints": {"adapter": logits_fingerprint(load_trained(), fingerprint_ids.tolist())}}, memory_plan
+    batches = tokenize_for_check(tokenizer, check_rows.select(range(min(MERGE_CHECK_ROWS, len(check_rows)))),
+                                 cfg["max_seq_length"])
+    memory_plan = with_merge_check(memory_plan, [int(b["attention_mask"].sum()) for b in batches],
+                                   model.config.get_text_config().vocab_size, device.split(":")[0])
+    if "merge_check_logits_bytes" in memory_plan:
+        report(f"merge check over {memory_plan['merge_check_tokens']} tokens: merge phase predicted "
+               f"{memory_plan['merge_peak_bytes'] / GIB:.2f} GiB (its logits "
+               f"{memory_plan['merge_check_logits_bytes'] / GIB:.2f}); peak {memory_plan['peak_gib']:.2f} GiB")
+    _, nf4_config = build_quantization_plan(QuantMethod.QLORA)
+    head_dtype = torch.float16 if cfg["keep_lm_head_fp16"] else torch.bfloat16
+    merge_check, artifact = merge_and_check(
+        model, staging=staging, model_name=cfg["MODEL_NAME"], batches=batches, merge_base=cfg["merge_base"],
+        precision=cfg["merged_precision"], head_dtype=head_dtype, max_kl=cfg["merge_check_max_kl"],
+        load_trained=load_trained, load_merged=lambda path: load_merged_dir(path, nf4_config, device,
+                                                                            cfg["trust_remote_code"]),
+        reload=reload, report=report)
+    planned_head = "fp16" if cfg["keep_lm_head_fp16"] else "bf16"
+    if artifact["lm_head_dtype"] != planned_head:  # the tag names the head's dtype: it must be true on disk
+        raise RuntimeError(f"saved lm_head is {artifact['lm_head_dtype']}, but the plan says {planned_head}")
+    if merge_check["passed"]:
+        report(f"kept the {merge_check['chosen_base']} merge ({cfg['merged_precision']}): mean KL "
+               f"{merge_check['mean_kl']:.3g} <= merge_check_max_kl {cfg['merge_check_max_kl']:.3g}")
+    else:
+        report(f"!!! MERGE CHECK FAILED: mean KL {merge_check['mean_kl']:.3g} > merge_check_max_kl "
+               f"{cfg['merge_check_max_kl']:.3g}; the merged model differs from the trained one. The adapter "
+               "(adapter/, on the 4-bit base) is the primary artifact !!!")
+        # what the primary artifact gives when reloaded on the 4-bit base by the same plan
+        artifact["fingerprints"]["adapter"] = logits_fingerprint(load_trained(), fingerprint_ids.tolist())
+    return merge_check, artifact, memory_plan

@@ -5,6 +5,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: bool = False) -> dict:
+    """The model's (text) config as a dict, from config.json alone (hub id or local dir; no weights), after
+    checking that the sequence length fits the model's context. Bad input is one ConfigError line."""
+    from transformers import AutoConfig
+
+    from config_utils import ConfigError
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"MODEL_NAME={model_name!r} cannot be loaded: {first_line}") from None
+    check_safetensors_weights(model_name)
+    text_config = model_config.get_text_config()
+    context = getattr(text_config, "max_position_embeddings", None)
+    if context is not None and max_seq_length > context:
+        raise ConfigError(f"max_seq_length={max_seq_length} exceeds the model's context of {context} tokens")
+    return text_config.to_dict()
+from errors import UserError
+
+# Weight files in Python's pickle format (torch.load): unpickling can run arbitrary code.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+def check_safetensors_weights(model_name: str) -> None:
+    """A one-line UserError for a local model directory whose weights are pickle files only (pytorch_model.bin):
+    the project loads safetensors only, because unpickling a file can run any code it carries. Reads file
+    names only. A hub id passes (from_pretrained asks the hub for safetensors); no weights at all is
+    from_pretrained's to report."""
+    directory = Path(model_name)
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in directory.glob(pattern)})
+    if pickles:
+        raise UserError(f"{directory} has only pickle weights ({', '.join(pickles[:3])}); safetensors is required "
+                        "because loading a pickle can run code hidden in it: convert it where you trust the file "
+                        "(from_pretrained(dir).save_pretrained(new_dir) writes model.safetensors)")
+
 def pick_device() -> str:
     import torch
 
@@ -23,6 +60,7 @@ def load_causal_lm(model_name: str, quantization_config=None, device: str | None
 
     from heap import freed_blocks_leave_the_heap
 
+    check_safetensors_weights(model_name)
     device = device or pick_device()
     # quantization_config=None passed explicitly would override a pre-quantized checkpoint's own config
     quantization = {} if quantization_config is None else {"quantization_config": quantization_config}

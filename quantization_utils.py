@@ -1,16 +1,19 @@
 """Quantization plans, output names, metadata and detection.
 
-Pure: no I/O, no printing, nothing read from globals. Every quantization method the project knows is
-one `QuantMethod` member plus one builder: `_PLAN_BUILDERS` for the methods 01_Train.py trains with,
-`PTQ_METHODS` + `_PTQ_BUILDERS` for the post-training ones tools/quantize.py writes. Names, tags,
-metadata and detection all derive from the `QuantSpec` a builder returns.
+Pure: no printing, nothing read from globals, no I/O but `base_model_name`'s look at whether a local
+model path exists. Every quantization method the project knows is one `QuantMethod` member plus one
+builder: `_PLAN_BUILDERS` for the methods 01_Train.py trains with, `PTQ_METHODS` + `_PTQ_BUILDERS` for
+the post-training ones tools/quantize.py writes. Names, tags, metadata and detection all derive from
+the `QuantSpec` a builder returns; every part of a directory name passes `safe_name_part`.
 """
 
 from __future__ import annotations
 
 import enum
+import posixpath
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 METADATA_SCHEMA_VERSION = 1
@@ -243,12 +246,14 @@ def sibling_dir_name(source_dir: str, source_metadata: Mapping[str, Any] | None,
     """Name of a PTQ sibling: the source's name with its quant tag replaced.
 
     A directory written by 01_Train.py (metadata with base_model, dataset, peft) gives
-    `{base_model}-{dataset}_SFT_{peft}_{tag}`; a plain model directory gives `{dir name}_{tag}`.
+    `{base_model}-{dataset}_SFT_{peft}_{tag}`; a plain model directory gives `{dir name}_{tag}`. Every part
+    read from the metadata goes through `safe_name_part`, so a file cannot steer the name out of its root.
     """
     meta = source_metadata or {}
     dataset = (meta.get("dataset") or {}).get("name")
     if meta.get("base_model") and dataset and meta.get("peft"):
-        return output_dir_name(meta["base_model"], dataset, meta["peft"], spec, stage=meta.get("stage", "SFT"))
+        return output_dir_name(str(meta["base_model"]), str(dataset), str(meta["peft"]), spec,
+                               stage=str(meta.get("stage", "SFT")))
     return f"{base_model_name(source_dir)}_{quant_tag(spec)}"
 
 
@@ -263,17 +268,33 @@ def peft_tag(peft_config: str, lora_r: int) -> str:
     return peft_config if peft_config == "Full" else f"{peft_config}{lora_r}"
 
 
+def safe_name_part(text: str) -> str:
+    """`text` as one part of a directory name: letters, digits, '.' and '-' only (anything else becomes '-'),
+    no leading or trailing '.' or '-' (no '..', no hidden name, nothing read as a flag). Empty is an error."""
+    part = re.sub(r"[^A-Za-z0-9.-]+", "-", str(text)).strip(".-")
+    if not part:
+        raise ValueError(f"cannot make a directory name from {text!r}: it needs a letter or digit")
+    return part
+
+
 def base_model_name(model_name: str) -> str:
-    """Last path component of a hub id or local path: 'Qwen/Qwen3-0.6B' -> 'Qwen3-0.6B'."""
-    name = re.split(r"[\\/]", str(model_name).rstrip("/\\"))[-1]
-    if not name:
-        raise ValueError(f"cannot take a model name from {model_name!r}")
-    return name
+    """The model's name in output names: 'Qwen/Qwen3-0.6B' -> 'Qwen3-0.6B'.
+
+    A local path that exists gives its resolved directory's name ('models/X/.' -> 'X'); anything else its
+    last path component, '.' and '..' taken lexically (a hub id, or a path recorded on another machine).
+    """
+    text = str(model_name)
+    if text and Path(text).exists():
+        name = Path(text).resolve().name
+    else:
+        name = posixpath.basename(posixpath.normpath(text.replace("\\", "/"))) if text else ""
+    return safe_name_part(name)
 
 
 def output_dir_name(model_name: str, dataset: str, peft: str, spec: QuantSpec, stage: str = "SFT") -> str:
     """`{base_model}-{dataset}_{stage}_{peft}_{quant_tag}`, e.g. Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16."""
-    return f"{base_model_name(model_name)}-{dataset}_{stage}_{peft}_{quant_tag(spec)}"
+    parts = [base_model_name(model_name), safe_name_part(dataset), safe_name_part(stage), safe_name_part(peft)]
+    return f"{parts[0]}-{parts[1]}_{parts[2]}_{parts[3]}_{quant_tag(spec)}"
 
 
 def build_metadata(spec: QuantSpec, **fields: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -102,14 +103,102 @@ def sft_config(cfg: Mapping[str, Any], output_dir: Path, device: str, **override
     return SFTConfig(**options)
 
 def build_trainer(model, tokenizer, cfg: Mapping[str, Any], train_data, eval_data, output_dir: Path, device: str,
-                  callbacks=(), compute_loss_func=None, **sft_overrides):
-    """The SFTTrainer of a run; trainable parameters keep their dtype when a checkpoint is resumed."""
+                  compute_loss_func=None, **sft_overrides):
+    """The SFTTrainer of a run: checkpoints marked complete once fully written, a clean stop on SIGINT/SIGTERM,
+    one error line (and no checkpoint of it) on a non-finite loss, and trainable parameters that keep their
+    dtype when a checkpoint is resumed."""
     from trl import SFTTrainer
 
-    from checkpoint_utils import keep_trainable_dtypes
+    from checkpoint_utils import (MarkCompleteCallback, StopOnNonFiniteLossCallback, StopOnSignalCallback,
+                                  keep_trainable_dtypes)
 
+    held_out = eval_data if eval_data is not None and len(eval_data) else None
+    non_finite = StopOnNonFiniteLossCallback()
     trainer = SFTTrainer(model=model, args=sft_config(cfg, output_dir, device, **sft_overrides),
-                         train_dataset=train_data, eval_dataset=eval_data if eval_data is not None and len(eval_data) else None,
-                         processing_class=tokenizer, callbacks=list(callbacks), compute_loss_func=compute_loss_func)
+                         train_dataset=train_data, eval_dataset=held_out, processing_class=tokenizer,
+                         callbacks=[MarkCompleteCallback(cfg), StopOnSignalCallback(), non_finite],
+                         compute_loss_func=compute_loss_func)
+    non_finite.watch(trainer)
     keep_trainable_dtypes(trainer)
     return trainer
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int  # optimizer steps the adapter has had, resumed ones included
+    resumed_step: int  # the step this process resumed from (0: a fresh start)
+    train_loss: float | None  # mean over the steps this process ran (None: nothing left to run)
+    eval_loss: float | None  # held-out loss after training (None: no held-out rows)
+    loss_curve: list[float]  # every logged training loss, resumed history included
+    seconds: float
+
+    def metadata(self, **launch: Any) -> dict[str, Any]:
+        """metadata.json's `training` block."""
+        return {"steps": self.steps, "resumed_from_step": self.resumed_step, "train_loss": self.train_loss,
+                "loss_curve": self.loss_curve, "eval_loss": self.eval_loss, "train_seconds": round(self.seconds, 2),
+                **launch}
+
+    def losses_text(self) -> str:
+        text = lambda loss: "n/a" if loss is None else f"{loss:.4f}"  # noqa: E731
+        return f"train loss {text(self.train_loss)}, held-out loss {text(self.eval_loss)}"
+
+def train(trainer, resume_checkpoint: Path | None) -> TrainResult:
+    """Train from the start or from `resume_checkpoint`; a checkpoint taken at the last step is restored
+    without training (Trainer.train would run one step too many when max_steps ends inside an epoch)."""
+    from transformers import TrainerState
+
+    from checkpoint_utils import restore_finished
+
+    resumed = TrainerState.load_from_json(str(resume_checkpoint / "trainer_state.json")) if resume_checkpoint else None
+    started = time.time()
+    if resumed is not None and resumed.global_step >= resumed.max_steps:
+        restore_finished(trainer, resume_checkpoint)
+        train_loss = None
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resumed else None).training_loss
+    seconds = time.time() - started
+    stop_on_signal(trainer)
+    eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+    return TrainResult(trainer.state.global_step, resumed.global_step if resumed else 0, train_loss, eval_loss,
+                       [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], seconds)
+
+def stop_on_signal(trainer) -> None:
+    """Exit (128 + the signal's number) when a signal stopped training; its checkpoint is already saved."""
+    import signal
+
+    from checkpoint_utils import StopOnSignalCallback
+    from run_log import step
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, StopOnSignalCallback) and callback.received is not None:
+            step("stopped", "%s: stopped at step %d of %d; checkpoint saved in %s; run the same command again to "
+                 "resume", signal.Signals(callback.received).name, trainer.state.global_step, trainer.state.max_steps,
+                 Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}")
+            raise SystemExit(128 + callback.received)
+
+def save_adapter(trainer, directory: Path, fsdp: bool, is_main: bool) -> None:
+    """The trained adapter into `directory`. Under FSDP every rank takes part in gathering the sharded
+    adapter and rank 0 writes it; elsewhere rank 0 saves its own copy."""
+    if fsdp:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(directory))
+    elif is_main:
+        trainer.model.save_pretrained(directory)
+
+def take_trained_model(trainer, cfg: Mapping[str, Any], bnb_config, device: str, adapter_dir: Path, fsdp: bool):
+    """The trained model, on its own: the trainer's optimizer state and buffers are freed (and the heap given
+    back) before the merge grows memory. FSDP cannot merge in place: the model is rebuilt from the saved adapter."""
+    import gc
+
+    from heap import release_free_heap
+
+    model = trainer.model.eval()
+    trainer.accelerator.free_memory()  # its references to the optimizer, the scheduler and the wrapped model
+    trainer.optimizer = trainer.lr_scheduler = trainer.model = trainer.model_wrapped = None
+    gc.collect()
+    release_free_heap()  # what training freed (activations, loss tiles) leaves the process
+    if not fsdp:
+        return model
+    from artifacts import load_adapter_model
+
+    del model
+    return load_adapter_model(cfg["MODEL_NAME"], adapter_dir, bnb_config, device, cfg["trust_remote_code"])

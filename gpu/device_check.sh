@@ -20,17 +20,15 @@ part env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
 # A Qwen3-0.6B-architecture model with random weights (real sizes; the tokenizer is the project's small BPE).
 part build_model 90 $PY - <<'PY'
 import sys; sys.path.insert(0, ".")
-from model_fixtures import build_random_model, train_bpe_tokenizer
+from model_fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
 from tools.make_tiny_model import tokenizer_corpus
 tok = train_bpe_tokenizer(tokenizer_corpus(), 512)
-build_random_model("/tmp/models/Qwen3-0.6B", tok, vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                  num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                  max_position_embeddings=40960, tie_word_embeddings=True)
+build_random_model("/tmp/models/Qwen3-0.6B", tok, **architecture_dimensions("Qwen3-0.6B"))
 build_random_model("/tmp/models/Qwen3-tiny", tok)
 print("built")
 PY
 
-# Issue 2: the training script on CUDA, single GPU, QLoRA r=64, seq 512, the default optimizer (paged_adamw_8bit).
+# The training script on CUDA, single GPU, QLoRA r=64, seq 512, the default optimizer (paged_adamw_8bit).
 part train_cuda 100 $PY Fine-tuning/01_Train.py --MODEL_NAME=/tmp/models/Qwen3-0.6B --DATASET_PATH=samples/openmath_sample.jsonl \
   --OUTPUT_ROOT=/tmp/runs/cuda --lora_r=64 --max_steps=20 --per_device_train_batch_size=1 --gradient_accumulation_steps=1 \
   --max_seq_length=512 --logging_steps=5 --eval_samples=8
@@ -46,7 +44,7 @@ if [ "${QUICK:-0}" = 1 ]; then  # a short re-check: the single-GPU run above plu
   echo "=== done"; cat "$OUT/summary.txt"; exit 0
 fi
 
-# Issue 8: FSDP-QLoRA through accelerate launch (one GPU here: world size 1 exercises the FSDP path:
+# FSDP-QLoRA through accelerate launch (one GPU here: world size 1 exercises the FSDP path:
 # bf16 quant storage, sharded wrapping, full-state-dict adapter save, merge from the saved adapter).
 part fsdp 100 accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml --num_processes 1 Fine-tuning/01_Train.py \
   --MODEL_NAME=/tmp/models/Qwen3-0.6B --DATASET_PATH=samples/openmath_sample.jsonl --OUTPUT_ROOT=/tmp/runs/fsdp \
@@ -54,7 +52,7 @@ part fsdp 100 accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml
   --max_seq_length=512 --logging_steps=5 --eval_samples=8
 cp /tmp/runs/fsdp/*/metadata.json "$OUT/fsdp_metadata.json" 2>/dev/null
 
-# Issue 7: tools/benchmark.py on CUDA (Qwen3-0.6B architecture, seq 2048, r=64 and r=256, TRL-docs baseline).
-part benchmark 240 env OUT="$OUT/issue7" bash gpu/issue7_check.sh
+# tools/benchmark.py on CUDA (Qwen3-0.6B architecture, seq 2048, r=64 and r=256, TRL-docs baseline).
+part benchmark 240 env OUT="$OUT/benchmark" bash gpu/benchmark_check.sh
 echo "=== done"; cat "$OUT/summary.txt"
 tar czf "$FINAL/results.tgz" -C "$OUT" . && cp "$OUT/summary.txt" "$FINAL/"

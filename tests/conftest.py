@@ -12,6 +12,12 @@ TRAIN_SCRIPT = ROOT / "Fine-tuning" / "01_Train.py"
 OPENMATH_SAMPLE = ROOT / "samples" / "openmath_sample.jsonl"
 SQUAD_SAMPLE = ROOT / "samples" / "squad_sample.jsonl"
 
+# metadata.json's quantization block for QLoRA r=256 with a merge, field for field as the design fixes it.
+SEED_QUANTIZATION_BLOCK = {
+    "method": "QLORA", "weights_bits": 4, "lm_head_dtype": "bf16", "backend": "bitsandbytes",
+    "extras": {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16", "lora_r": 256,
+               "merge_after_train": True},
+}
 # Small and fast: a few QLoRA steps on CPU take seconds.
 FAST_TRAIN_ARGS = [
     "--max_steps=12", "--per_device_train_batch_size=4", "--gradient_accumulation_steps=1",

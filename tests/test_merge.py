@@ -103,6 +103,7 @@ def test_adapter_only_directory(adapter_run):
     assert not (directory / "model.safetensors").exists()
     assert meta["artifact"]["kind"] == "adapter_only" and meta["artifact"]["primary"] == "adapter"
     assert meta["merge_check"] is None and meta["quantization"]["extras"]["merge_after_train"] is False
+    assert meta["generation_check"]["prompts"] == 8  # run on the adapter, the primary artifact
 
 
 def test_artifacts_reload_in_a_fresh_process_with_the_recorded_logits(nf4_run, adapter_run):

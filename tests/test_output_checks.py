@@ -7,7 +7,7 @@ import pytest
 
 from conftest import OPENMATH_SAMPLE, run_python, run_train
 from output_checks import (MIN_NEW_TOKENS, eos_token_ids, generation_check, generation_summary, new_token_budget,
-                           prompt_ids)
+                           prompt_and_reference, prompt_ids)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,14 @@ def test_summary_warns_loudly_below_ninety_percent():
     lines = generation_summary(check)
     assert len(lines) == 2 and "88% ended with eos" in lines[0] and lines[1].startswith("!!! GENERATION CHECK")
     assert len(generation_summary({**check, "stop_rate": 0.9})) == 1
+    assert generation_summary(None) == ["skipped: no held-out row has a prompt to generate from"]
+
+
+def test_rows_of_every_trainer_form_give_a_prompt_or_none():
+    prompt, reply = [{"role": "user", "content": "2 + 3?"}], [{"role": "assistant", "content": "5"}]
+    assert prompt_and_reference({"prompt": prompt, "completion": reply}) == (prompt, reply)
+    assert prompt_and_reference({"messages": prompt + reply}) == (prompt, reply)
+    assert prompt_and_reference({"text": "2 + 3 = 5"}) is None
 
 
 # Families besides Qwen3 (tests/test_train_e2e.py): Llama (untied-style rotary, SiLU MLP) and Gemma 3
@@ -101,7 +109,7 @@ def family_runs(tmp_path_factory):
                             f"--OUTPUT_ROOT={root / 'out'}", *FAMILY_TRAIN_ARGS])
         assert result.returncode == 0, result.stderr[-3000:]
         directory = root / "out" / f"{name}-openmath_SFT_LoRa256_QLORA_w4_headbf16"
-        runs[model_type] = directory, json.loads((directory / "metadata.json").read_text())
+        runs[model_type] = directory, json.loads((directory / "metadata.json").read_text()), result.stderr
     return runs
 
 
@@ -112,7 +120,7 @@ def test_families_merge_and_reload_with_the_recorded_logits(family_runs):
 import json
 from transformers import AutoModelForCausalLM
 from merge_utils import fingerprint_difference, logits_fingerprint
-for directory in {[str(d) for d, _ in family_runs.values()]!r}:
+for directory in {[str(d) for d, _, _ in family_runs.values()]!r}:
     recorded = json.load(open(directory + "/metadata.json"))["artifact"]["fingerprints"]["merged"]
     model = AutoModelForCausalLM.from_pretrained(directory).eval()
     print("RESULT", json.dumps([type(model).__name__, str(model.dtype),
@@ -122,8 +130,18 @@ for directory in {[str(d) for d, _ in family_runs.values()]!r}:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line.split("RESULT", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT")]
     assert [row[0] for row in rows] == ["LlamaForCausalLM", "Gemma3ForCausalLM"]
-    for (model_class, dtype, difference), (_, meta) in zip(rows, family_runs.values()):
+    for (model_class, dtype, difference), (_, meta, _) in zip(rows, family_runs.values()):
         assert dtype == "torch.bfloat16" and difference <= 1e-3, (model_class, difference)
         check = meta["merge_check"]
         assert check["passed"] and meta["artifact"]["primary"] == "merged"
         assert check["candidates"]["dequantized"]["mean_kl"] < 1e-3, (model_class, check["candidates"])
+
+
+def test_generation_check_is_recorded_and_logged(family_runs):
+    """Random models do not stop: each run records the check on its 8 held-out prompts and warns loudly."""
+    for _, meta, log in family_runs.values():
+        check = meta["generation_check"]
+        assert check["prompts"] == 8 and len(check["samples"]) == 3 and check["max_new_tokens"] >= MIN_NEW_TOKENS
+        assert 0 <= check["stop_rate"] < 0.9 and 1 <= check["mean_new_tokens"] <= check["max_new_tokens"]
+        assert f"generate | greedy generation on 8 held-out prompts: {100 * check['stop_rate']:.0f}% ended" in log
+        assert "!!! GENERATION CHECK: only" in log

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_python, run_train
+from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, SEED_QUANTIZATION_BLOCK, run_python, run_train
 
 EXPECTED_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
 
@@ -32,11 +32,7 @@ def test_qlora_overrides_peft_choice_and_says_so(trained):
 def test_metadata_has_the_seed_block_and_true_values(trained):
     out, _ = trained
     meta = json.loads((out / EXPECTED_NAME / "metadata.json").read_text())
-    assert meta["quantization"] == {
-        "method": "QLORA", "weights_bits": 4, "lm_head_dtype": "bf16", "backend": "bitsandbytes",
-        "extras": {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16", "lora_r": 256,
-                   "merge_after_train": True},
-    }
+    assert meta["quantization"] == SEED_QUANTIZATION_BLOCK
     assert meta["config"]["PEFT_CONFIG"] == "LoRa" and meta["peft"] == "LoRa256"
     assert meta["training"]["steps"] == 12
     assert meta["artifact"]["kind"] == "merged_bf16" and meta["merge_check"]["passed"]

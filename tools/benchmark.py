@@ -25,9 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROJECT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 @dataclass(frozen=True)
 class Case:
     """One configuration the benchmark runs in its own process."""
@@ -44,9 +41,8 @@ class Case:
     variable_lengths: bool = False  # rows of mixed length (for the padding-free lever)
     liger: bool = False  # CUDA only
     batch: int | None = None  # None = the run's --batch
-    optim: str = "paged_adamw_8bit"  # 01_Train.py's default (a test keeps them equal)
+    optim: str | None = None  # None: 01_Train.py's default
     note: str = ""
-
 
 CASES = [
     Case("weights_nf4_dq", "weights", "nf4_dq", note="NF4 + double quant"),
@@ -73,7 +69,6 @@ CASES = [
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
-
 # ----- data ---------------------------------------------------------------------------------------------
 
 def long_rows(count: int, min_chars: int, seed: int = 0, variable: bool = False) -> list[dict]:
@@ -97,7 +92,6 @@ def long_rows(count: int, min_chars: int, seed: int = 0, variable: bool = False)
                      "completion": [{"role": "assistant", "content": text.strip()}]})
     return rows
 
-
 # ----- worker: one configuration in this process -------------------------------------------------------
 
 def bnb_config_for(quant: str | None):
@@ -109,14 +103,12 @@ def bnb_config_for(quant: str | None):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4" if quant == "fp4" else "nf4",
                               bnb_4bit_use_double_quant=quant == "nf4_dq", bnb_4bit_compute_dtype=torch.bfloat16)
 
-
 def proc_status_gib(field: str) -> float | None:
     """A memory field of /proc/self/status (VmRSS, VmHWM, RssFile) in GiB; None off Linux."""
     from memory_usage import GIB, proc_status_bytes
 
     value = proc_status_bytes(field)
     return None if value is None else value / GIB
-
 
 def reset_peak_rss() -> bool:
     """Reset this process's RSS high-water mark (Linux: writing 5 to /proc/self/clear_refs)."""
@@ -125,7 +117,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
 
 def measure_weights(case: Case, model_dir: str) -> dict:
     import importlib
@@ -142,7 +133,6 @@ def measure_weights(case: Case, model_dir: str) -> dict:
     return {"weights_gib": footprint["total_bytes"] / 1024**3, "bits_per_quantized_param": bits,
             "quantized_params": footprint["quantized_params"], "footprint": footprint, "peak": peak_memory_report()}
 
-
 def full_logits_loss(vocab_size: int):
     """The loss every causal LM computes from its full (batch, seq, vocab) logits, upcast to fp32."""
     from transformers.loss.loss_utils import ForCausalLMLoss
@@ -152,13 +142,11 @@ def full_logits_loss(vocab_size: int):
 
     return loss
 
-
 def synchronize() -> None:
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
 
 def step_timer():
     """Per optimizer step: wall seconds and this process's CPU seconds (all threads). On a shared CPU
@@ -181,51 +169,59 @@ def step_timer():
 
     return StepTimer()
 
+def case_config(case: Case, seq: int, batch: int, rank: int, steps: int) -> dict:
+    """01_Train.py's constants as the script has them, with this case's levers and sizes applied."""
+    from config_utils import training_defaults
+
+    cfg = training_defaults()
+    cfg.update(lora_r=rank, max_seq_length=seq, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+               max_steps=steps, gradient_checkpointing=case.gradient_checkpointing, logging_steps=1000,
+               QUANT_METHOD="QLORA" if case.quant else "NONE", PEFT_CONFIG="Full" if case.peft == "full" else "LoRa")
+    if case.optim is not None:
+        cfg["optim"] = case.optim
+    return cfg
 
 def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, steps: int, work: Path):
-    """The model and SFTTrainer of one training case: the project's path or TRL's documented recipe."""
-    import torch
+    """The model and SFTTrainer of one training case: built by training_setup exactly as 01_Train.py builds
+    them, or by TRL's documented recipe (the baseline)."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
 
-    from model_loading import load_causal_lm, load_tokenizer, pick_device, prepare_kbit_model
-    from training_setup import target_modules_regex
+    from model_loading import load_causal_lm, load_tokenizer, pick_device
+    from training_setup import build_trainer as build_project_trainer
+    from training_setup import prepare_for_training
 
     device = pick_device()
     tokenizer = load_tokenizer(model_dir)
-    rows = long_rows(steps * batch + 4, 8 * seq, variable=case.variable_lengths)
-    if case.recipe == "trl_docs":  # exactly what the docs show: plain from_pretrained
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config_for(case.quant),
-                                                     dtype=torch.bfloat16, device_map={"": device})
-    else:
-        model = load_causal_lm(model_dir, bnb_config_for(case.quant), device)
-    peft_config = None
-    lora = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                      target_modules="all-linear" if case.recipe == "trl_docs" else target_modules_regex(PROJECT_TARGETS))
+    rows = Dataset.from_list(long_rows(steps * batch + 4, 8 * seq, variable=case.variable_lengths))
     if case.recipe == "trl_docs":
-        peft_config = lora  # SFTTrainer wraps the model itself, as the docs show
-    else:
-        if case.quant is not None:
-            model = prepare_kbit_model(model, case.gradient_checkpointing, keep_embeddings_bf16=case.embeddings_bf16)
-        if case.peft == "lora":
-            model = get_peft_model(model, lora)
-    args = SFTConfig(
-        output_dir=str(work / "trainer"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        # padding-free without packing flattens the batch into one row; TRL then wants max_length None (the
-        # mixed-length rows are all shorter than seq)
-        max_steps=steps, max_length=None if case.padding_free else seq, learning_rate=2e-4, optim=case.optim, bf16=True,
-        gradient_checkpointing=case.gradient_checkpointing, logging_steps=1000, save_strategy="no", report_to=[],
-        use_cpu=device == "cpu", padding_free=case.padding_free, use_liger_kernel=case.liger,
-        **({} if case.recipe == "trl_docs" else {"gradient_checkpointing_kwargs": {"use_reentrant": False},
-                                                  "completion_only_loss": True}),
-    )
+        return trl_docs_trainer(case, model_dir, tokenizer, rows, seq, batch, rank, steps, work, device)
+    cfg = case_config(case, seq, batch, rank, steps)
+    model = load_causal_lm(model_dir, bnb_config_for(case.quant), device)
+    model = prepare_for_training(model, cfg, quantized=case.quant is not None, keep_embeddings_bf16=case.embeddings_bf16)
     loss_func = None if case.fused_loss else full_logits_loss(model.config.get_text_config().vocab_size)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=peft_config, compute_loss_func=loss_func)
-    return trainer
+    # padding-free without packing flattens the batch into one row; TRL then wants max_length None (the
+    # mixed-length rows are all shorter than seq)
+    return build_project_trainer(model, tokenizer, cfg, rows, None, work / "trainer", device, compute_loss_func=loss_func,
+                                 save_strategy="no", padding_free=case.padding_free, use_liger_kernel=case.liger,
+                                 max_length=None if case.padding_free else seq)
 
+def trl_docs_trainer(case: Case, model_dir: str, tokenizer, rows, seq: int, batch: int, rank: int, steps: int,
+                     work: Path, device: str):
+    """QLoRA exactly as TRL's docs show it: plain from_pretrained, all-linear LoRA handed to SFTTrainer,
+    peft's preparation left to the trainer."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config_for(case.quant),
+                                                 dtype=torch.bfloat16, device_map={"": device})
+    lora = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM", target_modules="all-linear")
+    args = SFTConfig(output_dir=str(work / "trainer"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+                     max_steps=steps, max_length=seq, learning_rate=2e-4, optim=case.optim, bf16=True,
+                     gradient_checkpointing=case.gradient_checkpointing, logging_steps=1000, save_strategy="no",
+                     report_to=[], use_cpu=device == "cpu")
+    return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
 
 def batch_tokens(trainer, steps: int) -> tuple[list[int], list[int]]:
     """Non-padding tokens, and token slots (padding included), of the first `steps` batches the trainer
@@ -237,7 +233,6 @@ def batch_tokens(trainer, steps: int) -> tuple[list[int], list[int]]:
         slots.append(int(batch["input_ids"].numel()))
         counts.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else slots[-1])
     return counts, slots
-
 
 def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int, steps: int, warmup: int,
                      work: Path) -> dict:
@@ -269,10 +264,9 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     return {"step_s": step_s, "step_cpu_s": step_cpu_s, "tokens_per_s": tok / step_s, "tokens_per_cpu_s": tok / step_cpu_s,
             "tokens_per_step": tok, "max_batch_slots": max(slots), "step_wall_times": timer.wall, "step_cpu_times": timer.cpu,
             "trainable_params": trainable, "total_params": total, "trainable_dtypes": dtypes,
-            "embedding_dtype": embed_dtype, "weights_gib": footprint["total_bytes"] / 1024**3,
+            "embedding_dtype": embed_dtype, "optim": getattr(trainer.args.optim, "value", str(trainer.args.optim)), "weights_gib": footprint["total_bytes"] / 1024**3,
             "rss_before_train_gib": rss_before_train, "file_rss_before_train_gib": file_rss_before_train,
             "file_rss_after_train_gib": proc_status_gib("RssFile"), "train_phase_peak_rss_gib": train_phase_rss, "peak_before_train": load_peak, "peak": peak}
-
 
 def run_worker(args) -> None:
     case = CASES_BY_NAME[args.worker]
@@ -284,7 +278,6 @@ def run_worker(args) -> None:
                                   Path(args.work_dir) / case.name)
     result.update(case=asdict(case), batch=batch, seq=args.seq, rank=args.rank)
     print("RESULT " + json.dumps(result))
-
 
 # ----- parent: build the model, run every case in its own process, tabulate ----------------------------------
 
@@ -299,8 +292,7 @@ def build_model(arch: str, model_dir: Path) -> None:
         if all(saved.get(k) == v for k, v in config.items()):
             return
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(), 512)
-    build_random_model(model_dir, tokenizer, max_position_embeddings=40960, **config)
-
+    build_random_model(model_dir, tokenizer, **config)
 
 def skip_reason(case: Case) -> str | None:
     import torch
@@ -313,7 +305,6 @@ def skip_reason(case: Case) -> str | None:
         except ImportError:
             return "liger-kernel is not installed"
     return None
-
 
 def run_case(case: Case, args, model_dir: Path) -> dict:
     reason = skip_reason(case)
@@ -335,11 +326,9 @@ def run_case(case: Case, args, model_dir: Path) -> dict:
     result["wall_s"] = time.time() - started
     return result
 
-
 def peak_gib(result: dict) -> float:
     peak = result["peak"]
     return peak["overall_max_allocated_gib"] if peak["device"] == "cuda" else peak["peak_rss_gib"]
-
 
 # ----- tables: the planner beside each measurement, ratios within the run, larger architectures -----------
 
@@ -357,8 +346,7 @@ def setup_for(case: dict, result: dict, device: str):
         gradient_checkpointing=case["gradient_checkpointing"], fused_loss=case["fused_loss"],
         quant=case["quant"] or "nf4_dq", embeddings_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32",
         norms_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32", device=device,
-        optim=case.get("optim", "paged_adamw_32bit"), checkpoint_mapped=trl_docs)
-
+        optim=case.get("optim") or result["optim"], checkpoint_mapped=trl_docs)
 
 def annotate(report: dict) -> dict:
     """Add to each result: planned peak and the planner's error, peak vs the TRL-docs baseline, step time
@@ -386,10 +374,8 @@ def annotate(report: dict) -> dict:
             row["step_ratio_vs_lora_bf16"] = round(row[key] / lora[key], 3)
     return report
 
-
 def _fmt(value, spec: str = ".3f") -> str:
     return "" if value is None else format(value, spec)
-
 
 def _phase(row: dict) -> str:
     """Training-phase peak RSS (after a reset of the high-water mark at the start of training) / planned."""
@@ -399,7 +385,6 @@ def _phase(row: dict) -> str:
     from memory_usage import GIB
 
     return f"{measured:.3f} / {plan['train_peak_bytes'] / GIB:.3f}"
-
 
 def render_table(report: dict) -> str:
     device = next((r["peak"]["device"] for r in report["results"] if "peak" in r), "cpu")
@@ -425,7 +410,6 @@ def render_table(report: dict) -> str:
             _fmt(row.get("step_s"), ".1f"), _fmt(row.get("step_cpu_s"), ".1f"), _fmt(row.get("tokens_per_s"), ".1f"),
             _fmt(row.get("step_ratio_vs_lora_bf16"), ".2f")]) + " |")
     return "\n".join(lines)
-
 
 def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B")) -> str:
     """Larger architectures, EXTRAPOLATED (not measured): weights from the measured bytes per parameter of
@@ -456,7 +440,6 @@ def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8
                 cells.append("")
         lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -507,7 +490,6 @@ def main(argv=None) -> dict:
         Path(args.out).write_text(json.dumps(report, indent=2))
     print(render_table(report) + "\n\n" + render_extrapolation(report))
     return report
-
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Evaluate output directories (and plain base models) side by side.
 
-    python tools/evaluate.py DIR [DIR ...] [--dataset NAME] [--dataset-path FILE] [--limit N]
+    python tools/evaluate.py DIR [DIR ...] [--dataset NAME] [--dataset-path FILE] [--limit N] [--trust-remote-code]
 
 Each directory's kind is detected from its metadata.json (or, without one, from its name) and it is
 loaded that way: a merged or fully fine-tuned model, an adapter on the 4-bit base rebuilt from the
@@ -10,20 +10,25 @@ openmath final-answer accuracy, squad exact match / F1, held-out loss and perple
 weight footprint (quantization state included), load time and greedy generation tokens/s.
 Writes eval_results.json into each directory, prints one markdown table, and with several directories
 writes a PNG chart of accuracy against weight footprint.
+Python code shipped inside a directory (auto_map) runs only with --trust-remote-code, whatever its
+metadata.json says. Every directory, and every held-out split, is checked before the first model loads.
 """
 
 import argparse
-import json
 import sys
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from artifacts import (base_load_extras, check_finished, check_remote_code, metadata_fields,  # noqa: E402
+                       non_finite_as_null, non_finite_values, read_metadata, run_config, write_json)
 from data_utils import DATASETS, check_local_file, get_dataset_spec, squad_answers  # noqa: E402
+from errors import reading_user_file  # noqa: E402
 from eval_utils import math_answer_correct, perplexity, squad_exact_match, squad_f1  # noqa: E402
-from artifacts import base_load_extras  # noqa: E402
+from model_loading import check_safetensors_weights  # noqa: E402
 from quantization_utils import QuantMethod, detect_quant_method  # noqa: E402
 
 # Held-out split used for a dataset no evaluated model was trained on: 01_Train.py's defaults
@@ -38,30 +43,26 @@ ARTIFACT_LOADERS = {
 
 
 @dataclass(frozen=True)
-class LoadPlan:
+class LoadKind:
     """How one directory is loaded: `kind` is merged | adapter | ptq | base."""
 
     kind: str
     method: str  # quantization method of the training run or PTQ (metadata, else name, else NONE)
     base_model: str | None = None  # adapter kind: the model the adapter was trained on
-    quant_options: tuple = ()  # adapter kind: extras of the training plan, as (name, value) pairs
+    quant_options: tuple = ()  # adapter kind: extras of the quantization plan, as (name, value) pairs
 
 
-def read_metadata(path: Path) -> dict | None:
-    file = Path(path) / "metadata.json"
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
-def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
+def detect_load_kind(path: Path, metadata: dict | None) -> LoadKind:
     """What a directory holds and how to load it, from its metadata (or name); reads no weights."""
     path = Path(path)
+    check_finished(path)
     if metadata is None:
         method = detect_quant_method(path.name)
         if method is QuantMethod.QLORA and not (path / "config.json").is_file():
             raise ValueError(f"{path} looks like a QLoRA adapter (name) but has no metadata.json naming its base model")
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is neither an output directory (metadata.json) nor a model (config.json)")
-        return LoadPlan("merged" if method else "base", (method or QuantMethod.NONE).value)
+        return LoadKind("merged" if method else "base", (method or QuantMethod.NONE).value)
     quant = metadata.get("quantization") or {}
     method = str(quant.get("method", "NONE"))
     artifact = (metadata.get("artifact") or {}).get("kind")
@@ -70,12 +71,21 @@ def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
     kind = ARTIFACT_LOADERS[artifact]
     if (metadata.get("artifact") or {}).get("primary") == "adapter":  # a flagged merge: the adapter is the model
         kind = "adapter"
-    if kind == "adapter":  # the options are artifacts.plan_from_metadata's, which loads it
-        return LoadPlan("adapter", method, metadata["base_model"], tuple(sorted(base_load_extras(metadata).items())))
-    return LoadPlan(kind, method)  # merged: bf16 on disk whatever the training method
+    if kind == "adapter":  # the options are artifacts.quantization_plan_from_metadata's, which loads it
+        return LoadKind("adapter", method, metadata["base_model"], tuple(sorted(base_load_extras(metadata).items())))
+    return LoadKind(kind, method)  # merged: bf16 on disk whatever the training method
 
 
-def load_for_eval(path, device=None):
+def check_loadable(path: Path, metadata: dict | None, load: LoadKind, trust_remote_code: bool) -> None:
+    """What loading would refuse, found before any model loads: remote code not asked for, pickle weights."""
+    check_remote_code(path, metadata, trust_remote_code)
+    weights_dir = load.base_model if load.kind == "adapter" else path
+    if load.kind == "adapter" and Path(weights_dir).is_dir():
+        check_remote_code(weights_dir, None, trust_remote_code)
+    check_safetensors_weights(str(weights_dir))
+
+
+def load_for_eval(path, device=None, trust_remote_code: bool = False):
     """(model, tokenizer, metadata) for any directory kind, model in eval mode: training outputs through
     artifacts.load_output_dir (the primary artifact their metadata names), PTQ siblings and plain
     models through their own config.json."""
@@ -86,13 +96,15 @@ def load_for_eval(path, device=None):
 
     path = Path(path)
     metadata = read_metadata(path)
-    plan = detect_load_plan(path, metadata)
-    if plan.kind in ("adapter", "merged") and metadata is not None:
-        model, tokenizer, metadata = load_output_dir(path, device)
+    load = detect_load_kind(path, metadata)
+    if load.kind in ("adapter", "merged") and metadata is not None:
+        model, tokenizer, metadata = load_output_dir(path, device, trust_remote_code)
         return model.eval(), tokenizer, metadata
+    check_remote_code(path, metadata, trust_remote_code)
     # base: bf16 safetensors; ptq: the quantization_config in config.json decides the format
-    model = load_causal_lm(str(path), None, device or pick_device(), dtype=torch.bfloat16 if plan.kind != "ptq" else "auto")
-    return model.eval(), load_tokenizer(str(path)), metadata
+    model = load_causal_lm(str(path), None, device or pick_device(), trust_remote_code,
+                           dtype=torch.bfloat16 if load.kind != "ptq" else "auto")
+    return model.eval(), load_tokenizer(str(path), trust_remote_code), metadata
 
 
 # ----- which rows ---------------------------------------------------------------------------------
@@ -101,7 +113,7 @@ def training_split(metadata: dict | None) -> dict | None:
     """The dataset and held-out split a directory's training run used, or None (not trained here)."""
     if not metadata or not metadata.get("dataset"):
         return None
-    config = metadata.get("config") or ((metadata.get("source") or {}).get("metadata") or {}).get("config")
+    config = run_config(metadata)
     if not config:
         return None
     data = metadata["dataset"]
@@ -129,13 +141,16 @@ def _same_path(a, b) -> bool:
 
 
 def held_out_rows(split: dict, limit: int | None):
-    from data_utils import load_rows, split_rows
+    """(raw rows, prompt/completion examples) of a split's held-out part; a broken local file is one line."""
+    from data_utils import load_rows, split_rows, to_sft_dataset
 
-    rows = load_rows(split["name"], split["path"], split["max_rows"])
-    _, held_out = split_rows(rows, split["eval_rows"], split["seed"])
-    if len(held_out) == 0:
-        raise ValueError(f"the held-out split of {split['name']} is empty (eval_rows={split['eval_rows']})")
-    return held_out.select(range(min(limit, len(held_out)))) if limit else held_out
+    with reading_user_file(split["path"], "dataset file") if split["path"] else nullcontext():
+        rows = load_rows(split["name"], split["path"], split["max_rows"])
+        _, held_out = split_rows(rows, split["eval_rows"], split["seed"])
+        if len(held_out) == 0:
+            raise ValueError(f"the held-out split of {split['name']} is empty (eval_rows={split['eval_rows']})")
+        held_out = held_out.select(range(min(limit, len(held_out)))) if limit else held_out
+        return held_out, to_sft_dataset(held_out, split["name"])  # decodes every row: bad bytes show here
 
 
 # ----- measuring ----------------------------------------------------------------------------------
@@ -194,24 +209,21 @@ def score(dataset: str, predictions: list[str], rows) -> dict:
             "f1": 100 * sum(squad_f1(p, r) for p, r in zip(predictions, refs)) / len(refs)}
 
 
-def evaluate_dir(path: Path, split: dict, args) -> dict:
-    from data_utils import to_sft_dataset
+def evaluate_dir(path: Path, split: dict, rows, examples, args) -> dict:
     from memory_usage import weight_footprint
 
-    rows = held_out_rows(split, args.limit)
-    examples = to_sft_dataset(rows, split["name"])
-    plan = detect_load_plan(path, read_metadata(path))
+    load = detect_load_kind(path, read_metadata(path))
     started = time.time()
-    model, tokenizer, metadata = load_for_eval(path)
+    model, tokenizer, metadata = load_for_eval(path, trust_remote_code=args.trust_remote_code)
     load_seconds = time.time() - started
-    print(f"evaluate | {path.name}: {plan.kind} ({plan.method}) loaded in {load_seconds:.1f}s; "
+    print(f"evaluate | {path.name}: {load.kind} ({load.method}) loaded in {load_seconds:.1f}s; "
           f"{len(rows)} held-out {split['name']} rows", flush=True)
     loss = completion_loss(model, tokenizer, examples)
     predictions, new_tokens, gen_seconds = generate(model, tokenizer, list(examples["prompt"]),
                                                     args.max_new_tokens, args.batch_size)
     footprint = weight_footprint(model)
     result = {
-        "directory": str(path), "load_kind": plan.kind, "method": plan.method, "peft": (metadata or {}).get("peft"),
+        "directory": str(path), "load_kind": load.kind, "method": load.method, "peft": (metadata or {}).get("peft"),
         "artifact": (metadata or {}).get("artifact", {}).get("kind", "base_model"),
         "dataset": {k: split[k] for k in ("name", "path", "max_rows", "eval_rows", "seed")}, "rows": len(rows),
         **score(split["name"], predictions, rows),
@@ -222,7 +234,8 @@ def evaluate_dir(path: Path, split: dict, args) -> dict:
         "device": str(next(model.parameters()).device), "max_new_tokens": args.max_new_tokens,
         "examples": [{"prompt": e["prompt"][-1]["content"], "prediction": p} for e, p in zip(examples, predictions)][:5],
     }
-    (path / "eval_results.json").write_text(json.dumps(result, indent=2))
+    non_finite = non_finite_values(result)  # e.g. a perplexity that overflows: null on disk, listed by name
+    write_json(path / "eval_results.json", {**non_finite_as_null(result), **({"non_finite": non_finite} if non_finite else {})})
     print(f"evaluate | {path.name}: {MAIN_METRIC[split['name']]} {result[MAIN_METRIC[split['name']]]:.1f}, "
           f"held-out loss {loss:.4f}, {result['tokens_per_second'] or 0:.1f} tokens/s", flush=True)
     return result
@@ -278,6 +291,9 @@ def parse_args(argv):
     parser.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit per answer")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     parser.add_argument("--chart", default="eval_comparison.png", help="PNG written when several dirs are evaluated")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped inside a model directory (auto_map); only for sources you trust. "
+                             "Off unless given here: a directory's own files never turn it on")
     return parser.parse_args(argv)
 
 
@@ -296,17 +312,27 @@ def main(argv=None) -> list[dict]:
         for path in paths:
             if not path.is_dir():
                 raise ValueError(f"{path} is not a directory")
+        for path in paths:
+            check_finished(path)
         metadatas = [read_metadata(p) for p in paths]
-        for path, metadata in zip(paths, metadatas):
-            detect_load_plan(path, metadata)  # every directory understood before any model loads
-        splits = choose_splits(metadatas, args.dataset, args.dataset_path)
+        for path, metadata in zip(paths, metadatas):  # every directory understood before any model loads
+            with metadata_fields(path):
+                check_loadable(path, metadata, detect_load_kind(path, metadata), args.trust_remote_code)
+        with metadata_fields(*paths):
+            splits = choose_splits(metadatas, args.dataset, args.dataset_path)
         get_dataset_spec(splits[0]["name"])
+        held_out = {}  # every split read (and its rows decoded) before any model loads
+        for split in splits:
+            key = tuple(sorted(split.items()))
+            if key not in held_out:
+                held_out[key] = held_out_rows(split, args.limit)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     import peft  # noqa: F401  imported before any load is timed, so the first model's load time is not imports
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
-    results = [evaluate_dir(path, split, args) for path, split in zip(paths, splits)]
+    results = [evaluate_dir(path, split, *held_out[tuple(sorted(split.items()))], args)
+               for path, split in zip(paths, splits)]
     print()
     print(markdown_table(results))
     if len(results) > 1 and len({r["dataset"]["name"] for r in results}) == 1:

@@ -26,20 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                  intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=True)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
+RSS_FIELDS = ("RssAnon", "RssFile", "VmRSS")
 
 def rss_bytes() -> dict[str, int]:
     """Current resident memory of this process: anonymous (heap) and file-backed (memory-mapped) pages."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("RssAnon", "RssFile", "VmRSS"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
+    from memory_usage import proc_status_bytes
 
+    return {field: proc_status_bytes(field) or 0 for field in RSS_FIELDS}
 
 class PeakSampler(threading.Thread):
     """Samples rss_bytes() every `interval` seconds; keeps the maximum of each field."""
@@ -59,15 +52,13 @@ class PeakSampler(threading.Thread):
         self.join()
         return self.peak
 
-
 def build_model(directory: Path) -> None:
     """Qwen3-0.6B-architecture model with random weights, bf16 safetensors, and a small tokenizer."""
-    from model_fixtures import build_random_model, train_bpe_tokenizer
+    from model_fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
     from tools.make_tiny_model import tokenizer_corpus
 
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(50), 512)
-    build_random_model(directory, tokenizer, **QWEN3_0_6B)
-
+    build_random_model(directory, tokenizer, **architecture_dimensions("Qwen3-0.6B"))
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +78,7 @@ def main(argv=None) -> dict:
     from merge_utils import merge_lora
     from model_loading import load_causal_lm, pick_device
     from quantization_utils import build_quantization_plan
+    from training_setup import DEFAULT_TARGET_MODULES
 
     work = Path(args.work_dir) / "Qwen3-0.6B"
     if not (work / "model.safetensors").exists():
@@ -96,7 +88,7 @@ def main(argv=None) -> dict:
     _, bnb_config = build_quantization_plan("QLORA")
     model = load_causal_lm(str(work), bnb_config, device)
     bf16_bytes = weight_footprint(model)["bf16_bytes"]
-    lora = LoraConfig(r=args.lora_r, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM",
+    lora = LoraConfig(r=args.lora_r, lora_alpha=16, target_modules=list(DEFAULT_TARGET_MODULES), task_type="CAUSAL_LM",
                       init_lora_weights=False)  # random B: the merge does real work
     model = get_peft_model(model, lora)
     model.eval()
@@ -135,7 +127,6 @@ def main(argv=None) -> dict:
     report["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     print(json.dumps(report))
     return report
-
 
 if __name__ == "__main__":
     main()

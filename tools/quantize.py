@@ -11,6 +11,8 @@ with AutoModelForCausalLM.from_pretrained, and metadata.json in the training run
 Methods: BNB_INT8 and BNB_NF4 (bitsandbytes, data-free, in the main environment); GPTQ and W8A8
 (llmcompressor, calibrated; its own environment: `bash scripts/setup_ptq.sh`, then run this with
 .venv-ptq/bin/python). QLORA is not a post-training method: it is Fine-tuning/01_Train.py's.
+The sibling's name is built from sanitized parts only and must lie inside the output root; Python code
+shipped with a source model (auto_map) runs only with --trust-remote-code.
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from artifacts import (check_finished, check_remote_code, library_versions, metadata_fields,  # noqa: E402
+                       read_metadata, write_json)
 from data_utils import DATASETS, load_rows, to_sft_dataset  # noqa: E402
+from errors import reading_user_file  # noqa: E402
+from model_loading import check_safetensors_weights  # noqa: E402
+from run_dir import claim, discard_staging  # noqa: E402
 from quantization_utils import (PTQ_METHODS, QuantSpec, build_metadata, build_ptq_plan,  # noqa: E402
                                 short_dtype_name, sibling_dir_name)
 
@@ -53,24 +59,27 @@ def _head_dtype(directory: Path, config, metadata) -> str:
     return short_dtype_name(recorded or str(getattr(config, "dtype", None) or "bfloat16"))
 
 
-def inspect_source(directory: Path) -> Source:
+def inspect_source(directory: Path, trust_remote_code: bool = False) -> Source:
     """Check that `directory` holds a 16-bit safetensors model; reads config and metadata only."""
     from transformers import AutoConfig
 
     if not directory.is_dir():
         raise ValueError(f"model directory {directory} does not exist")
+    check_finished(directory)
+    check_safetensors_weights(str(directory))
     if not (directory / "config.json").is_file() or not any(directory.glob("*.safetensors")):
         has_adapter = (directory / "adapter").is_dir()
         raise ValueError(f"{directory} holds no model (config.json + *.safetensors)"
                          + ("; it is adapter-only: train with merge_after_train=True" if has_adapter else ""))
-    metadata_file = directory / "metadata.json"
-    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else None
-    config = AutoConfig.from_pretrained(directory)
+    metadata = read_metadata(directory)
+    check_remote_code(directory, metadata, trust_remote_code)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     existing = getattr(config, "quantization_config", None)
     if existing is not None:
         kind = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", "?")
         raise ValueError(f"{directory} is already quantized ({kind}); quantize from a 16-bit model directory")
-    return Source(directory, metadata, config, _head_dtype(directory, config, metadata))
+    with metadata_fields(directory):
+        return Source(directory, metadata, config, _head_dtype(directory, config, metadata))
 
 
 def check_group_size(config, group_size: int | None) -> None:
@@ -107,10 +116,17 @@ def resolve_calibration(args, spec: QuantSpec, source: Source) -> tuple[str, str
     return name, path
 
 
-def calibration_texts(rows, name: str, tokenizer) -> list[str]:
-    """Each row as the chat text the model was trained on (prompt + completion)."""
+def calibration_examples(calibration: tuple[str, str | None], samples: int):
+    """The calibration rows as prompt/completion examples; a broken local file is one line naming it."""
+    name, path = calibration
+    with reading_user_file(path, "calibration file") if path else nullcontext():
+        return to_sft_dataset(load_rows(name, path, samples), name)  # decodes every row: bad bytes show here
+
+
+def calibration_texts(examples, tokenizer) -> list[str]:
+    """Each example as the chat text the model was trained on (prompt + completion)."""
     texts = []
-    for example in to_sft_dataset(rows, name):
+    for example in examples:
         messages = example["prompt"] + example["completion"]
         if tokenizer.chat_template:
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
@@ -136,7 +152,7 @@ def quantize_bitsandbytes(source: Source, spec: QuantSpec, bnb_config, texts, ar
 
     from model_loading import load_causal_lm
 
-    model = load_causal_lm(str(source.dir), bnb_config, dtype=torch.bfloat16)
+    model = load_causal_lm(str(source.dir), bnb_config, trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16)
     model.save_pretrained(out_dir)
     return model
 
@@ -161,10 +177,10 @@ def quantize_llmcompressor(source: Source, spec: QuantSpec, bnb_config, texts, a
                                    strategy="group", group_size=extras["group_size"])
         recipe = [GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                                ignore=extras["ignore"])]
-    tokenizer = load_tokenizer(str(source.dir))
+    tokenizer = load_tokenizer(str(source.dir), args.trust_remote_code)
     encoded = tokenizer(texts, truncation=True, max_length=args.max_seq_length)
     data = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
-    model = load_causal_lm(str(source.dir), device="cpu", dtype=torch.bfloat16)
+    model = load_causal_lm(str(source.dir), device="cpu", trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16)
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=args.max_seq_length,
             num_calibration_samples=len(texts))
     model.save_pretrained(out_dir, save_compressed=True)
@@ -199,6 +215,9 @@ def parse_args(argv):
     parser.add_argument("--max-seq-length", type=int, default=512, help="tokens per calibration row (truncated)")
     parser.add_argument("--out-root", default=None,
                         help="directory to write the sibling into (default: beside --model)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped inside the source directory (auto_map); only for sources you "
+                             "trust. Off unless given here: the source's own files never turn it on")
     return parser.parse_args(argv)
 
 
@@ -208,60 +227,64 @@ def main(argv=None) -> Path:
         if args.samples < 1:
             raise ValueError(f"--samples={args.samples}: need at least 1")
         spec, bnb_config = build_ptq_plan(args.method, bits=args.bits, group_size=args.group_size)
-        source = inspect_source(Path(args.model))
+        source = inspect_source(Path(args.model), args.trust_remote_code)
         spec = dataclasses.replace(spec, lm_head_dtype=source.head_dtype)
         check_group_size(source.config, spec.extras.get("group_size"))
-        calibration = resolve_calibration(args, spec, source)
         out_root = Path(args.out_root) if args.out_root else source.dir.resolve().parent
-        final_dir = out_root / sibling_dir_name(source.dir.resolve().name, source.metadata, spec)
-        if final_dir.exists():
-            raise ValueError(f"output directory {final_dir} exists; remove it or pass another --out-root")
-        rows = load_rows(calibration[0], calibration[1], args.samples) if calibration else None
+        with metadata_fields(source.dir):
+            calibration = resolve_calibration(args, spec, source)
+            final_dir = out_root / sibling_dir_name(source.dir.resolve().name, source.metadata, spec)
+        if final_dir.resolve().parent != out_root.resolve():  # the name's parts are sanitized; this is the guarantee
+            raise ValueError(f"the sibling's name {final_dir.name!r} would put it outside {out_root}")
+        examples = calibration_examples(calibration, args.samples) if calibration else None
         check_backend_installed(spec)
+        run = claim(out_root, final_dir.name, "refuse")  # held until the sibling is published
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
     from model_loading import load_tokenizer
 
-    tokenizer = load_tokenizer(str(source.dir))
-    texts = calibration_texts(rows, calibration[0], tokenizer) if calibration else None
+    tokenizer = load_tokenizer(str(source.dir), args.trust_remote_code)
+    texts = calibration_texts(examples, tokenizer) if calibration else None
     if calibration:
         spec = dataclasses.replace(spec, extras={
             **spec.extras, "calibration": {"dataset": calibration[0], "path": calibration[1], "rows": len(texts),
                                            "max_seq_length": args.max_seq_length}})
     print(f"quantize | {spec.method.value} {source.dir} -> {final_dir}", flush=True)
 
-    staging = out_root / f".{final_dir.name}.partial"  # nothing here looks finished until the final rename
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        started = time.time()
-        model = QUANTIZERS[spec.backend](source, spec, bnb_config, texts, args, staging)
-        seconds = time.time() - started
-        head = short_dtype_name(str(model.get_output_embeddings().weight.dtype))
-        if head != spec.lm_head_dtype:
-            raise RuntimeError(f"quantized lm_head is {head}, but the source's is {spec.lm_head_dtype}")
-        tokenizer.save_pretrained(staging)
-        spec = dataclasses.replace(spec, extras={**spec.extras, "format": saved_format(staging)})
-        weights_bytes = sum(f.stat().st_size for f in staging.glob("*.safetensors"))
-        meta = source.metadata or {}
-        metadata = build_metadata(
-            spec,
-            base_model=meta.get("base_model", str(source.dir)),
-            dataset=meta.get("dataset"),
-            peft=meta.get("peft"),
-            artifact={"kind": "ptq", "merged": True, "weights_bytes": weights_bytes},
-            quantize_seconds=round(seconds, 2),
-            versions=library_versions(("llmcompressor", "compressed-tensors") if spec.backend == "compressed-tensors" else ()),
-            source={"dir": str(source.dir.resolve()), "metadata": source.metadata},
-            created_unix=int(time.time()),
-        )
-        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
-        os.replace(staging, final_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with run:
+        staging = run.staging  # nothing here looks finished until the final rename
+        discard_staging(run)
+        staging.mkdir(parents=True)
+        try:
+            started = time.time()
+            model = QUANTIZERS[spec.backend](source, spec, bnb_config, texts, args, staging)
+            seconds = time.time() - started
+            head = short_dtype_name(str(model.get_output_embeddings().weight.dtype))
+            if head != spec.lm_head_dtype:
+                raise RuntimeError(f"quantized lm_head is {head}, but the source's is {spec.lm_head_dtype}")
+            tokenizer.save_pretrained(staging)
+            spec = dataclasses.replace(spec, extras={**spec.extras, "format": saved_format(staging)})
+            weights_bytes = sum(f.stat().st_size for f in staging.glob("*.safetensors"))
+            meta = source.metadata or {}
+            metadata = build_metadata(
+                spec,
+                base_model=meta.get("base_model", str(source.dir)),
+                dataset=meta.get("dataset"),
+                peft=meta.get("peft"),
+                artifact={"kind": "ptq", "merged": True, "weights_bytes": weights_bytes},
+                quantize_seconds=round(seconds, 2),
+                versions=library_versions(("llmcompressor", "compressed-tensors")
+                                          if spec.backend == "compressed-tensors" else ()),
+                source={"dir": str(source.dir.resolve()), "metadata": source.metadata},
+                created_unix=int(time.time()),
+            )
+            write_json(staging / "metadata.json", metadata)
+            run.mark_staged()
+            final_dir = run.publish()
+        except BaseException:
+            discard_staging(run)
+            raise
     print(f"done     | {seconds:.1f}s, weights {weights_bytes / 1e6:.2f} MB -> {final_dir}", flush=True)
     return final_dir
 
