@@ -60,7 +60,9 @@ def saved_lm_head(directory: str | Path):
 
 def load_merged_dir(directory: str | Path, quantization_config=None, device: str | None = None,
                     trust_remote_code: bool = False):
-    """A merged model directory, with its lm_head in the dtype it was saved in (fp16 stays fp16).
+    """A merged model directory as `AutoModelForCausalLM.from_pretrained(directory)` loads it (the dtype
+    its config names), placed on `device`, with one addition: an lm_head saved in another dtype than the
+    model's (fp16) is kept in it, where plain `from_pretrained` casts it to the model's dtype.
 
     `quantization_config` re-quantizes the 16-bit weights on load (the NF4 artifact is made this way);
     a directory saved re-quantized carries its own quantization config and needs none.
@@ -69,7 +71,7 @@ def load_merged_dir(directory: str | Path, quantization_config=None, device: str
 
     from merge_utils import set_lm_head_dtype
 
-    model = load_causal_lm(str(directory), quantization_config, device, trust_remote_code)
+    model = load_causal_lm(str(directory), quantization_config, device, trust_remote_code, dtype="auto")
     head = saved_lm_head(directory)
     if head is not None and head.dtype != torch.bfloat16:
         set_lm_head_dtype(model, head.dtype, head)

@@ -23,6 +23,7 @@ from errors import UserError  # noqa: E402
 from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, format_plan, plan_for_train_config, with_measured_peak  # noqa: E402
 from memory_usage import count_parameters, describe_peak, format_size, peak_memory_report, weight_footprint  # noqa: E402
 from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config  # noqa: E402
+from output_checks import check_saved_generation  # noqa: E402
 from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
 from run_log import setup_logging, step  # noqa: E402
 from training_setup import build_trainer, prepare_for_training, save_adapter, take_trained_model, train  # noqa: E402
@@ -145,6 +146,10 @@ def main(argv=None) -> Path | None:
                 model, cfg=cfg, staging=run.staging, tokenizer=tokenizer,
                 check_rows=data.held_out if len(data.held_out) else data.train, bnb_config=bnb_config, device=device,
                 memory_plan=memory_plan, report=lambda line: step("merge", "%s", line))
+            generation = check_saved_generation(  # the model as saved: merged, or the adapter when it is primary
+                run.staging, primary=artifact["primary"], base_model=cfg["MODEL_NAME"], bnb_config=bnb_config,
+                device=device, trust_remote_code=cfg["trust_remote_code"], rows=data.held_out,
+                report=lambda line: step("generate", "%s", line))
             # ---- metadata ---------------------------------------------------------------------------
             peak = combine_peak_reports([peak_memory_report(own_gpu)] + rank_peaks[1:])  # rank 0's again: the merge counts
             metadata = build_metadata(
@@ -152,7 +157,7 @@ def main(argv=None) -> Path | None:
                 dataset={**data.metadata(), "prompt_format": prompt_format},
                 artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None},
                 parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
-                weights_footprint=footprint, merge_check=merge_check, peak_memory=peak,
+                weights_footprint=footprint, merge_check=merge_check, generation_check=generation, peak_memory=peak,
                 training=result.metadata(world_size=launch.world_size, fsdp=launch.fsdp, loss_curve_by_rank=loss_curves),
                 memory_plan=with_measured_peak(memory_plan, peak), created_unix=int(time.time()))
             # ---- publish ----------------------------------------------------------------------------
