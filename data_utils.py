@@ -414,6 +414,11 @@ class TrainingData:
         """SFTConfig options the rows need: assistant-only loss for conversations kept whole."""
         return {"assistant_only_loss": self.trained_as == "messages"}
 
+    def describe(self) -> str:
+        """The data step's log line."""
+        return (f"{self.choice}: {len(self.train)} train / {len(self.held_out)} held-out rows from {self.source} as "
+                f"{self.trained_as}; {self.cut_rows} rows cut to {self.max_row_chars} characters")
+
     def metadata(self) -> dict[str, Any]:
         return {"name": self.choice, "format": self.trained_as, "path": self.path, "source": self.source,
                 "word": self.dataset_word, "train_rows": len(self.train), "eval_rows": len(self.held_out),

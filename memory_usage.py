@@ -63,6 +63,12 @@ def peak_memory_report(devices: list[int] | None = None) -> dict[str, Any]:
         report["overall_max_allocated_gib"] = max(g["peak_allocated_gib"] for g in report["per_gpu"])
     return report
 
+def describe_footprint(footprint: dict[str, int]) -> str:
+    """A `weight_footprint` in words: the stored size and how much less than bf16 it is."""
+    saved = 100 * (1 - footprint["total_bytes"] / footprint["bf16_bytes"])
+    return f"weights {format_size(footprint['total_bytes'])} ({saved:.1f}% less than bf16)"
+
+
 def describe_peak(report: dict[str, Any]) -> str:
     """A `peak_memory_report` in words: CUDA allocated/reserved when there is CUDA, else peak RSS."""
     if report["device"] == "cuda":

@@ -21,7 +21,8 @@ from dist_utils import (barrier, check_launch, claim_on_main, combine_peak_repor
                         resolve_quant_storage, start_device)
 from errors import UserError  # noqa: E402
 from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, format_plan, plan_for_train_config, with_measured_peak  # noqa: E402
-from memory_usage import count_parameters, describe_peak, format_size, peak_memory_report, weight_footprint  # noqa: E402
+from memory_usage import count_parameters, describe_footprint, describe_peak, peak_memory_report, weight_footprint  # noqa: E402
+from merge_utils import write_model  # noqa: E402
 from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config  # noqa: E402
 from output_checks import check_saved_generation  # noqa: E402
 from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
@@ -83,9 +84,7 @@ def main(argv=None) -> Path | None:
         cfg = resolve_config({name: globals()[name] for name in CONFIG_NAMES},
                              sys.argv[1:] if argv is None else list(argv))
         model_config = read_model_config(cfg["MODEL_NAME"], cfg["max_seq_length"], cfg["trust_remote_code"])
-        import torch
-
-        check_launch(launch, cfg, torch.cuda.is_available())
+        check_launch(launch, cfg)
         root = Path(cfg["OUTPUT_ROOT"])
         step("config", "%s", cfg)
         # ---- plan -----------------------------------------------------------------------------------
@@ -109,14 +108,11 @@ def main(argv=None) -> Path | None:
             tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
             prompt_format = ensure_chat_template(tokenizer, cfg["MODEL_NAME"])  # "model" | "plain" (saved with the output)
             data = load_training_data(cfg, tokenizer)
-            step("data", "%s: %d train / %d held-out rows from %s as %s, chat template: %s; %d rows cut to %d characters",
-                 cfg["DATASET_CHOICE"], len(data.train), len(data.held_out), data.source, data.trained_as, prompt_format,
-                 data.cut_rows, data.max_row_chars)
+            step("data", "%s; chat template: %s", data.describe(), prompt_format)
             # ---- model ------------------------------------------------------------------------------
             model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"], for_fsdp=launch.fsdp)
             footprint = weight_footprint(model)
-            step("model", "%s on %s: weights %s (%.1f%% less than bf16)", cfg["MODEL_NAME"], device,
-                 format_size(footprint["total_bytes"]), 100 * (1 - footprint["total_bytes"] / footprint["bf16_bytes"]))
+            step("model", "%s on %s: %s", cfg["MODEL_NAME"], device, describe_footprint(footprint))
             model = prepare_for_training(model, cfg, quantized=bnb_config is not None, fsdp=launch.fsdp)
             trainable, total = count_parameters(model)
             step("model", "trainable params %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -140,8 +136,6 @@ def main(argv=None) -> Path | None:
             tokenizer.save_pretrained(run.staging)
             model = take_trained_model(trainer, cfg, bnb_config, device, run.staging / "adapter", launch.fsdp)
             # ---- merge ------------------------------------------------------------------------------
-            from merge_utils import write_model
-
             merge_check, artifact, memory_plan = write_model(
                 model, cfg=cfg, staging=run.staging, tokenizer=tokenizer,
                 check_rows=data.held_out if len(data.held_out) else data.train, bnb_config=bnb_config, device=device,
