@@ -387,12 +387,16 @@ def _figures(figures: dict[str, Any]) -> str:
             f"loss {figures['loss']:.4f} over {figures['tokens']} held-out tokens")
 
 def tokenize_for_check(tokenizer, examples, max_length: int) -> list[dict]:
-    """Held-out prompt+completion rows as single-sequence batches for the merge check."""
+    """Held-out rows (conversations or text) as single-sequence batches for the merge check, tokenized exactly
+    as the trainer tokenized them."""
+    import torch
+
+    from chat_format import example_token_ids
+
     batches = []
     for example in examples:
-        text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
-        encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
-        batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+        ids = torch.tensor([example_token_ids(tokenizer, example)[:max_length]])
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return batches
 
 MERGE_CHECK_ROWS = 8  # held-out rows the merge check compares the merged model with the trained one on

@@ -64,12 +64,8 @@ def trained(llama_base_dir, data_files, tmp_path_factory):
 
 # merge_utils.tokenize_for_check builds the merge check's inputs from prompt + completion, which text rows do not
 # have; it should take chat_format.example_token_ids(tokenizer, example)[:max_length] (the sequence trained on).
-TEXT_MERGE_CHECK = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                     reason="merge_utils.tokenize_for_check needs prompt/completion rows")
-
-
 @pytest.mark.parametrize("choice, word", [("messages", "math-chats"), ("prompt_completion", "squad-pairs"),
-                                          pytest.param("text", "math-text", marks=TEXT_MERGE_CHECK)])
+                                          ("text", "math-text")])
 def test_base_model_without_chat_template_trains_end_to_end(trained, data_files, choice, word):
     from transformers import AutoTokenizer
 
