@@ -86,7 +86,10 @@ def prepare_for_training(model, cfg: Mapping[str, Any], quantized: bool, fsdp: b
     return get_peft_model(model, lora_config(cfg))
 
 def sft_config(cfg: Mapping[str, Any], output_dir: Path, device: str, **overrides):
-    """TRL's SFTConfig for the run: bf16, loss on completions only, resumable checkpoints every save_steps."""
+    """TRL's SFTConfig for the run: bf16, loss on completions only, resumable checkpoints every save_steps.
+    With `packing`, rows are packed best-fit-decreasing into rows of max_seq_length tokens, padding-free:
+    each row keeps its own positions, which keep rows from attending to one another (transformers builds a
+    block-diagonal mask from them for sdpa and eager attention; flash attention takes the row boundaries)."""
     from trl import SFTConfig
 
     options = dict(
@@ -94,6 +97,7 @@ def sft_config(cfg: Mapping[str, Any], output_dir: Path, device: str, **override
         per_device_eval_batch_size=cfg["per_device_train_batch_size"],
         gradient_accumulation_steps=cfg["gradient_accumulation_steps"], learning_rate=cfg["learning_rate"],
         num_train_epochs=cfg["num_train_epochs"], max_steps=cfg["max_steps"], max_length=cfg["max_seq_length"],
+        packing=cfg["packing"], packing_strategy="bfd",
         optim=cfg["optim"], logging_steps=cfg["logging_steps"], seed=cfg["seed"], bf16=True,
         gradient_checkpointing=cfg["gradient_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps", save_steps=cfg["save_steps"], save_total_limit=cfg["keep_checkpoints"],

@@ -50,6 +50,7 @@ target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # -- training
 per_device_train_batch_size = 1  # sequences per step per device; memory grows with it
 gradient_accumulation_steps = 16  # effective batch = batch size * this
+packing = False  # True: rows packed padding-free into rows of max_seq_length tokens (fewer, fuller steps; rows stay apart)
 gradient_checkpointing = True  # recompute activations in backward: less activation memory, slower steps
 learning_rate = 2e-4  # AdamW peak learning rate (linear decay)
 num_train_epochs = 1.0  # used when max_steps is -1
