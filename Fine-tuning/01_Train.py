@@ -19,7 +19,7 @@ from data_utils import load_training_data  # noqa: E402
 from dist_utils import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,  # noqa: E402
                         resolve_quant_storage, start_device)
 from errors import UserError  # noqa: E402
-from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, format_plan, plan_for_train_config, with_measured_peak  # noqa: E402
+from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, plan_run, with_measured_peak  # noqa: E402
 from memory_usage import count_parameters, describe_peak, format_size, peak_memory_report, weight_footprint  # noqa: E402
 from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config  # noqa: E402
 from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
@@ -59,6 +59,9 @@ save_steps = 50  # resumable checkpoint every this many steps: fewer = less work
 keep_checkpoints = 2  # newest checkpoints kept while training (>= 1); each costs disk (the log prints the estimate)
 RESUME = "auto"  # auto (continue an interrupted run from its newest complete checkpoint) | never | a checkpoint dir
 seed = 42  # data split, adapter init and shuffling
+# -- memory
+memory_limit_gb = "auto"  # GiB the run may use: auto (free GPU memory, or the host's available RAM) | a number | off
+dry_run = False  # True: check the config, tokenize a sample of rows, print the memory/disk plan and exit; no weights load
 # -- output
 OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
 if_output_exists = "refuse"  # refuse | suffix (write NAME-2, NAME-3, ... beside the existing one)
@@ -70,7 +73,7 @@ merge_check_max_kl = 5e-3  # mean KL(trained || merged) per token above which th
 # ----------------------------------------------------------------------------------------------------
 
 CONFIG_NAMES = [name for name in globals() if name not in _names_before_config and name != "_names_before_config"]
-OPTIONAL_TYPES = {"DATASET_PATH": str}
+OPTIONAL_TYPES = {"DATASET_PATH": str, "memory_limit_gb": str}  # memory_limit_gb: a word or a number
 
 
 def main(argv=None) -> Path | None:
@@ -87,14 +90,20 @@ def main(argv=None) -> Path | None:
         check_launch(launch, cfg, torch.cuda.is_available())
         root = Path(cfg["OUTPUT_ROOT"])
         step("config", "%s", cfg)
+        # ---- data -----------------------------------------------------------------------------------
+        data = load_training_data(cfg)
+        step("data", "%s: %d train / %d held-out rows from %s", cfg["DATASET_CHOICE"], len(data.train),
+             len(data.held_out), data.source)
+        tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
         # ---- plan -----------------------------------------------------------------------------------
         spec, bnb_config = build_quantization_plan(
             cfg["QUANT_METHOD"], lm_head_dtype="fp16" if cfg["keep_lm_head_fp16"] else "bf16", lora_r=cfg["lora_r"],
             merge_after_train=cfg["merge_after_train"],
             quant_storage=resolve_quant_storage(cfg["bnb_4bit_quant_storage"], launch.fsdp))
         peft_name = peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"])
-        memory_plan = plan_for_train_config(model_config, cfg, pick_device())
-        step("plan", "%s", format_plan(memory_plan))
+        memory_plan = plan_run(model_config, cfg, pick_device(), data, tokenizer)  # refuses a run that cannot fit
+        if cfg["dry_run"]:
+            return None
         device = start_device(launch, cfg["seed"])  # joins the process group of a distributed launch
         name = output_dir_name(cfg["MODEL_NAME"], cfg["DATASET_CHOICE"], peft_name, spec)
         with claim_on_main(launch.is_main, root, name, cfg["if_output_exists"]) as run:  # the lock is held to publish
@@ -103,12 +112,7 @@ def main(argv=None) -> Path | None:
                 step("publish", "the staged run had finished all but its rename: publishing it without training")
                 return run.publish()
             resume = plan_resume(cfg["RESUME"], run.staging / "checkpoints", cfg)
-            # ---- data -------------------------------------------------------------------------------
-            data = load_training_data(cfg)
-            step("data", "%s: %d train / %d held-out rows from %s", cfg["DATASET_CHOICE"], len(data.train),
-                 len(data.held_out), data.source)
             # ---- model ------------------------------------------------------------------------------
-            tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
             model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"], for_fsdp=launch.fsdp)
             footprint = weight_footprint(model)
             step("model", "%s on %s: weights %s (%.1f%% less than bf16)", cfg["MODEL_NAME"], device,

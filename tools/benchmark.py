@@ -281,18 +281,30 @@ def run_worker(args) -> None:
 
 # ----- parent: build the model, run every case in its own process, tabulate ----------------------------------
 
-def build_model(arch: str, model_dir: Path) -> None:
-    """A random-weight model of `arch` (bf16 safetensors) with the project's small BPE tokenizer."""
-    from model_fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
+def benchmark_architecture(arch: str, layers: int | None = None) -> dict:
+    """The config.json the benchmark builds: a shipped architecture, with `layers` decoder layers when given
+    (widths, vocabulary, tying and dtypes stay the published ones)."""
+    from model_fixtures import architecture
+
+    config = architecture(arch)
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+        config.pop("layer_types", None)  # one entry per layer: the model rebuilds it from its pattern
+    return config
+
+def build_model(config: dict, model_dir: Path) -> None:
+    """A random-weight model of `config` (bf16 safetensors) with the project's small BPE tokenizer."""
+    from model_fixtures import build_random_model, model_dimensions, train_bpe_tokenizer
     from tools.make_tiny_model import tokenizer_corpus
 
-    config = architecture_dimensions(arch)
+    dimensions = model_dimensions(config)
     if (model_dir / "config.json").exists():
         saved = json.loads((model_dir / "config.json").read_text())
-        if all(saved.get(k) == v for k, v in config.items()):
+        if saved.get("model_type") == config["model_type"] and all(
+                saved.get(k) == v for k, v in dimensions.items() if not isinstance(v, dict)):
             return
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(), 512)
-    build_random_model(model_dir, tokenizer, **config)
+    build_random_model(model_dir, tokenizer, config["model_type"], **dimensions)
 
 def skip_reason(case: Case) -> str | None:
     import torch
@@ -352,9 +364,8 @@ def annotate(report: dict) -> dict:
     """Add to each result: planned peak and the planner's error, peak vs the TRL-docs baseline, step time
     vs bf16 LoRA. Ratios only between results of this one report."""
     from memory_planner import plan_load_memory, plan_training_memory
-    from model_fixtures import architecture_dimensions
 
-    cfg = architecture_dimensions(report["arch"])
+    cfg = benchmark_architecture(report["arch"], report.get("layers"))
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
     base, lora = rows.get("trl_docs_qlora"), rows.get("lora_bf16")
     for row in rows.values():
@@ -389,7 +400,8 @@ def _phase(row: dict) -> str:
 def render_table(report: dict) -> str:
     device = next((r["peak"]["device"] for r in report["results"] if "peak" in r), "cpu")
     measure = "peak RSS GiB" if device == "cpu" else "max allocated GiB"
-    lines = [f"{report['arch']} (random weights), seq {report['seq']}, LoRA r={report['rank']}, batch {report['batch']}, "
+    layers = f", {report['layers']} layers" if report.get("layers") else ""
+    lines = [f"{report['arch']} (random weights{layers}), seq {report['seq']}, LoRA r={report['rank']}, batch {report['batch']}, "
              f"{report['steps']} measured steps after {report['warmup']} warm-up, device {device}",
              "",
              f"| case | what | weights GiB | bits/quantized param | {measure} | planned GiB | planner error | "
@@ -444,6 +456,9 @@ def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="Qwen3-0.6B", help="architecture built with random weights (configs/models)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers of the built model (default: the architecture's own); widths and "
+                             "vocabulary stay the published ones")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (every row is at least this long)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (cases with their own batch keep it)")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank for LoRA and QLoRA")
@@ -472,9 +487,9 @@ def main(argv=None) -> dict:
     for name in ("seq", "batch", "rank", "steps"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0")
-    model_dir = Path(args.work_dir) / args.arch
-    build_model(args.arch, model_dir)
-    header = {"arch": args.arch, "seq": args.seq, "batch": args.batch, "rank": args.rank, "steps": args.steps,
+    model_dir = Path(args.work_dir) / (args.arch + (f"-{args.layers}layers" if args.layers else ""))
+    build_model(benchmark_architecture(args.arch, args.layers), model_dir)
+    header = {"arch": args.arch, "layers": args.layers, "seq": args.seq, "batch": args.batch, "rank": args.rank, "steps": args.steps,
               "warmup": args.warmup}
     results = []
     for name in names:
