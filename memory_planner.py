@@ -134,8 +134,9 @@ def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "c
     On CPU: the runtime, the converted weights (embedding, head and norms in bf16) and the bf16 tensor
     being quantized. A bf16 load maps the checkpoint and its weights are the mapped pages, read only when
     first used (so they count in training, not here). A 4-bit load by the project (model_loading: pread,
-    freed buffers leave the heap) holds one bf16 tensor at a time; one by plain from_pretrained
-    (`checkpoint_mapped`) keeps every page it read mapped: the bf16 bytes of all quantized weights.
+    freed buffers leave the heap) holds one tensor at a time, twice while it is read: with a large
+    vocabulary the peak is the embedding's read; one by plain from_pretrained (`checkpoint_mapped`) keeps
+    every page it read mapped: the bf16 bytes of all quantized weights.
     """
     if quant is not None and quant not in QUANT_BITS:
         raise ValueError(f"quant={quant!r} is unknown; allowed: {', '.join(QUANT_BITS)}")
@@ -145,12 +146,23 @@ def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "c
     cpu = device == "cpu"
     if quant is None:  # on CPU the weights are the mapped checkpoint, not yet read
         parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": 0 if cpu else int(weights)}
-    else:
+        total = sum(parts.values())
+    elif checkpoint_mapped:
         largest = max(i * o for i, o in _linear_shapes(cfg).values())
         parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": int(weights),
-                 "checkpoint_pages": 2 * counts["linear"] if cpu and checkpoint_mapped else 0,
+                 "checkpoint_pages": 2 * counts["linear"] if cpu else 0,
                  "transient": 2 * largest}  # the bf16 tensor being quantized
-    total = sum(parts.values())
+        total = sum(parts.values())
+    else:
+        # safetensors' pread backend holds each tensor twice while it reads it (its read buffer and the tensor:
+        # 0.627 GiB of peak RSS for a 0.3125 GiB embedding). Checkpoints list tensors by name: the head
+        # (lm_head), then the embedding (model.embed_tokens), before the layers; a 4-bit layer's bf16 tensor
+        # is read twice, then quantized.
+        largest = max(i * o for i, o in _linear_shapes(cfg).values())
+        head, embedding = 2 * counts["lm_head"], 2 * counts["embedding"]
+        parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": int(weights), "transient": 2 * 2 * largest}
+        total = max(sum(parts.values()), parts["runtime"] + head + 2 * embedding, parts["runtime"] + 2 * head)
+        parts["embedding_read"] = max(0, total - sum(parts.values()))  # while the head and embedding are read
     return {"parts": parts, "peak_bytes": total, "peak_gib": round(total / GIB, 3)}
 
 def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[str, Any]:
@@ -225,7 +237,7 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         # is there in bf16 beside the whole fp32 set (Qwen3-0.6B: 0.87 GiB; a 262k vocabulary: 0.94).
         plain_params = counts["embedding"] + counts["lm_head"] + counts["norms"]
         load_peak = max(load_peak, load["parts"]["runtime"] + int(counts["linear"] * QUANT_BITS[setup.quant] / 8)
-                        + load["parts"]["checkpoint_pages"] + 4 * plain_params + 2 * counts["embedding"])
+                        + load["parts"].get("checkpoint_pages", 0) + 4 * plain_params + 2 * counts["embedding"])
     # TRL tokenizes every row at its full length before it truncates to max_seq_length (the model loaded)
     data_peak = (load["parts"]["runtime"] + parts["weights"] + parts["adapters"] + parts["checkpoint_pages"]
                  + TOKENIZE_BYTES_PER_TOKEN * setup.longest_row_tokens) if setup.longest_row_tokens else 0
@@ -242,11 +254,11 @@ def loss_bytes(cfg: Mapping[str, Any], setup: TrainingSetup) -> int:
     tile in place); fp32 tiles of (tokens, 32768) on CPU (CPU_LOSS_TILES), plus, when a tile is small
     enough for the heap, the fp32 copies of one tile and one head chunk made while the tiles stay resident."""
     vocab, h = cfg["vocab_size"], cfg["hidden_size"]
-    tokens = setup.batch_size * max(setup.seq_len - 1, 1)  # the last position predicts nothing
     if not setup.fused_loss:
-        return tokens * vocab * (2 + 4 + 4 + 4)
+        return setup.batch_size * setup.seq_len * vocab * (2 + 4 + 4 + 4)
     if setup.device != "cpu":
         return 0
+    tokens = setup.batch_size * max(setup.seq_len - 1, 1)  # TRL scores every position but the last
     tile = tokens * min(vocab, TRL_VOCAB_CHUNK) * 4
     heap_kept = tile + min(vocab, TRL_VOCAB_CHUNK) * h * 4 if tile < GLIBC_MMAP_THRESHOLD_MAX else 0
     return int(CPU_LOSS_TILES * tile + heap_kept)

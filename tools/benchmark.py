@@ -66,7 +66,10 @@ CASES = [
     Case("qlora_b4_padding_free", "train", "nf4_dq", variable_lengths=True, batch=4, padding_free=True,
          note="lever: mixed lengths, batch 4, padding-free"),
     Case("qlora_liger", "train", "nf4_dq", liger=True, note="lever: Liger kernels (CUDA only)"),
+    Case("tokenize_long_row", "tokenize", None,
+         note="TRL's dataset preparation of one row of 2,000,000 characters (before truncation)"),
 ]
+LONG_ROW_CHARS = 2_000_000
 CASES_BY_NAME = {case.name: case for case in CASES}
 
 # ----- data ---------------------------------------------------------------------------------------------
@@ -268,11 +271,37 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
             "rss_before_train_gib": rss_before_train, "file_rss_before_train_gib": file_rss_before_train,
             "file_rss_after_train_gib": proc_status_gib("RssFile"), "train_phase_peak_rss_gib": train_phase_rss, "peak_before_train": load_peak, "peak": peak}
 
+def measure_tokenize(model_dir: str, seq: int, rank: int, work: Path) -> dict:
+    """Peak RSS while SFTTrainer prepares a dataset holding one very long row, per token of that row."""
+    from datasets import Dataset
+
+    from config_utils import training_defaults
+    from memory_planner import tokens_of_row
+    from model_loading import load_causal_lm, load_tokenizer
+    from training_setup import build_trainer, prepare_for_training
+
+    tokenizer = load_tokenizer(model_dir)
+    rows = long_rows(8, 8 * seq)
+    rows[0] = long_rows(1, LONG_ROW_CHARS)[0]
+    tokens = tokens_of_row(tokenizer, rows[0])
+    cfg = {**training_defaults(), "lora_r": rank, "max_seq_length": seq, "max_steps": 1}
+    model = prepare_for_training(load_causal_lm(model_dir, None, "cpu"), cfg, quantized=False)
+    before = proc_status_gib("VmRSS")
+    reset_peak_rss()
+    build_trainer(model, tokenizer, cfg, Dataset.from_list(rows), None, work, "cpu", save_strategy="no")
+    peak = proc_status_gib("VmHWM")
+    return {"longest_row_tokens": tokens, "longest_row_chars": len(rows[0]["completion"][0]["content"]),
+            "rss_before_gib": before, "tokenize_peak_gib": peak,
+            "bytes_per_token": round((peak - before) * 1024**3 / tokens, 1),
+            "peak": {"device": "cpu", "peak_rss_gib": peak - before}}
+
 def run_worker(args) -> None:
     case = CASES_BY_NAME[args.worker]
     batch = case.batch or args.batch
     if case.kind == "weights":
         result = measure_weights(case, args.model_dir)
+    elif case.kind == "tokenize":
+        result = measure_tokenize(args.model_dir, args.seq, args.rank, Path(args.work_dir) / case.name)
     else:
         result = measure_training(case, args.model_dir, args.seq, batch, args.rank, args.steps, args.warmup,
                                   Path(args.work_dir) / case.name)
@@ -358,12 +387,13 @@ def setup_for(case: dict, result: dict, device: str):
         gradient_checkpointing=case["gradient_checkpointing"], fused_loss=case["fused_loss"],
         quant=case["quant"] or "nf4_dq", embeddings_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32",
         norms_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32", device=device,
-        optim=case.get("optim") or result["optim"], checkpoint_mapped=trl_docs)
+        # runs saved before the optimizer was recorded trained with paged_adamw_32bit, the default then
+        optim=case.get("optim") or result.get("optim", "paged_adamw_32bit"), checkpoint_mapped=trl_docs)
 
 def annotate(report: dict) -> dict:
     """Add to each result: planned peak and the planner's error, peak vs the TRL-docs baseline, step time
     vs bf16 LoRA. Ratios only between results of this one report."""
-    from memory_planner import plan_load_memory, plan_training_memory
+    from memory_planner import TOKENIZE_BYTES_PER_TOKEN, plan_load_memory, plan_training_memory
 
     cfg = benchmark_architecture(report["arch"], report.get("layers"))
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
@@ -371,6 +401,11 @@ def annotate(report: dict) -> dict:
     for row in rows.values():
         row["peak_gb_measured"] = peak_gib(row)
     for row in rows.values():
+        if row["case"]["kind"] == "tokenize":  # the tokenization's own share of the peak: bytes per token
+            planned = TOKENIZE_BYTES_PER_TOKEN * row["longest_row_tokens"] / 1024**3
+            row["plan"] = {"peak_gib": round(planned, 3)}
+            row["planner_error"] = round((planned - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
+            continue
         if row["case"]["kind"] != "train":
             row["plan"] = plan_load_memory(cfg, row["case"]["quant"], row["peak"]["device"])
             row["planner_error"] = round((row["plan"]["peak_gib"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
