@@ -391,7 +391,9 @@ def format_plan(plan: Mapping[str, Any]) -> str:
     parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in plan["parts"].items() if value)
     where = "peak RSS" if plan["setup"]["device"] == "cpu" else "max allocated"
     return (f"predicted {where} {plan['peak_gib']:.2f} GiB ({plan['peak_phase']}): training "
-            f"{plan['train_peak_bytes'] / GIB:.2f} = {parts}; loading {plan['load_peak_bytes'] / GIB:.2f}"
+            f"{plan['train_peak_bytes'] / GIB:.2f} = {parts}; loading"
+            + (" and k-bit preparation" if plan["setup"]["method"] == "qlora" else "")
+            + f" {plan['load_peak_bytes'] / GIB:.2f}"
             + (f"; tokenizing the longest row {plan['data_peak_bytes'] / GIB:.2f}" if plan.get("data_peak_bytes") else "")
             + (f"; merge {plan['merge_peak_bytes'] / GIB:.2f}" if "merge_peak_bytes" in plan else "")
             + (" + the merge check's logits (added once its rows are tokenized)"

@@ -96,12 +96,14 @@ def render_model(name: str, model_cfg: dict, cfg: dict, device: str, budgets) ->
     plan = plan_for_train_config(model_cfg, cfg, device)
     training, merge = peaks(model_cfg, cfg, device)
     params = sum(parameter_counts(model_cfg).values())
+    prep = " and k-bit preparation" if cfg["QUANT_METHOD"] == "QLORA" else ""
     where = "CUDA max allocated" if device == "cuda" else "peak RSS"
     lines = [f"{name}: {params / 1e9:.2f}B parameters, vocabulary {model_cfg['vocab_size']:,}; {cfg['QUANT_METHOD']} "
              f"r={cfg['lora_r']}, seq {cfg['max_seq_length']}, batch {cfg['per_device_train_batch_size']}, "
              f"gradient checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'}, {cfg['optim']}, {device} "
              f"({where})",
-             f"planned: training {training / GIB:.2f} GiB" + (f", merge {merge / GIB:.2f} GiB" if merge else ", no merge"),
+             f"planned: training {plan['train_peak_bytes'] / GIB:.2f} GiB, loading{prep} {plan['load_peak_bytes'] / GIB:.2f} "
+             "GiB" + (f", merge {merge / GIB:.2f} GiB" if merge else ", no merge"),
              f"  {format_plan(plan)}", "",
              f"| budget GiB | trains as given | merges | largest r (seq {cfg['max_seq_length']}) | "
              f"largest seq (r={cfg['lora_r']}) |", "|---|---|---|---|---|"]
@@ -116,8 +118,8 @@ def render_summary(models: dict[str, dict], cfg: dict, device: str, budgets) -> 
 
     lines = [f"{cfg['QUANT_METHOD']}, seq {cfg['max_seq_length']}, r={cfg['lora_r']}, batch "
              f"{cfg['per_device_train_batch_size']}, {cfg['optim']}, {device}; cell: largest r at seq "
-             f"{cfg['max_seq_length']} / largest seq at r={cfg['lora_r']} whose training fits (- : none)", "",
-             "| model | training GiB | merge GiB | " + " | ".join(f"{b} GiB" for b in budgets) + " |",
+             f"{cfg['max_seq_length']} / largest seq at r={cfg['lora_r']} whose loading and training fit (- : none)", "",
+             "| model | load + train GiB | merge GiB | " + " | ".join(f"{b} GiB" for b in budgets) + " |",
              "|---|---|---|" + "---|" * len(budgets)]
     for name, model_cfg in models.items():
         training, merge = peaks(model_cfg, cfg, device)
