@@ -160,6 +160,10 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if "if_output_exists" in cfg:
         _require(cfg["if_output_exists"] in IF_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
                  f"is unknown; allowed: {', '.join(IF_EXISTS_POLICIES)}")
+    if "memory_limit_gb" in cfg:
+        from memory_planner import parse_memory_limit
+
+        parse_memory_limit(cfg["memory_limit_gb"])
     if "RESUME" in cfg:
         _require(cfg["RESUME"] in ("auto", "never") or Path(cfg["RESUME"]).is_dir(),
                  f"RESUME={cfg['RESUME']!r} is not auto, never or an existing checkpoint directory")

@@ -10,7 +10,7 @@ import errno
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from config_utils import ConfigError
 from errors import UserError
@@ -27,12 +27,23 @@ QUANT_BITS = {"nf4": 4 + 32 / 64, "fp4": 4 + 32 / 64, "nf4_dq": 4 + 8 / 64 + 32 
 # datasets, before any model loads (measured here: 0.465 GiB peak RSS, torch 2.13 CPU). CUDA's max
 # allocated counts tensors only, so it has no such term.
 CPU_RUNTIME_BYTES = int(0.465 * GIB)
-# TRL's chunked log-prob on a device without Triton works on (tokens, 32768) tiles with torch ops; its
-# backward (trl/kernels/chunked_logprob.py, _backward_tile) holds ten fp32 tiles at once: the upcast tile,
-# the scaled logits, log p, p, the zeroed gradient, the target mask as float, mask - p, its product with
-# the incoming gradient, and the two rescaled gradients. On CUDA a Triton kernel folds the tile in place.
+# TRL's chunked log-prob on a device without Triton (trl/kernels/chunked_logprob.py) works on (tokens, 32768)
+# tiles with torch ops. Its backward's peak line (`_backward_tile`, the log-prob gradient) holds seven fp32
+# tiles (the upcast logits y, z, log p, p, the zeroed gradient, target mask - p, its product with the
+# incoming gradient), the bool target mask (a quarter of a tile) and the bf16 product buffer (a half): 7.75.
+# The forward's is_top1 statistic leaves its two bool tiles (half a tile) in the heap. Measured: 8.5 tiles
+# of peak RSS over the step's start, for 256 to 511 tokens and hidden sizes 640 and 1024.
 TRL_VOCAB_CHUNK = 32768
-CPU_LOSS_TILES = 10
+CPU_LOSS_TILES = 7.75 + 0.5
+# glibc serves a block of up to 32 MiB (its largest dynamic mmap threshold) from the heap, and a freed heap
+# block stays in the process. A tile under that size (fewer than 256 tokens) stays resident after the tile
+# loop, under the backward's next allocations: the fp32 copies `acc.addmm_(tile.float(), w_chunk.float())`
+# makes of one tile and of one (32768, hidden) chunk of the head.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024**2
+# TRL's SFTTrainer tokenizes each row whole (chat template, token ids, completion mask and labels as Python
+# lists, then Arrow) before it truncates to max_seq_length: bytes of peak RSS per token of the longest row,
+# measured on CPU (tools: see docs/measurements.md, "Long rows").
+TOKENIZE_BYTES_PER_TOKEN = 373
 # bitsandbytes' optimizers on CPU (backends/cpu/ops.py) update one parameter at a time through fp32
 # copies: for 8-bit AdamW the two dequantized states, the gradient, the parameter, sqrt(state2) and the
 # denominator. Six fp32 copies of the largest trainable tensor: 3.5 GiB for full fine-tuning of
@@ -56,6 +67,17 @@ class TrainingSetup:
     norms_dtype: str = "bf16"  # bf16 (prepare_kbit_model, TRL's recipe) | fp32 (peft's upcast kept)
     device: str = "cpu"  # cpu (peak RSS, with the runtime term) | cuda (max allocated)
     checkpoint_mapped: bool = False  # plain from_pretrained (TRL's recipe): the bf16 checkpoint stays memory-mapped
+    longest_row_tokens: int = 0  # the longest training row's tokens before truncation (0: not known)
+
+# RMSNorms of one decoder layer by model_type: (over hidden_size, over head_dim as q_norm + k_norm).
+# Gemma 2/3 normalise before and after attention and the MLP; Qwen3 and Gemma 3 normalise q and k per head.
+LAYER_NORMS = {"qwen3": (2, 2), "gemma3_text": (4, 2), "gemma3": (4, 2), "gemma2": (4, 0), "llama": (2, 0),
+               "mistral": (2, 0), "qwen2": (2, 0), "gemma": (2, 0), "phi3": (2, 0)}
+DEFAULT_MODEL_TYPE = "qwen3"  # a config without model_type (the project's own tiny test dimensions)
+
+def layer_norms(cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """(hidden-size norms, head-dim norms) of one decoder layer; Llama's two for a model_type not listed."""
+    return LAYER_NORMS.get(cfg.get("model_type", DEFAULT_MODEL_TYPE), (2, 0))
 
 def _linear_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     """(in, out) features of each projection of one decoder layer of a Llama/Qwen-style model."""
@@ -75,7 +97,7 @@ def parameter_counts(cfg: Mapping[str, Any]) -> dict[str, int]:
         "linear": layers * sum(i * o for i, o in shapes.values()),
         "embedding": embedding,
         "lm_head": 0 if cfg.get("tie_word_embeddings", False) else embedding,
-        "norms": layers * (2 * h + 2 * head_dim) + h,
+        "norms": layers * (layer_norms(cfg)[0] * h + layer_norms(cfg)[1] * head_dim) + h,
     }
 
 def lora_parameter_count(cfg: Mapping[str, Any], rank: int, targets: tuple[str, ...]) -> int:
@@ -87,14 +109,16 @@ def lora_parameter_count(cfg: Mapping[str, Any], rank: int, targets: tuple[str, 
 
 def layer_activation_bytes(cfg: Mapping[str, Any], tokens: int, lora_targets: tuple[str, ...]) -> int:
     """Bytes one decoder layer keeps for backward, under bf16 autocast: bf16 inputs of every projection,
-    fp32 copies inside the RMSNorms (hidden and q/k head norms), rotary q/k, attention q/k/v/out,
-    the SwiGLU's gate/up/product, and for each LoRA-wrapped projection its dropout output and mask."""
+    fp32 copies inside the RMSNorms (hidden and q/k head norms, as many as the architecture has), rotary
+    q/k, attention q/k/v/out, the gated MLP's gate/up/product (SwiGLU or Gemma's tanh-GELU: one saved input
+    either way), and for each LoRA-wrapped projection its dropout output and mask."""
     shapes = _linear_shapes(cfg)
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    hidden_norms, head_norms = layer_norms(cfg)
     per_token = (
-        2 * 10 * h  # two RMSNorms: fp32 input, fp32 normalised copy, bf16 output
-        + 10 * (q + kv)  # q_norm / k_norm, same pattern per head
+        hidden_norms * 10 * h  # each RMSNorm: fp32 input, fp32 normalised copy, bf16 output
+        + (10 * (q + kv) if head_norms else 0)  # q_norm / k_norm, same pattern per head
         + 2 * (h + q + h + inter)  # bf16 inputs of q/k/v (shared), o, gate/up (shared), down
         + 2 * (q + kv)  # rotary outputs
         + 2 * (2 * q + 2 * kv)  # attention: q, k, v saved, output
@@ -110,8 +134,9 @@ def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "c
     On CPU: the runtime, the converted weights (embedding, head and norms in bf16) and the bf16 tensor
     being quantized. A bf16 load maps the checkpoint and its weights are the mapped pages, read only when
     first used (so they count in training, not here). A 4-bit load by the project (model_loading: pread,
-    freed buffers leave the heap) holds one bf16 tensor at a time; one by plain from_pretrained
-    (`checkpoint_mapped`) keeps every page it read mapped: the bf16 bytes of all quantized weights.
+    freed buffers leave the heap) holds one tensor at a time, twice while it is read: with a large
+    vocabulary the peak is the embedding's read; one by plain from_pretrained (`checkpoint_mapped`) keeps
+    every page it read mapped: the bf16 bytes of all quantized weights.
     """
     if quant is not None and quant not in QUANT_BITS:
         raise ValueError(f"quant={quant!r} is unknown; allowed: {', '.join(QUANT_BITS)}")
@@ -121,12 +146,23 @@ def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "c
     cpu = device == "cpu"
     if quant is None:  # on CPU the weights are the mapped checkpoint, not yet read
         parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": 0 if cpu else int(weights)}
-    else:
+        total = sum(parts.values())
+    elif checkpoint_mapped:
         largest = max(i * o for i, o in _linear_shapes(cfg).values())
         parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": int(weights),
-                 "checkpoint_pages": 2 * counts["linear"] if cpu and checkpoint_mapped else 0,
+                 "checkpoint_pages": 2 * counts["linear"] if cpu else 0,
                  "transient": 2 * largest}  # the bf16 tensor being quantized
-    total = sum(parts.values())
+        total = sum(parts.values())
+    else:
+        # safetensors' pread backend holds each tensor twice while it reads it (its read buffer and the tensor:
+        # 0.627 GiB of peak RSS for a 0.3125 GiB embedding). Checkpoints list tensors by name: the head
+        # (lm_head), then the embedding (model.embed_tokens), before the layers; a 4-bit layer's bf16 tensor
+        # is read twice, then quantized.
+        largest = max(i * o for i, o in _linear_shapes(cfg).values())
+        head, embedding = 2 * counts["lm_head"], 2 * counts["embedding"]
+        parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": int(weights), "transient": 2 * 2 * largest}
+        total = max(sum(parts.values()), parts["runtime"] + head + 2 * embedding, parts["runtime"] + 2 * head)
+        parts["embedding_read"] = max(0, total - sum(parts.values()))  # while the head and embedding are read
     return {"parts": parts, "peak_bytes": total, "peak_gib": round(total / GIB, 3)}
 
 def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[str, Any]:
@@ -165,11 +201,7 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         activations = layers * tokens * h * 2 + one_layer  # each layer's bf16 input, plus one layer recomputed
     else:
         activations = layers * one_layer
-    # Full logits: bf16 from the head, fp32 upcast, fp32 log-softmax and its fp32 gradient. TRL's fused
-    # head: nothing on CUDA (a Triton kernel folds each tile in place), fp32 tiles on CPU (CPU_LOSS_TILES).
-    logits = tokens * vocab * (2 + 4 + 4 + 4) if not setup.fused_loss else 0
-    if setup.fused_loss and setup.device == "cpu":
-        logits = CPU_LOSS_TILES * tokens * min(vocab, TRL_VOCAB_CHUNK) * 4
+    logits = loss_bytes(cfg, setup)
     cpu_mapped = setup.device == "cpu" and setup.checkpoint_mapped and setup.method == "qlora"
     if setup.method == "full":
         largest_trainable = max([vocab * h] + [i * o for i, o in _linear_shapes(cfg).values()])
@@ -196,25 +228,118 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         parts["optimizer_paged"] = parts.pop("optimizer")
     train_peak = sum(v for k, v in parts.items() if k != "optimizer_paged")
     # Loading comes before kbit preparation: the weights are as loaded (see plan_load_memory).
-    load_peak = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device,
-                                 setup.checkpoint_mapped)["peak_bytes"]
-    total = max(train_peak, load_peak)
+    load = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device,
+                            setup.checkpoint_mapped)
+    load_peak = load["peak_bytes"]
+    if setup.method == "qlora":
+        # peft's prepare_model_for_kbit_training upcasts every 16-bit parameter to fp32 one at a time, and
+        # prepare_kbit_model casts the frozen ones back: at the first cast back the largest one (the embedding)
+        # is there in bf16 beside the whole fp32 set (Qwen3-0.6B: 0.87 GiB; a 262k vocabulary: 0.94).
+        plain_params = counts["embedding"] + counts["lm_head"] + counts["norms"]
+        load_peak = max(load_peak, load["parts"]["runtime"] + int(counts["linear"] * QUANT_BITS[setup.quant] / 8)
+                        + load["parts"].get("checkpoint_pages", 0) + 4 * plain_params + 2 * counts["embedding"])
+    # TRL tokenizes every row at its full length before it truncates to max_seq_length (the model loaded)
+    data_peak = (load["parts"]["runtime"] + parts["weights"] + parts["adapters"] + parts["checkpoint_pages"]
+                 + TOKENIZE_BYTES_PER_TOKEN * setup.longest_row_tokens) if setup.longest_row_tokens else 0
+    phases = {"training": train_peak, "loading": load_peak, "data": data_peak}
+    phase = max(phases, key=phases.get)
+    total = phases[phase]
     return {"parts": parts, "train_peak_bytes": train_peak, "load_peak_bytes": load_peak,
-            "peak_phase": "training" if train_peak >= load_peak else "loading",
+            **({"data_peak_bytes": data_peak} if data_peak else {}), "peak_phase": phase,
             "peak_bytes": total, "peak_gib": round(total / GIB, 3), "trainable_params": trainable, "params": counts}
 
-def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], device: str) -> dict[str, Any]:
+def loss_bytes(cfg: Mapping[str, Any], setup: TrainingSetup) -> int:
+    """Memory of the LM head's loss. Full logits (TRL's chunked loss off): bf16 from the head, fp32 upcast,
+    fp32 log-softmax and its fp32 gradient. TRL's chunked loss: nothing on CUDA (a Triton kernel folds each
+    tile in place); fp32 tiles of (tokens, 32768) on CPU (CPU_LOSS_TILES), plus, when a tile is small
+    enough for the heap, the fp32 copies of one tile and one head chunk made while the tiles stay resident."""
+    vocab, h = cfg["vocab_size"], cfg["hidden_size"]
+    if not setup.fused_loss:
+        return setup.batch_size * setup.seq_len * vocab * (2 + 4 + 4 + 4)
+    if setup.device != "cpu":
+        return 0
+    tokens = setup.batch_size * max(setup.seq_len - 1, 1)  # TRL scores every position but the last
+    tile = tokens * min(vocab, TRL_VOCAB_CHUNK) * 4
+    heap_kept = tile + min(vocab, TRL_VOCAB_CHUNK) * h * 4 if tile < GLIBC_MMAP_THRESHOLD_MAX else 0
+    return int(CPU_LOSS_TILES * tile + heap_kept)
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Token lengths of a run's rows as SFTTrainer will see them, before truncation; from a sample."""
+
+    rows: int  # training rows
+    sampled: int  # training rows tokenized
+    mean_tokens: float  # over the sampled rows
+    longest_tokens: int  # the longest training row: tokenized, or estimated from its characters
+    longest_chars: int
+    estimated: bool  # longest_tokens estimated (the row was too long to tokenize for a plan)
+    held_out_tokens: tuple[int, ...] = ()  # every held-out row (the merge check's rows)
+
+    def describe(self, seq_len: int) -> str:
+        longest = f"{self.longest_tokens:,} ({'estimated from its ' if self.estimated else ''}" \
+                  f"{self.longest_chars:,} characters)"
+        return (f"{self.rows} training rows, {self.sampled} tokenized: mean {self.mean_tokens:.0f} tokens, longest "
+                f"{longest}; batches of up to {min(seq_len, self.longest_tokens)} tokens per row")
+
+# Rows tokenized for a plan: a seeded sample, plus the longest rows up to this many characters each;
+# a longer row's tokens are estimated from its characters at the densest tokens-per-character seen.
+PLAN_SAMPLE_ROWS = 256
+PLAN_LONGEST_ROWS = 8
+PLAN_MAX_TOKENIZED_CHARS = 200_000
+
+def row_text_chars(row: Mapping[str, Any]) -> int:
+    """Characters of a trainer row's text: a `text` column, or the contents of its messages."""
+    if "text" in row:
+        return len(row["text"] or "")
+    messages = row.get("messages") or list(row.get("prompt") or []) + list(row.get("completion") or [])
+    return sum(len(str(m.get("content") or "")) for m in messages)
+
+def tokens_of_row(tokenizer, row: Mapping[str, Any]) -> int:
+    """Tokens of a trainer row as SFTTrainer renders it: a conversation through the chat template, a text row
+    through the tokenizer with EOS."""
+    if "text" in row:
+        return len(tokenizer(row["text"] + (tokenizer.eos_token or ""))["input_ids"])
+    messages = row.get("messages") or list(row["prompt"]) + list(row["completion"])
+    if tokenizer.chat_template:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    return len(tokenizer("\n\n".join(str(m["content"]) for m in messages))["input_ids"])
+
+def token_stats(data, tokenizer, seed: int = 0) -> TokenStats:
+    """Token lengths of `data` (data_utils.TrainingData) for the plan, without tokenizing every row: a seeded
+    sample and the longest rows (by characters) are tokenized; every held-out row is."""
+    import random
+
+    chars = [row_text_chars(row) for row in data.train]
+    if not chars:
+        return TokenStats(0, 0, 0.0, 0, 0, False)
+    order = sorted(range(len(chars)), key=chars.__getitem__, reverse=True)
+    longest = [i for i in order if chars[i] <= PLAN_MAX_TOKENIZED_CHARS][:PLAN_LONGEST_ROWS]
+    sample = random.Random(seed).sample(range(len(chars)), min(PLAN_SAMPLE_ROWS, len(chars)))
+    counted = {i: tokens_of_row(tokenizer, data.train[i]) for i in set(sample) | set(longest)}
+    density = max(counted[i] / max(chars[i], 1) for i in counted)
+    estimated = chars[order[0]] > PLAN_MAX_TOKENIZED_CHARS
+    top = int(chars[order[0]] * density) + 1 if estimated else max(counted.values())
+    held_out = tuple(tokens_of_row(tokenizer, row) for row in data.held_out)
+    return TokenStats(len(chars), len(counted), sum(counted[i] for i in sample) / len(sample), top, chars[order[0]],
+                      estimated, held_out)
+
+def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], device: str,
+                          tokens: TokenStats | None = None) -> dict[str, Any]:
     """The planner applied to 01_Train.py's resolved constants; `{"peak_gib": None, "reason": ...}` when
-    the run has something the planner does not model (its prediction is then simply absent)."""
+    the run has something the planner does not model (its prediction is then simply absent). With `tokens`,
+    batches are as long as the longest row allows (up to max_seq_length), the tokenization of the longest
+    row is a phase of its own, and the merge check's logits count from the held-out rows."""
     targets = tuple(str(t).rsplit(".", 1)[-1] for t in train_cfg["target_modules"])
     method = "qlora" if str(train_cfg["QUANT_METHOD"]).upper() == "QLORA" else (
         "full" if train_cfg["PEFT_CONFIG"] == "Full" else "lora")
+    seq = train_cfg["max_seq_length"] if tokens is None else max(1, min(train_cfg["max_seq_length"], tokens.longest_tokens))
     setup = TrainingSetup(
-        method=method, lora_r=train_cfg["lora_r"], target_modules=targets, seq_len=train_cfg["max_seq_length"],
+        method=method, lora_r=train_cfg["lora_r"], target_modules=targets, seq_len=seq,
         batch_size=train_cfg["per_device_train_batch_size"], gradient_checkpointing=train_cfg["gradient_checkpointing"],
         optim=train_cfg["optim"], device=device,
         # model_loading.load_causal_lm reads with pread, except a model with its own code: from_pretrained maps it
-        checkpoint_mapped=bool(train_cfg.get("trust_remote_code", False)))
+        checkpoint_mapped=bool(train_cfg.get("trust_remote_code", False)),
+        longest_row_tokens=tokens.longest_tokens if tokens else 0)
     try:
         plan = {"setup": setup.__dict__ | {"target_modules": list(targets)}, **plan_training_memory(model_cfg, setup)}
     except (KeyError, ValueError) as err:
@@ -224,9 +349,10 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
         merge_peak = plan["parts"]["runtime"] + 2 * sum(plan["params"].values()) + plan["parts"]["adapters"]
         if device != "cpu":  # measured on an H200: the 4-bit base was still allocated at the merge's peak
             merge_peak += plan["parts"]["weights"]
-        plan["merge_peak_bytes"] = merge_peak
-        if merge_peak > plan["peak_bytes"]:
-            plan.update(peak_bytes=merge_peak, peak_gib=round(merge_peak / GIB, 3), peak_phase="merge")
+        plan = settle_peak({**plan, "merge_peak_bytes": merge_peak})
+        if tokens is not None and tokens.held_out_tokens:
+            check_rows = [min(t, train_cfg["max_seq_length"]) for t in tokens.held_out_tokens]
+            plan = with_merge_check(plan, check_rows, model_cfg["vocab_size"], device)
     return plan
 
 # The merge check (merge_utils.measure_candidate) keeps the trained model's fp32 logits of every check
@@ -244,11 +370,19 @@ def with_merge_check(plan: Mapping[str, Any], row_tokens: list[int], vocab_size:
         logits = 4 * vocab_size * (sum(row_tokens) + MERGE_CHECK_ROW_COPIES * max(row_tokens))
     else:
         logits = 6 * vocab_size * max(row_tokens)
-    merge_peak = plan["merge_peak_bytes"] + logits
-    out = dict(plan, merge_peak_bytes=merge_peak, merge_check_logits_bytes=logits, merge_check_tokens=sum(row_tokens))
-    if merge_peak > plan["peak_bytes"]:
-        out.update(peak_bytes=merge_peak, peak_gib=round(merge_peak / GIB, 3), peak_phase="merge")
-    return out
+    # the rows' logits replace an earlier estimate of them (the plan counted them from the sampled rows)
+    merge_peak = plan["merge_peak_bytes"] - plan.get("merge_check_logits_bytes", 0) + logits
+    return settle_peak(dict(plan, merge_peak_bytes=merge_peak, merge_check_logits_bytes=logits,
+                            merge_check_tokens=sum(row_tokens)))
+
+PHASES = {"training": "train_peak_bytes", "loading": "load_peak_bytes", "data": "data_peak_bytes",
+          "merge": "merge_peak_bytes"}
+
+def settle_peak(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan with its peak and peak_phase set to the largest of its phases."""
+    phases = {name: plan[key] for name, key in PHASES.items() if plan.get(key)}
+    phase = max(phases, key=phases.get)
+    return dict(plan, peak_bytes=phases[phase], peak_gib=round(phases[phase] / GIB, 3), peak_phase=phase)
 
 def format_plan(plan: Mapping[str, Any]) -> str:
     """One line: the predicted peak and its parts in GiB."""
@@ -257,10 +391,163 @@ def format_plan(plan: Mapping[str, Any]) -> str:
     parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in plan["parts"].items() if value)
     where = "peak RSS" if plan["setup"]["device"] == "cpu" else "max allocated"
     return (f"predicted {where} {plan['peak_gib']:.2f} GiB ({plan['peak_phase']}): training "
-            f"{plan['train_peak_bytes'] / GIB:.2f} = {parts}; loading {plan['load_peak_bytes'] / GIB:.2f}"
+            f"{plan['train_peak_bytes'] / GIB:.2f} = {parts}; loading"
+            + (" and k-bit preparation" if plan["setup"]["method"] == "qlora" else "")
+            + f" {plan['load_peak_bytes'] / GIB:.2f}"
+            + (f"; tokenizing the longest row {plan['data_peak_bytes'] / GIB:.2f}" if plan.get("data_peak_bytes") else "")
             + (f"; merge {plan['merge_peak_bytes'] / GIB:.2f}" if "merge_peak_bytes" in plan else "")
             + (" + the merge check's logits (added once its rows are tokenized)"
                if "merge_peak_bytes" in plan and "merge_check_logits_bytes" not in plan else ""))
+
+# ----- will it fit: the budget, the levers, the dry run ------------------------------------------------------
+
+MEMORY_LIMIT_WORDS = ("auto", "off")
+
+def parse_memory_limit(value: Any) -> float | str:
+    """memory_limit_gb as 'auto', 'off' or a number of GiB > 0; ConfigError naming what is allowed."""
+    import math
+
+    text = str(value).strip().lower()
+    if text in MEMORY_LIMIT_WORDS:
+        return text
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib > 0) or isinstance(value, bool):
+        raise ConfigError(f"memory_limit_gb={value!r} is not auto, off or a number of GiB > 0")
+    return gib
+
+def memory_budget(value: Any, device: str) -> tuple[int | None, str]:
+    """(bytes the run may use, where that figure comes from); None when memory_limit_gb is off or unreadable."""
+    from memory_usage import available_memory
+
+    limit = parse_memory_limit(value)
+    if limit == "off":
+        return None, "memory_limit_gb=off"
+    if limit == "auto":
+        available, source = available_memory(device)
+        return available, f"memory_limit_gb=auto: {source}"
+    return int(limit * GIB), f"memory_limit_gb={limit:g}"
+
+def _halvings(value: int, floor: int) -> list[int]:
+    out = []
+    while value // 2 >= floor:
+        value //= 2
+        out.append(value)
+    return out
+
+def _smaller_batches(cfg: Mapping[str, Any]) -> list[dict[str, int]]:
+    """Smaller per-device batches with the accumulation that keeps the effective batch."""
+    batch, steps = cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]
+    return [{"per_device_train_batch_size": b, "gradient_accumulation_steps": steps * batch // b}
+            for b in _halvings(batch, 1) if batch % b == 0]
+
+def _switch(name: str, new: Any) -> Callable[[Mapping[str, Any]], list[dict[str, Any]]]:
+    return lambda cfg: [{name: new}] if cfg[name] != new else []
+
+# What a run can change to lower its peak, cheapest first: the same training at a small cost in speed, then
+# less state, then the work itself (where the peak is, the merge, shorter rows, a smaller adapter). Each yields
+# the changed constants to try, best first.
+LEVERS: dict[str, Callable[[Mapping[str, Any]], list[dict[str, Any]]]] = {
+    "gradient checkpointing": _switch("gradient_checkpointing", True),
+    "batch": lambda cfg: _smaller_batches(cfg),
+    "8-bit optimizer": lambda cfg: [{"optim": "paged_adamw_8bit"}] if OPTIMIZERS[cfg["optim"]].state_bytes > 2 else [],
+    "4-bit base": lambda cfg: ([{"QUANT_METHOD": "QLORA"}] if str(cfg["QUANT_METHOD"]).upper() != "QLORA"
+                               and cfg["PEFT_CONFIG"] != "Full" else []),
+    "no merge": _switch("merge_after_train", False),
+    "shorter rows": lambda cfg: [{"max_seq_length": s} for s in _halvings(cfg["max_seq_length"], 64)],
+    "lower rank": lambda cfg: ([{"lora_r": r} for r in _halvings(cfg["lora_r"], 4)] if cfg["PEFT_CONFIG"] != "Full" else []),
+}
+
+def _describe_change(cfg: Mapping[str, Any], change: Mapping[str, Any]) -> str:
+    return " with ".join(f"{name} {cfg[name]}->{value}" for name, value in change.items())
+
+def fitting_levers(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], device: str, budget: int,
+                   tokens: TokenStats | None = None, count: int = 3) -> list[tuple[str, int]]:
+    """Up to `count` single changes that bring the planned peak under `budget`, cheapest first, each with its
+    planned peak in bytes; for a lever with several settings, the gentlest that fits. When no single change
+    fits, the changes that lower the peak most, and all of them together as the last entry."""
+    fits, lowers, combined = [], [], dict(train_cfg)
+    for lever in LEVERS.values():
+        tried = [(change, plan_for_train_config(model_cfg, {**train_cfg, **change}, device, tokens))
+                 for change in lever(train_cfg)]
+        tried = [(change, plan["peak_bytes"]) for change, plan in tried if plan.get("peak_gib") is not None]
+        fitting = [(change, peak) for change, peak in tried if peak <= budget]
+        if fitting:
+            fits.append((_describe_change(train_cfg, fitting[0][0]), fitting[0][1]))
+        if tried:
+            lowest = min(tried, key=lambda item: item[1])
+            lowers.append((_describe_change(train_cfg, lowest[0]), lowest[1]))
+            combined.update(lowest[0])
+    if fits:
+        return fits[:count]
+    together = plan_for_train_config(model_cfg, combined, device, tokens)
+    best = sorted(lowers, key=lambda item: item[1])[:count]
+    if together.get("peak_gib") is not None and combined != dict(train_cfg):
+        best.append((_describe_change(train_cfg, {k: v for k, v in combined.items() if train_cfg[k] != v})
+                     + " together", together["peak_bytes"]))
+    return best
+
+class MemoryBudgetError(UserError):
+    """The planned peak exceeds the memory the run may use."""
+
+def fit_verdict(plan: Mapping[str, Any], model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], device: str,
+                tokens: TokenStats | None = None) -> tuple[bool, str]:
+    """(fits, one line saying so): the planned peak against memory_limit_gb; when it does not fit, the line
+    lists the cheapest changes that would make it fit, each with its planned peak."""
+    budget, source = memory_budget(train_cfg["memory_limit_gb"], device)
+    if plan.get("peak_gib") is None:
+        return True, f"fit not checked: {format_plan(plan)}"
+    peak = f"planned peak {plan['peak_bytes'] / GIB:.2f} GiB ({plan['peak_phase']})"
+    if budget is None:
+        return True, f"{peak}; fit not checked ({source})"
+    if plan["peak_bytes"] <= budget:
+        return True, f"{peak} fits in {budget / GIB:.2f} GiB ({source})"
+    levers = fitting_levers(model_cfg, train_cfg, device, budget, tokens)
+    fits = [text for text, bytes_ in levers if bytes_ <= budget]
+    listed = "; ".join(f"{text}: {bytes_ / GIB:.2f} GiB" for text, bytes_ in levers)
+    advice = (f"changes that fit: {listed}" if fits else f"no single change fits; the largest cuts: {listed}")
+    return False, (f"{peak} exceeds {budget / GIB:.2f} GiB ({source}); {advice}; "
+                   "set memory_limit_gb to a number of GiB, or off, to run anyway")
+
+def disk_needed_for_config(plan: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, int]:
+    """`disk_needed` from a plan (config.json alone, no model): the trainable bytes are its gradients'."""
+    params = plan["params"]
+    head_copy = params["embedding"] if cfg["keep_lm_head_fp16"] else 0  # an fp16 head of its own
+    writes_model = cfg["merge_after_train"] or cfg["PEFT_CONFIG"] == "Full"
+    return disk_needed(plan["parts"]["gradients"], plan["trainable_params"], cfg["optim"], cfg["keep_checkpoints"],
+                       sum(params.values()) + head_copy if writes_model else 0)
+
+def plan_run(model_cfg: Mapping[str, Any], cfg: Mapping[str, Any], device: str, data, tokenizer) -> dict[str, Any]:
+    """01_Train.py's plan, before any weights load: token lengths of the rows (`data`: data_utils.TrainingData),
+    the planned peak by phase, and the fit check against memory_limit_gb. A run that does not fit raises
+    MemoryBudgetError, a dry run (cfg dry_run) logs the plan, the merge and the disk and raises nothing."""
+    from run_log import step
+
+    tokens = token_stats(data, tokenizer, cfg["seed"])
+    plan = plan_for_train_config(model_cfg, cfg, device, tokens)
+    fits, verdict = fit_verdict(plan, model_cfg, cfg, device, tokens)
+    if not cfg["dry_run"]:
+        step("plan", "%s", format_plan(plan))
+        if not fits:
+            raise MemoryBudgetError(verdict)
+        step("plan", "%s", verdict)
+        return plan
+    step("dry run", "data: %s", tokens.describe(cfg["max_seq_length"]))
+    step("dry run", "training: %s", format_plan(plan))
+    if "merge_peak_bytes" in plan:
+        step("dry run", "merge: %.2f GiB (the whole model in bf16 beside the adapters, and the merge check's "
+             "logits over %d held-out rows)", plan["merge_peak_bytes"] / GIB, len(tokens.held_out_tokens))
+    if plan.get("peak_gib") is not None:
+        disk = disk_needed_for_config(plan, cfg)
+        free = shutil.disk_usage(_existing_ancestor(Path(cfg["OUTPUT_ROOT"]))).free
+        step("dry run", "disk: %s per checkpoint x %d, %s adapter, %s merged model: %s in all (%s free under %s)",
+             format_size(disk["checkpoint"]), cfg["keep_checkpoints"] + 1, format_size(disk["adapter"]),
+             format_size(disk["merged"]), format_size(disk["total"]), format_size(free), cfg["OUTPUT_ROOT"])
+    step("dry run", "%s", verdict if fits else f"would refuse: {verdict}")
+    step("dry run", "no weights loaded, nothing written; set dry_run=False to train")
+    return plan
 
 def with_measured_peak(plan: Mapping[str, Any], peak: Mapping[str, Any]) -> dict[str, Any]:
     """The plan with the measured peak (max allocated on CUDA, else peak RSS) and the planner's relative error."""

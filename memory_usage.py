@@ -23,6 +23,22 @@ def proc_status_bytes(field: str) -> int | None:
             return int(line.split()[1]) * 1024
     return None
 
+def available_memory(device: str) -> tuple[int | None, str]:
+    """Memory a run can still take, in bytes, and where the figure comes from: on CUDA the free memory of the
+    tightest visible GPU (torch.cuda.mem_get_info), else the host's MemAvailable (/proc/meminfo); None where
+    neither can be read."""
+    if device.startswith("cuda"):
+        import torch
+
+        free = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+        gpu = min(free, key=free.get)
+        return free[gpu], f"free on cuda:{gpu}"
+    meminfo = Path("/proc/meminfo")
+    for line in (meminfo.read_text().splitlines() if meminfo.exists() else []):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024, "MemAvailable of this host"
+    return None, "no /proc/meminfo"
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process image: Linux's VmHWM, else ru_maxrss (macOS: bytes).
 

@@ -88,14 +88,26 @@ def known_architectures() -> list[str]:
     return sorted(path.stem for path in MODEL_CONFIGS_DIR.glob("*.json"))
 
 def architecture(name: str) -> dict:
-    """A shipped architecture's config.json (configs/models/NAME.json) as a dict."""
+    """A shipped architecture's config.json (configs/models/NAME.json) as a dict, without the `_source` key
+    that names the hub repo the file was copied from."""
     path = MODEL_CONFIGS_DIR / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"unknown architecture {name!r}; allowed: {', '.join(known_architectures())}")
-    return json.loads(path.read_text())
+    return without_source(json.loads(path.read_text()))
+
+def without_source(config: dict) -> dict:
+    from model_loading import SOURCE_KEY
+
+    return {key: value for key, value in config.items() if key != SOURCE_KEY}
 
 def architecture_dimensions(name: str) -> dict:
     """The part of `architecture(name)` that sizes a model (for `build_random_model` overrides)."""
-    config = architecture(name)
-    return {key: value for key, value in config.items() if key not in ("architectures", "model_type", "torch_dtype",
-                                                                        "bos_token_id", "eos_token_id")}
+    return model_dimensions(architecture(name))
+
+def model_dimensions(config: dict) -> dict:
+    """`config` without what `build_random_model` sets itself (class, dtype, token ids); head_dim spelled out
+    where the config leaves it to hidden_size / num_attention_heads (Llama, Mistral)."""
+    dimensions = {key: value for key, value in config.items() if key not in (
+        "architectures", "model_type", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id")}
+    dimensions.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    return dimensions

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: bool = False) -> dict:
-    """The model's (text) config as a dict, from config.json alone (hub id or local dir; no weights), after
-    checking that the sequence length fits the model's context. Bad input is one ConfigError line."""
+    """The model's (text) config as a dict, from config.json alone (hub id, local dir or a config.json file;
+    no weights), after checking that the sequence length fits the model's context. Bad input is one
+    ConfigError line."""
     from transformers import AutoConfig
 
     from config_utils import ConfigError
@@ -22,7 +23,11 @@ def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: b
     context = getattr(text_config, "max_position_embeddings", None)
     if context is not None and max_seq_length > context:
         raise ConfigError(f"max_seq_length={max_seq_length} exceeds the model's context of {context} tokens")
-    return text_config.to_dict()
+    return {key: value for key, value in text_config.to_dict().items() if key != SOURCE_KEY}
+
+# The key the project's shipped config.json files (configs/models) carry to name the hub repo they were
+# copied from; not a model setting, so every reader drops it.
+SOURCE_KEY = "_source"
 from errors import UserError
 
 # Weight files in Python's pickle format (torch.load): unpickling can run arbitrary code.

@@ -20,7 +20,7 @@ from data_utils import dataset_tag, load_training_data  # noqa: E402
 from dist_utils import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,  # noqa: E402
                         resolve_quant_storage, start_device)
 from errors import UserError  # noqa: E402
-from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, format_plan, plan_for_train_config, with_measured_peak  # noqa: E402
+from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, plan_run, with_measured_peak  # noqa: E402
 from memory_usage import count_parameters, describe_footprint, describe_peak, peak_memory_report, weight_footprint  # noqa: E402
 from merge_utils import write_model  # noqa: E402
 from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config  # noqa: E402
@@ -63,6 +63,9 @@ save_steps = 50  # resumable checkpoint every this many steps: fewer = less work
 keep_checkpoints = 2  # newest checkpoints kept while training (>= 1); each costs disk (the log prints the estimate)
 RESUME = "auto"  # auto (continue an interrupted run from its newest complete checkpoint) | never | a checkpoint dir
 seed = 42  # data split, adapter init and shuffling
+# -- memory
+memory_limit_gb = "auto"  # GiB the run may use: auto (free GPU memory, or the host's available RAM) | a number | off
+dry_run = False  # True: check the config, tokenize a sample of rows, print the memory/disk plan and exit; no weights load
 # -- output
 OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
 if_output_exists = "refuse"  # refuse | suffix (write NAME-2, NAME-3, ... beside the existing one)
@@ -88,14 +91,20 @@ def main(argv=None) -> Path | None:
         check_launch(launch, cfg)
         root = Path(cfg["OUTPUT_ROOT"])
         step("config", "%s", cfg)
+        # ---- data -----------------------------------------------------------------------------------
+        tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
+        prompt_format = ensure_chat_template(tokenizer, cfg["MODEL_NAME"])  # "model" | "plain" (saved with the output)
+        data = load_training_data(cfg, tokenizer)
+        step("data", "%s; chat template: %s", data.describe(), prompt_format)
         # ---- plan -----------------------------------------------------------------------------------
         spec, bnb_config = build_quantization_plan(
             cfg["QUANT_METHOD"], lm_head_dtype="fp16" if cfg["keep_lm_head_fp16"] else "bf16", lora_r=cfg["lora_r"],
             merge_after_train=cfg["merge_after_train"],
             quant_storage=resolve_quant_storage(cfg["bnb_4bit_quant_storage"], launch.fsdp))
         peft_name = peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"])
-        memory_plan = plan_for_train_config(model_config, cfg, pick_device())
-        step("plan", "%s", format_plan(memory_plan))
+        memory_plan = plan_run(model_config, cfg, pick_device(), data, tokenizer)  # refuses a run that cannot fit
+        if cfg["dry_run"]:
+            return None
         device = start_device(launch, cfg["seed"])  # joins the process group of a distributed launch
         dataset_word = dataset_tag(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"])
         name = output_dir_name(cfg["MODEL_NAME"], dataset_word, peft_name, spec)
@@ -105,11 +114,6 @@ def main(argv=None) -> Path | None:
                 step("publish", "the staged run had finished all but its rename: publishing it without training")
                 return run.publish()
             resume = find_resume_point(cfg["RESUME"], run.staging / "checkpoints", cfg)
-            # ---- data -------------------------------------------------------------------------------
-            tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
-            prompt_format = ensure_chat_template(tokenizer, cfg["MODEL_NAME"])  # "model" | "plain" (saved with the output)
-            data = load_training_data(cfg, tokenizer)
-            step("data", "%s; chat template: %s", data.describe(), prompt_format)
             # ---- model ------------------------------------------------------------------------------
             model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"], for_fsdp=launch.fsdp)
             footprint = weight_footprint(model)

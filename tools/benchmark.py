@@ -81,7 +81,10 @@ CASES = [
     Case("qlora_b1_ga4", "train", "nf4_dq", batch=1, accumulation=4, note="lever: batch 1 x accumulation 4"),
     Case("qlora_b4_ga1", "train", "nf4_dq", batch=4, note="lever: batch 4 x accumulation 1 (same effective batch)"),
     Case("unsloth_qlora", "train", "nf4_dq", recipe="unsloth", note="anchor: unsloth (own environment, CUDA only)"),
+    Case("tokenize_long_row", "tokenize", None,
+         note="TRL's dataset preparation of one row of 2,000,000 characters (before truncation)"),
 ]
+LONG_ROW_CHARS = 2_000_000
 CASES_BY_NAME = {case.name: case for case in CASES}
 # The throughput comparison (gpu/throughput_check.sh): the recipe, the project's default, each speed lever, unsloth.
 # Most telling first: a run cut short by its time limit keeps the goal's three cases.
@@ -353,6 +356,30 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
             "rss_before_train_gib": rss_before_train, "file_rss_before_train_gib": file_rss_before_train,
             "file_rss_after_train_gib": proc_status_gib("RssFile"), "train_phase_peak_rss_gib": train_phase_rss, "peak_before_train": load_peak, "peak": peak}
 
+def measure_tokenize(model_dir: str, seq: int, rank: int, work: Path) -> dict:
+    """Peak RSS while SFTTrainer prepares a dataset holding one very long row, per token of that row."""
+    from datasets import Dataset
+
+    from config_utils import training_defaults
+    from memory_planner import tokens_of_row
+    from model_loading import load_causal_lm, load_tokenizer
+    from training_setup import build_trainer, prepare_for_training
+
+    tokenizer = load_tokenizer(model_dir)
+    rows = long_rows(8, 8 * seq)
+    rows[0] = long_rows(1, LONG_ROW_CHARS)[0]
+    tokens = tokens_of_row(tokenizer, rows[0])
+    cfg = {**training_defaults(), "lora_r": rank, "max_seq_length": seq, "max_steps": 1}
+    model = prepare_for_training(load_causal_lm(model_dir, None, "cpu"), cfg, quantized=False)
+    before = proc_status_gib("VmRSS")
+    reset_peak_rss()
+    build_trainer(model, tokenizer, cfg, Dataset.from_list(rows), None, work, "cpu", save_strategy="no")
+    peak = proc_status_gib("VmHWM")
+    return {"longest_row_tokens": tokens, "longest_row_chars": len(rows[0]["completion"][0]["content"]),
+            "rss_before_gib": before, "tokenize_peak_gib": peak,
+            "bytes_per_token": round((peak - before) * 1024**3 / tokens, 1),
+            "peak": {"device": "cpu", "peak_rss_gib": peak - before}}
+
 def run_worker(args) -> None:
     case = CASES_BY_NAME[args.worker]
     if case.recipe == "unsloth":
@@ -360,6 +387,8 @@ def run_worker(args) -> None:
     batch = case.batch or args.batch
     if case.kind == "weights":
         result = measure_weights(case, args.model_dir)
+    elif case.kind == "tokenize":
+        result = measure_tokenize(args.model_dir, args.seq, args.rank, Path(args.work_dir) / case.name)
     else:
         result = measure_training(case, args.model_dir, args.seq, batch, args.rank, args.steps, args.warmup,
                                   Path(args.work_dir) / case.name)
@@ -368,18 +397,30 @@ def run_worker(args) -> None:
 
 # ----- parent: build the model, run every case in its own process, tabulate ----------------------------------
 
-def build_model(arch: str, model_dir: Path) -> None:
-    """A random-weight model of `arch` (bf16 safetensors) with the project's small BPE tokenizer."""
-    from model_fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
+def benchmark_architecture(arch: str, layers: int | None = None) -> dict:
+    """The config.json the benchmark builds: a shipped architecture, with `layers` decoder layers when given
+    (widths, vocabulary, tying and dtypes stay the published ones)."""
+    from model_fixtures import architecture
+
+    config = architecture(arch)
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+        config.pop("layer_types", None)  # one entry per layer: the model rebuilds it from its pattern
+    return config
+
+def build_model(config: dict, model_dir: Path) -> None:
+    """A random-weight model of `config` (bf16 safetensors) with the project's small BPE tokenizer."""
+    from model_fixtures import build_random_model, model_dimensions, train_bpe_tokenizer
     from tools.make_tiny_model import tokenizer_corpus
 
-    config = architecture_dimensions(arch)
+    dimensions = model_dimensions(config)
     if (model_dir / "config.json").exists():
         saved = json.loads((model_dir / "config.json").read_text())
-        if all(saved.get(k) == v for k, v in config.items()):
+        if saved.get("model_type") == config["model_type"] and all(
+                saved.get(k) == v for k, v in dimensions.items() if not isinstance(v, dict)):
             return
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(), 512)
-    build_random_model(model_dir, tokenizer, **config)
+    build_random_model(model_dir, tokenizer, config["model_type"], **dimensions)
 
 def unsloth_installed(site: str | None) -> bool:
     return bool(site) and (Path(site) / "unsloth" / "__init__.py").is_file()
@@ -459,23 +500,26 @@ def setup_for(case: dict, result: dict, device: str):
         # runs saved before the optimizer was recorded used paged_adamw_32bit, the default then
         optim=case.get("optim") or result.get("optim") or "paged_adamw_32bit", checkpoint_mapped=trl_docs)
 
-def model_dimensions(report: dict) -> dict:
-    """The measured model's config: saved in the report (a --model run), else the named architecture's."""
-    from model_fixtures import architecture_dimensions
-
-    return report.get("model_config") or architecture_dimensions(report["arch"])
+def report_model_config(report: dict) -> dict:
+    """The measured model's config: saved in the report (a --model run), else the architecture it was built as."""
+    return report.get("model_config") or benchmark_architecture(report["arch"], report.get("layers"))
 
 def annotate(report: dict) -> dict:
     """Add to each result: planned peak and the planner's error, peak vs the TRL-docs baseline, step time
     vs bf16 LoRA. Ratios only between results of this one report."""
-    from memory_planner import plan_load_memory, plan_training_memory
+    from memory_planner import TOKENIZE_BYTES_PER_TOKEN, plan_load_memory, plan_training_memory
 
-    cfg = model_dimensions(report)
+    cfg = report_model_config(report)
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
     base, lora = rows.get("trl_docs_qlora"), rows.get("lora_bf16")
     for row in rows.values():
         row["peak_gb_measured"] = peak_gib(row)
     for row in rows.values():
+        if row["case"]["kind"] == "tokenize":  # the tokenization's own share of the peak: bytes per token
+            planned = TOKENIZE_BYTES_PER_TOKEN * row["longest_row_tokens"] / 1024**3
+            row["plan"] = {"peak_gib": round(planned, 3)}
+            row["planner_error"] = round((planned - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
+            continue
         if row["case"]["kind"] != "train":
             row["plan"] = plan_load_memory(cfg, row["case"]["quant"], row["peak"]["device"])
             row["planner_error"] = round((row["plan"]["peak_gib"] - row["peak_gb_measured"]) / row["peak_gb_measured"], 4)
@@ -505,7 +549,8 @@ def _phase(row: dict) -> str:
 def render_table(report: dict) -> str:
     device = next((r["peak"]["device"] for r in report["results"] if "peak" in r), "cpu")
     measure = "peak RSS GiB" if device == "cpu" else "max allocated GiB"
-    lines = [f"{report['arch']} (random weights), seq {report['seq']}, LoRA r={report['rank']}, batch {report['batch']}, "
+    layers = f", {report['layers']} layers" if report.get("layers") else ""
+    lines = [f"{report['arch']} (random weights{layers}), seq {report['seq']}, LoRA r={report['rank']}, batch {report['batch']}, "
              f"{report['steps']} measured steps after {report['warmup']} warm-up, device {device}",
              "",
              f"| case | what | weights GiB | bits/quantized param | {measure} | planned GiB | planner error | "
@@ -584,7 +629,7 @@ def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8
     from model_fixtures import architecture_dimensions
 
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
-    measured_arch = parameter_counts(model_dimensions(report))
+    measured_arch = parameter_counts(report_model_config(report))
     lines = [f"EXTRAPOLATED from the {report['arch']} measurements above (not measured):", "",
              "| architecture | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for arch in archs:
@@ -609,6 +654,9 @@ def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="Qwen3-0.6B", help="architecture built with random weights (configs/models)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers of the built model (default: the architecture's own); widths and "
+                             "vocabulary stay the published ones")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (every row is at least this long)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (cases with their own batch keep it)")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank for LoRA and QLoRA")
@@ -654,10 +702,10 @@ def main(argv=None) -> dict:
     if args.model:
         model_dir = Path(args.model)
     else:
-        model_dir = Path(args.work_dir) / args.arch
-        build_model(args.arch, model_dir)
-    header = {"arch": model_dir.name if args.model else args.arch, "seq": args.seq, "batch": args.batch,
-              "rank": args.rank, "steps": args.steps, "warmup": args.warmup,
+        model_dir = Path(args.work_dir) / (args.arch + (f"-{args.layers}layers" if args.layers else ""))
+        build_model(benchmark_architecture(args.arch, args.layers), model_dir)
+    header = {"arch": model_dir.name if args.model else args.arch, "layers": args.layers, "seq": args.seq,
+              "batch": args.batch, "rank": args.rank, "steps": args.steps, "warmup": args.warmup,
               "model_config": json.loads((model_dir / "config.json").read_text()) if args.model else None}
     results = []
     for name in names:
