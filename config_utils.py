@@ -17,7 +17,7 @@ from data_utils import DATASETS
 from errors import UserError
 from quantization_utils import QuantMethod
 from run_dir import IF_EXISTS_POLICIES
-from training_setup import OPTIMIZERS
+from training_setup import OPTIMIZERS, check_report_to
 
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")
@@ -155,6 +155,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if "if_output_exists" in cfg:
         _require(cfg["if_output_exists"] in IF_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
                  f"is unknown; allowed: {', '.join(IF_EXISTS_POLICIES)}")
+    if "report_to" in cfg:
+        check_report_to(cfg["report_to"])
     if "RESUME" in cfg:
         _require(cfg["RESUME"] in ("auto", "never") or Path(cfg["RESUME"]).is_dir(),
                  f"RESUME={cfg['RESUME']!r} is not auto, never or an existing checkpoint directory")
