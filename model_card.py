@@ -173,9 +173,10 @@ def generation_section(metadata: dict) -> str | None:
     check = metadata.get("generation_check")
     if not check:
         return None
+    rate = check.get("stop_rate")
     lines = ["## Generation check", "",
              f"Greedy generation on {check.get('prompts')} held-out prompts: "
-             f"{fmt(100 * check['stop_rate'], 3) if check.get('stop_rate') is not None else 'n/a'}% ended with an "
+             f"{'n/a' if rate is None else f'{100 * rate:.0f}'}% ended with an "
              f"end-of-sequence token within {check.get('max_new_tokens')} new tokens; "
              f"{fmt(check.get('mean_new_tokens'), 3)} new tokens on average."]
     for sample in (check.get("samples") or [])[:GENERATION_SAMPLES_SHOWN]:
