@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -199,7 +200,8 @@ def train(trainer, resume_checkpoint: Path | None) -> TrainResult:
         restore_finished(trainer, resume_checkpoint)
         train_loss = None
     else:
-        train_loss = trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resumed else None).training_loss
+        with weights_kept_as_trained(trainer.model):  # the held-out evaluations every save_steps
+            train_loss = trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resumed else None).training_loss
     seconds = time.time() - started
     stop_on_signal(trainer)
     eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
@@ -208,6 +210,21 @@ def train(trainer, resume_checkpoint: Path | None) -> TrainResult:
     return TrainResult(trainer.state.global_step, resumed.global_step if resumed else 0, train_loss, eval_loss,
                        [entry["loss"] for entry in history if "loss" in entry], seconds,
                        tuple(entry["step"] for entry in history if "loss" in entry), tuple(sorted(eval_by_step.items())))
+
+@contextmanager
+def weights_kept_as_trained(model):
+    """No inference repacking of 4-bit weights while training. On a CPU with AVX512-BF16, bitsandbytes converts
+    a 4-bit layer to its inference layout (bf16 absmax) on the first forward without gradients, for good: the
+    training steps after a held-out evaluation would compute another function, and a run resumed from a
+    checkpoint would not repeat the steps it redoes. Switched off for training, restored after it."""
+    layers = [module for module in model.modules() if getattr(module, "support_avx512bf16_for_cpu", False)]
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for module in layers:
+            module.support_avx512bf16_for_cpu = True
 
 def stop_on_signal(trainer) -> None:
     """Exit (128 + the signal's number) when a signal stopped training; its checkpoint is already saved."""

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from artifacts import (absolute_if_local, check_finished, check_remote_code, library_versions,  # noqa: E402
                        metadata_fields, read_metadata, write_json)
 from data_utils import DATASETS, load_rows, to_sft_dataset  # noqa: E402
-from errors import reading_user_file  # noqa: E402
+from errors import reading_user_file, root_message  # noqa: E402
 from loss_plot import write_loss_plot  # noqa: E402
 from model_card import write_model_cards  # noqa: E402
 from model_loading import check_safetensors_weights, save_tokenizer  # noqa: E402
@@ -197,9 +197,12 @@ def quality_rows(args, spec: QuantSpec, source: Source, calibration, calibration
 
     if args.quality_rows == 0:
         return "--quality-rows 0"
-    split = training_split(source.metadata)
+    try:
+        split = training_split(source.metadata)
+        rows = held_out_rows(split, None)[0] if split is not None else None
+    except (KeyError, TypeError, ValueError, OSError) as err:  # the check is not worth refusing the sibling
+        return f"the held-out rows of the source's training run cannot be read back ({root_message(err)})"
     if split is not None:
-        rows, _ = held_out_rows(split, None)
         used = [dict(row) for row in calibration_rows] if calibration_rows is not None else []
         keep = [i for i, row in enumerate(rows) if dict(row) not in used][:args.quality_rows]
         if not keep:
