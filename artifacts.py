@@ -30,6 +30,12 @@ def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
             pass
     return versions
 
+def absolute_if_local(name_or_path: str | None) -> str | None:
+    """A path that exists here, made absolute (metadata is read from other directories); a hub id or None as is."""
+    if name_or_path is None or not Path(name_or_path).exists():
+        return name_or_path
+    return str(Path(name_or_path).resolve())
+
 # metadata["quantization"]["extras"] key -> build_quantization_plan option: how the 4-bit base was loaded
 BASE_LOAD_EXTRAS = {"double_quant": "double_quant", "base_quant_type": "quant_type",
                     "compute_dtype": "compute_dtype", "quant_storage": "quant_storage"}

@@ -19,7 +19,7 @@ from data_utils import DATASETS, NEEDS_PATH, resolve_source
 from errors import UserError
 from quantization_utils import QuantMethod
 from run_dir import IF_EXISTS_POLICIES
-from training_setup import OPTIMIZERS
+from training_setup import OPTIMIZERS, check_report_to
 
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")
@@ -164,6 +164,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         from memory_planner import parse_memory_limit
 
         parse_memory_limit(cfg["memory_limit_gb"])
+    if "report_to" in cfg:
+        check_report_to(cfg["report_to"])
     if "RESUME" in cfg:
         _require(cfg["RESUME"] in ("auto", "never") or Path(cfg["RESUME"]).is_dir(),
                  f"RESUME={cfg['RESUME']!r} is not auto, never or an existing checkpoint directory")

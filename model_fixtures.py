@@ -70,6 +70,8 @@ def build_random_model(out_dir: str | Path, tokenizer, model_type: str = "qwen3"
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from model_loading import save_tokenizer
+
     config = dict(TINY_DIMENSIONS, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     config.update(config_overrides)
@@ -81,7 +83,7 @@ def build_random_model(out_dir: str | Path, tokenizer, model_type: str = "qwen3"
                                                pad_token_id=tokenizer.pad_token_id)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     return model
 
 def known_architectures() -> list[str]:

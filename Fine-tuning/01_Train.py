@@ -12,7 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from artifacts import library_versions, publish_run  # noqa: E402
+from model_loading import quiet_bitsandbytes_notices  # noqa: E402
+
+quiet_bitsandbytes_notices()  # before the imports below load bitsandbytes (transformers' Trainer imports peft)
+
+from artifacts import absolute_if_local, library_versions, publish_run  # noqa: E402
 from checkpoint_utils import find_resume_point, prepare_staging  # noqa: E402
 from config_utils import resolve_config  # noqa: E402
 from chat_format import ensure_chat_template  # noqa: E402
@@ -20,10 +24,12 @@ from data_utils import dataset_tag, load_training_data  # noqa: E402
 from dist_utils import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,  # noqa: E402
                         resolve_quant_storage, start_device)
 from errors import UserError  # noqa: E402
+from loss_plot import write_loss_plot  # noqa: E402
 from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, plan_run, with_measured_peak  # noqa: E402
 from memory_usage import count_parameters, describe_footprint, describe_peak, peak_memory_report, weight_footprint  # noqa: E402
 from merge_utils import write_model  # noqa: E402
-from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config  # noqa: E402
+from model_card import write_model_cards  # noqa: E402
+from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config, save_tokenizer  # noqa: E402
 from output_checks import check_saved_generation  # noqa: E402
 from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
 from run_log import setup_logging, step  # noqa: E402
@@ -59,13 +65,15 @@ max_seq_length = 1024  # tokens per example; longer ones are truncated
 optim = "paged_adamw_8bit"  # paged_adamw_8bit (2 B/param of state) | paged_adamw_32bit (8 B) | adamw_torch | adamw_bnb_8bit | adafactor
 bnb_4bit_quant_storage = "auto"  # auto (bfloat16 under FSDP, else uint8) | uint8 | bfloat16 | float16 | float32
 logging_steps = 10  # log the loss every this many optimizer steps
-save_steps = 50  # resumable checkpoint every this many steps: fewer = less work lost to a crash, more disk writes
+save_steps = 50  # resumable checkpoint (and held-out loss) every this many steps: fewer = less work lost to a crash, more disk writes
 keep_checkpoints = 2  # newest checkpoints kept while training (>= 1); each costs disk (the log prints the estimate)
 RESUME = "auto"  # auto (continue an interrupted run from its newest complete checkpoint) | never | a checkpoint dir
 seed = 42  # data split, adapter init and shuffling
 # -- memory
 memory_limit_gb = "auto"  # GiB the run may use: auto (free GPU memory, or the host's available RAM) | a number | off
 dry_run = False  # True: check the config, tokenize a sample of rows, print the memory/disk plan and exit; no weights load
+# -- tracking
+report_to = "none"  # experiment tracker(s) the Trainer logs to: none | tensorboard | trackio | wandb | ... (comma-separated, installed)
 # -- output
 OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
 if_output_exists = "refuse"  # refuse | suffix (write NAME-2, NAME-3, ... beside the existing one)
@@ -134,11 +142,11 @@ def main(argv=None) -> Path | None:
             own_gpu = [launch.local_rank] if device.startswith("cuda:") else None  # one GPU per rank
             rank_peaks, loss_curves = gather(peak_memory_report(own_gpu)), gather(result.loss_curve)
             # ---- save -------------------------------------------------------------------------------
-            save_adapter(trainer, run.staging / "adapter", launch.fsdp, launch.is_main)
+            save_adapter(trainer, run.staging / "adapter", launch.fsdp, launch.is_main, cfg["MODEL_NAME"], bnb_config, tokenizer)
             if not launch.is_main:
                 return None  # rank 0 alone merges and writes
             check_free_disk(run.staging, disk["adapter"] + disk["merged"], "the adapter and merged model")
-            tokenizer.save_pretrained(run.staging)
+            save_tokenizer(tokenizer, run.staging)
             model = take_trained_model(trainer, cfg, bnb_config, device, run.staging / "adapter", launch.fsdp)
             # ---- merge ------------------------------------------------------------------------------
             merge_check, artifact, memory_plan = write_model(
@@ -152,14 +160,16 @@ def main(argv=None) -> Path | None:
             # ---- metadata ---------------------------------------------------------------------------
             peak = combine_peak_reports([peak_memory_report(own_gpu)] + rank_peaks[1:])  # rank 0's again: the merge counts
             metadata = build_metadata(
-                spec, base_model=cfg["MODEL_NAME"], peft=peft_name, config=cfg, versions=library_versions(),
-                dataset={**data.metadata(), "prompt_format": prompt_format},
+                spec, base_model=absolute_if_local(cfg["MODEL_NAME"]), peft=peft_name, config=cfg,
+                versions=library_versions(), dataset={**data.metadata(), "prompt_format": prompt_format},
                 artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None},
                 parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
                 weights_footprint=footprint, merge_check=merge_check, generation_check=generation, peak_memory=peak,
                 training=result.metadata(world_size=launch.world_size, fsdp=launch.fsdp, loss_curve_by_rank=loss_curves),
                 memory_plan=with_measured_peak(memory_plan, peak), created_unix=int(time.time()))
             # ---- publish ----------------------------------------------------------------------------
+            write_loss_plot(run.staging, metadata)  # training_loss.png
+            write_model_cards(run.staging, metadata, run.final.name)  # README.md, adapter/README.md
             final_dir = publish_run(run, cfg, metadata)
         step("done", "%.1fs total; peak memory %s (planned %s GiB); wrote %s", time.time() - started,
              describe_peak(peak), memory_plan.get("peak_gib"), final_dir)

@@ -111,6 +111,10 @@ def test_evaluate_end_to_end_on_base_and_adapter(adapter_only_run, tiny_model_di
     assert 0 <= tuned["accuracy"] <= 100 and tuned["heldout_loss"] > 0 and tuned["generated_tokens"] > 0
     on_disk = json.loads((adapter_only_run / "eval_results.json").read_text())
     assert on_disk["heldout_loss"] == tuned["heldout_loss"]
+    assert on_disk["directory"] == str(adapter_only_run.resolve()) and on_disk["dataset"]["path"] == str(OPENMATH_SAMPLE)
+    card = (adapter_only_run / "README.md").read_text()  # rendered again with the results
+    assert "## Evaluation" in card and "loaded as adapter" in card and f"| {tuned['accuracy']:.4g} |" in card
+    assert not (tiny_model_dir / "README.md").exists()  # a plain base model directory gets no card
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = markdown_table(results)
     assert table.count("\n") == 3 and adapter_only_run.name in table and "| accuracy |" in table

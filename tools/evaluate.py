@@ -24,12 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from artifacts import (base_load_extras, check_finished, check_remote_code, metadata_fields,  # noqa: E402
+from artifacts import (absolute_if_local, base_load_extras, check_finished, check_remote_code, metadata_fields,  # noqa: E402
                        non_finite_as_null, non_finite_values, read_metadata, run_config, write_json)
 from data_utils import DATASETS, get_dataset_spec, resolve_source, squad_answers  # noqa: E402
 from errors import reading_user_file  # noqa: E402
 from eval_utils import math_answer_correct, perplexity, squad_exact_match, squad_f1  # noqa: E402
-from model_loading import check_safetensors_weights  # noqa: E402
+from model_card import write_model_cards  # noqa: E402
+from model_loading import check_safetensors_weights, quiet_bitsandbytes_notices  # noqa: E402
 from quantization_utils import QuantMethod, detect_quant_method  # noqa: E402
 
 # Held-out split used for a dataset no evaluated model was trained on: 01_Train.py's defaults
@@ -226,10 +227,12 @@ def evaluate_dir(path: Path, split: dict, rows, examples, args) -> dict:
     predictions, new_tokens, gen_seconds = generate(model, tokenizer, list(examples["prompt"]),
                                                     args.max_new_tokens, args.batch_size)
     footprint = weight_footprint(model)
+    quality = (metadata or {}).get("quality") or {}
     result = {
         "directory": str(path), "load_kind": load.kind, "method": load.method, "peft": (metadata or {}).get("peft"),
         "artifact": (metadata or {}).get("artifact", {}).get("kind", "base_model"),
-        "dataset": {k: split[k] for k in ("name", "path", "max_rows", "eval_rows", "seed")}, "rows": len(rows),
+        "dataset": {**{k: split[k] for k in ("name", "max_rows", "eval_rows", "seed")},
+                    "path": absolute_if_local(split["path"])}, "rows": len(rows),
         **score(split["name"], predictions, rows),
         "heldout_loss": loss, "perplexity": perplexity(loss),
         "weights_bytes": footprint["total_bytes"], "weight_footprint": footprint,
@@ -237,9 +240,13 @@ def evaluate_dir(path: Path, split: dict, rows, examples, args) -> dict:
         "tokens_per_second": new_tokens / gen_seconds if gen_seconds else None,
         "device": str(next(model.parameters()).device), "max_new_tokens": args.max_new_tokens,
         "examples": [{"prompt": e["prompt"][-1]["content"], "prediction": p} for e, p in zip(examples, predictions)][:5],
+        **({"quality_vs_source": {k: quality.get(k) for k in ("mean_kl", "max_abs_logit_diff", "loss", "source_loss",
+                                                              "tokens")}} if "mean_kl" in quality else {}),
     }
     non_finite = non_finite_values(result)  # e.g. a perplexity that overflows: null on disk, listed by name
     write_json(path / "eval_results.json", {**non_finite_as_null(result), **({"non_finite": non_finite} if non_finite else {})})
+    if metadata is not None:  # an output directory of this project: its card shows the results
+        write_model_cards(path, metadata)
     metric = MAIN_METRIC.get(split["name"])
     print(f"evaluate | {path.name}: " + (f"{metric} {result[metric]:.1f}, " if metric else "") +
           f"held-out loss {loss:.4f}, {result['tokens_per_second'] or 0:.1f} tokens/s", flush=True)
@@ -250,8 +257,9 @@ def evaluate_dir(path: Path, split: dict, rows, examples, args) -> dict:
 
 def markdown_table(results: list[dict]) -> str:
     metrics = [m for m in ("accuracy", "exact_match", "f1") if any(m in r for r in results)]
+    quality = any("quality_vs_source" in r for r in results)  # PTQ siblings: measured by tools/quantize.py
     header = ["model", "method", "peft", "loaded as", *metrics, "held-out loss", "perplexity", "weights MB", "load s",
-              "tokens/s", "rows"]
+              "tokens/s", "rows", *(["KL vs 16-bit source"] if quality else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         loaded = LOAD_LABELS[r["load_kind"]].format("4-bit" if r["method"] == "QLORA" else "bf16")
@@ -259,7 +267,8 @@ def markdown_table(results: list[dict]) -> str:
                  *[f"{r[m]:.1f}" if m in r else "" for m in metrics],
                  f"{r['heldout_loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['weights_bytes'] / 1e6:.2f}",
                  f"{r['load_seconds']:.2f}", f"{r['tokens_per_second']:.1f}" if r["tokens_per_second"] else "n/a",
-                 str(r["rows"])]
+                 str(r["rows"]),
+                 *([f"{r['quality_vs_source']['mean_kl']:.3g}" if "quality_vs_source" in r else "-"] if quality else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -335,6 +344,7 @@ def main(argv=None) -> list[dict]:
                 held_out[key] = held_out_rows(split, args.limit)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    quiet_bitsandbytes_notices()  # peft imports bitsandbytes
     import peft  # noqa: F401  imported before any load is timed, so the first model's load time is not imports
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
