@@ -13,6 +13,7 @@ from typing import Any
 
 from errors import UserError
 from model_loading import load_causal_lm, load_tokenizer
+from run_dir import fsync_path
 
 # The stack whose versions every output records: the seed's libraries, plus what a PTQ backend adds.
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
@@ -29,6 +30,12 @@ def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
             pass
     return versions
 
+def absolute_if_local(name_or_path: str | None) -> str | None:
+    """A path that exists here, made absolute (metadata is read from other directories); a hub id or None as is."""
+    if name_or_path is None or not Path(name_or_path).exists():
+        return name_or_path
+    return str(Path(name_or_path).resolve())
+
 # metadata["quantization"]["extras"] key -> build_quantization_plan option: how the 4-bit base was loaded
 BASE_LOAD_EXTRAS = {"double_quant": "double_quant", "base_quant_type": "quant_type",
                     "compute_dtype": "compute_dtype", "quant_storage": "quant_storage"}
@@ -38,7 +45,7 @@ def base_load_extras(metadata: dict) -> dict:
     extras = (metadata.get("quantization") or {}).get("extras") or {}
     return {key: value for key, value in extras.items() if key in BASE_LOAD_EXTRAS}
 
-def plan_from_metadata(metadata: dict):
+def quantization_plan_from_metadata(metadata: dict):
     """The `(spec, BitsAndBytesConfig | None)` a run used, rebuilt from its metadata's quantization block."""
     from quantization_utils import build_quantization_plan
 
@@ -59,7 +66,9 @@ def saved_lm_head(directory: str | Path):
 
 def load_merged_dir(directory: str | Path, quantization_config=None, device: str | None = None,
                     trust_remote_code: bool = False):
-    """A merged model directory, with its lm_head in the dtype it was saved in (fp16 stays fp16).
+    """A merged model directory as `AutoModelForCausalLM.from_pretrained(directory)` loads it (the dtype
+    its config names), placed on `device`, with one addition: an lm_head saved in another dtype than the
+    model's (fp16) is kept in it, where plain `from_pretrained` casts it to the model's dtype.
 
     `quantization_config` re-quantizes the 16-bit weights on load (the NF4 artifact is made this way);
     a directory saved re-quantized carries its own quantization config and needs none.
@@ -68,7 +77,7 @@ def load_merged_dir(directory: str | Path, quantization_config=None, device: str
 
     from merge_utils import set_lm_head_dtype
 
-    model = load_causal_lm(str(directory), quantization_config, device, trust_remote_code)
+    model = load_causal_lm(str(directory), quantization_config, device, trust_remote_code, dtype="auto")
     head = saved_lm_head(directory)
     if head is not None and head.dtype != torch.bfloat16:
         set_lm_head_dtype(model, head.dtype, head)
@@ -98,7 +107,7 @@ def load_output_dir(path: str | Path, device: str | None = None, trust_remote_co
     check_remote_code(path, metadata, trust_remote_code)
     artifact = metadata.get("artifact") or {}
     if artifact.get("primary", "merged") == "adapter" or artifact.get("kind") == "adapter_only":
-        _, bnb_config = plan_from_metadata(metadata)
+        _, bnb_config = quantization_plan_from_metadata(metadata)
         model = load_adapter_model(metadata["base_model"], path / artifact.get("adapter_dir", "adapter"), bnb_config,
                                    device, trust_remote_code)
     else:
@@ -175,14 +184,6 @@ def check_remote_code(directory: str | Path, metadata: dict | None, trust_remote
 
 # ----- writing --------------------------------------------------------------------------------------------
 
-def fsync_directory(directory: str | Path) -> None:
-    """Make the entries of a directory (a file created or renamed in it) durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 def non_finite_values(value: Any, where: str = "") -> list[str]:
     """`key.path=value` of every nan / inf float inside a JSON-like value."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -223,7 +224,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    fsync_path(path.parent)
 
 
 def publish_run(run, cfg: dict, metadata: dict) -> Path:

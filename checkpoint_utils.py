@@ -23,7 +23,8 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
-from artifacts import fsync_directory, write_json
+from artifacts import write_json
+from run_dir import fsync_path
 from config_utils import ConfigError
 from errors import UserError
 
@@ -59,9 +60,9 @@ def write_marker(directory: Path, step: int, cfg: Mapping[str, Any]) -> None:
              and not p.name.startswith(f".{MARKER}")]
     records = {str(p.relative_to(directory)): _synced_file_record(p) for p in files}
     for folder in {p.parent for p in files}:
-        fsync_directory(folder)
+        fsync_path(folder)
     write_json(directory / MARKER, {"step": step, "files": records, "config": result_config(cfg)})
-    fsync_directory(directory.parent)
+    fsync_path(directory.parent)
 
 def checkpoint_problem(directory: Path) -> str | None:
     """Why `directory` is not a complete checkpoint, or None if it is. Reads every file (sizes first, then sha256)."""
@@ -97,15 +98,15 @@ def config_differences(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> list
             if saved.get(name) != now.get(name)]
 
 @dataclass(frozen=True)
-class ResumePlan:
+class ResumePoint:
     checkpoint: Path | None  # the checkpoint to resume from; None = start from step 0
     skipped: tuple[tuple[Path, str], ...]  # checkpoints found unusable, with the reason
     start_over: bool  # True: remove the staging directory before training
 
-def plan_resume(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> ResumePlan:
+def find_resume_point(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> ResumePoint:
     """Which checkpoint to continue from. Reads marker files only; raises ConfigError on a config mismatch."""
     if resume == "never":
-        return ResumePlan(None, (), True)
+        return ResumePoint(None, (), True)
     if resume == "auto":
         found = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0),
                        key=checkpoint_step, reverse=True) if checkpoints_dir.is_dir() else []
@@ -114,17 +115,17 @@ def plan_resume(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]) -> R
             problem = checkpoint_problem(candidate)
             if problem is None:
                 _check_same_config(candidate, cfg)
-                return ResumePlan(candidate, tuple(skipped), False)
+                return ResumePoint(candidate, tuple(skipped), False)
             skipped.append((candidate, problem))
-        return ResumePlan(None, tuple(skipped), True)
+        return ResumePoint(None, tuple(skipped), True)
     candidate = Path(resume)
     problem = checkpoint_problem(candidate)
     if problem is not None:
         raise ConfigError(f"RESUME={resume!r} is not a complete checkpoint: {problem}")
     _check_same_config(candidate, cfg)
-    return ResumePlan(candidate, (), False)
+    return ResumePoint(candidate, (), False)
 
-def prepare_staging(staging: Path, resume: ResumePlan, resume_setting: str) -> None:
+def prepare_staging(staging: Path, resume: ResumePoint, resume_setting: str) -> None:
     """The staging directory ready for training: an earlier partial run that cannot be resumed is removed,
     with a log line, and so are checkpoints found unusable."""
     from run_log import step

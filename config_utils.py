@@ -11,13 +11,15 @@ import math
 from pathlib import Path
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "Fine-tuning" / "01_Train.py"
+# The type of each training constant whose default is None (it then also accepts None).
+OPTIONAL_TYPES = {"DATASET_PATH": str}
 from typing import Any, Mapping
 
-from data_utils import DATASETS
+from data_utils import DATASETS, NEEDS_PATH, resolve_source
 from errors import UserError
 from quantization_utils import QuantMethod
 from run_dir import IF_EXISTS_POLICIES
-from training_setup import OPTIMIZERS
+from training_setup import OPTIMIZERS, check_report_to
 
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")
@@ -75,13 +77,14 @@ def training_defaults() -> dict[str, Any]:
     namespace = runpy.run_path(str(TRAIN_SCRIPT), run_name="training_constants")
     return {name: namespace[name] for name in namespace["CONFIG_NAMES"]}
 
-def resolve_config(defaults: Mapping[str, Any], argv: list[str], optional_types: Mapping[str, type]) -> dict[str, Any]:
+def resolve_config(defaults: Mapping[str, Any], argv: list[str]) -> dict[str, Any]:
     """The run's config: defaults with the command line's overrides, validated. QLORA trains LoRA adapters,
     so a QLORA run asking for another PEFT_CONFIG gets LoRa, and says so."""
     from run_log import step
 
-    cfg = apply_overrides(defaults, argv, optional_types)
+    cfg = apply_overrides(defaults, argv, OPTIONAL_TYPES)
     validate_config(cfg)
+    resolve_source(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"])  # a data file that exists, or a hub id; not read yet
     if str(cfg["QUANT_METHOD"]).upper() == "QLORA" and cfg["PEFT_CONFIG"] != "LoRa":
         step("config", "QLORA trains LoRA adapters: PEFT_CONFIG=%s overridden to LoRa", cfg["PEFT_CONFIG"])
         cfg["PEFT_CONFIG"] = "LoRa"
@@ -129,6 +132,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
              "allowed here: QLORA, NONE")
     _require(cfg["DATASET_CHOICE"] in DATASETS,
              f"DATASET_CHOICE={cfg['DATASET_CHOICE']!r} is unknown; allowed: {', '.join(DATASETS)}")
+    _require(not DATASETS[cfg["DATASET_CHOICE"]].needs_path or cfg.get("DATASET_PATH") is not None,
+             f"DATASET_CHOICE={cfg['DATASET_CHOICE']} {NEEDS_PATH}")
     _require(cfg["PEFT_CONFIG"] in PEFT_CHOICES,
              f"PEFT_CONFIG={cfg['PEFT_CONFIG']!r} is unknown; allowed: {', '.join(PEFT_CHOICES)}")
     for name, (allowed, accepts) in NUMERIC_RANGES.items():
@@ -159,6 +164,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         from memory_planner import parse_memory_limit
 
         parse_memory_limit(cfg["memory_limit_gb"])
+    if "report_to" in cfg:
+        check_report_to(cfg["report_to"])
     if "RESUME" in cfg:
         _require(cfg["RESUME"] in ("auto", "never") or Path(cfg["RESUME"]).is_dir(),
                  f"RESUME={cfg['RESUME']!r} is not auto, never or an existing checkpoint directory")

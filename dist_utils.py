@@ -53,10 +53,14 @@ def resolve_quant_storage(setting: str, fsdp: bool, compute_dtype: str = "bfloat
         return compute_dtype if fsdp else None
     return None if setting == "uint8" else setting
 
-def check_launch(ctx: LaunchContext, cfg: Mapping[str, Any], cuda_available: bool) -> None:
+def check_launch(ctx: LaunchContext, cfg: Mapping[str, Any], cuda_available: bool | None = None) -> None:
     """Refuse launch/config combinations known to fail or, worse, to train silently wrong."""
     if not ctx.fsdp:
         return
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
     if not cuda_available:
         raise UserError("FSDP needs CUDA GPUs (bitsandbytes 4-bit layers are sharded on GPU only); "
                          "on CPU use DDP: torchrun --nproc_per_node N Fine-tuning/01_Train.py")

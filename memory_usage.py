@@ -79,6 +79,12 @@ def peak_memory_report(devices: list[int] | None = None) -> dict[str, Any]:
         report["overall_max_allocated_gib"] = max(g["peak_allocated_gib"] for g in report["per_gpu"])
     return report
 
+def describe_footprint(footprint: dict[str, int]) -> str:
+    """A `weight_footprint` in words: the stored size and how much less than bf16 it is."""
+    saved = 100 * (1 - footprint["total_bytes"] / footprint["bf16_bytes"])
+    return f"weights {format_size(footprint['total_bytes'])} ({saved:.1f}% less than bf16)"
+
+
 def describe_peak(report: dict[str, Any]) -> str:
     """A `peak_memory_report` in words: CUDA allocated/reserved when there is CUDA, else peak RSS."""
     if report["device"] == "cuda":
@@ -123,9 +129,7 @@ def weight_footprint(model) -> dict[str, int]:
         stored = tensor.numel() * tensor.element_size()
         quant_state = getattr(tensor, "quant_state", None)
         if quant_state is not None:
-            numel = 1
-            for dim in quant_state.shape:
-                numel *= dim
+            numel = logical_numel(tensor)
             stored += _quant_state_bytes(quant_state, seen_storage)
             out["quantized_bytes"] += stored
             out["quantized_params"] += numel
@@ -136,6 +140,14 @@ def weight_footprint(model) -> dict[str, int]:
         out["total_bytes"] += stored
     return out
 
+def logical_numel(tensor) -> int:
+    """Parameters a tensor stands for: a packed 4-bit weight counts at its original (unpacked) shape."""
+    import math
+
+    quant_state = getattr(tensor, "quant_state", None)
+    return math.prod(quant_state.shape) if quant_state is not None else tensor.numel()
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters, 4-bit weights counted at their original size."""
     trainable = total = 0
@@ -144,12 +156,7 @@ def count_parameters(model) -> tuple[int, int]:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        quant_state = getattr(param, "quant_state", None)
-        numel = param.numel()
-        if quant_state is not None:
-            numel = 1
-            for dim in quant_state.shape:
-                numel *= dim
+        numel = logical_numel(param)
         total += numel
         trainable += numel if param.requires_grad else 0
     return trainable, total

@@ -6,9 +6,9 @@ W + scale * B @ A computed in fp32, so the merge never holds two copies of the m
   - "dequantized": dequant(NF4(W)), the function the adapter was trained against (exact up to bf16
     rounding), or
   - "original": the 16-bit weight read from the base checkpoint's safetensors, tensor by tensor.
-`merge_and_check` runs the candidates, measures each against the trained model on held-out
-examples (max |logit diff|, mean KL(trained || merged), loss), keeps the closest, optionally
-re-quantizes it to NF4, and returns the figures for metadata.json.
+`merge_and_check` runs the candidates, saves each and measures it as a user reloads it against the
+trained model on held-out examples (max |logit diff|, mean KL(trained || merged), loss), keeps the
+closest, optionally re-quantizes it to NF4, and returns the figures for metadata.json.
 """
 
 from __future__ import annotations
@@ -88,6 +88,27 @@ def checkpoint_reader(model_name: str) -> Callable[[str], Any]:
 
     return read
 
+def cast_weights(model, dtype) -> None:
+    """Cast parameters and persistent buffers to `dtype`; non-persistent buffers keep their dtype.
+
+    Non-persistent buffers (rotary `inv_freq`, Gemma's `embed_scale`) are not saved: every load
+    recomputes them, in fp32. `model.to(bf16)` rounds them too, and the model then differs from the one
+    a user reloads (bf16 `inv_freq` moved the demo model's logits by up to 0.21).
+    """
+    kept = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
+            if buffer is not None and name in module._non_persistent_buffers_set]
+    model.to(dtype)
+    for module, name, buffer in kept:
+        module._buffers[name] = buffer
+
+def _release_model(peft_model) -> None:
+    """Drop every reference a PeftModel holds to the transformers model it wraps: the submodule, and the
+    bound `prepare_inputs_for_generation` that peft keeps for causal LMs (it alone kept a merged
+    Qwen3-0.6B, 1.2 GB, alive while the caller held the PeftModel)."""
+    peft_model.base_model.model = None
+    if hasattr(peft_model, "base_model_prepare_inputs_for_generation"):
+        peft_model.base_model_prepare_inputs_for_generation = None
+
 def _is_dora(model) -> bool:
     return any(getattr(cfg, "use_dora", False) for cfg in getattr(model, "peft_config", {}).values())
 
@@ -95,9 +116,10 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     """Fold every LoRA adapter into its base layer: W' = W + scale * B @ A, in fp32, cast to `dtype`.
 
     W is dequant(NF4(W)) for base="dequantized", the checkpoint's 16-bit weight of `model_name` for
-    base="original". Returns the unwrapped transformers model with only plain Linear layers, all in
-    `dtype` (bf16 by default), quantization markers removed. `peft_model` is consumed: it no longer
-    holds the model, so references to it left elsewhere do not keep a second copy alive.
+    base="original". Returns the unwrapped transformers model with only plain Linear layers, its weights
+    in `dtype` (bf16 by default; non-persistent buffers as loaded), quantization markers removed.
+    `peft_model` is consumed: it no longer holds the model, so references to it left elsewhere do not
+    keep the merged model alive once its own references are gone.
     """
     import bitsandbytes as bnb
     import torch
@@ -110,13 +132,13 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     dtype = dtype or torch.bfloat16
     if _is_dora(peft_model):  # DoRA is not additive; only on an unquantized base (QLORA forces LoRA)
         model = peft_model.merge_and_unload()
-        peft_model.base_model.model = None
-        model.to(dtype)
+        _release_model(peft_model)
+        cast_weights(model, dtype)
         return model
     read = checkpoint_reader(model_name) if base == "original" else None
     base_weight = MERGE_BASE_WEIGHTS[base]
     model = peft_model.base_model.model
-    peft_model.base_model.model = None
+    _release_model(peft_model)
     # Every layer's fp32 working copies are freed at once; without this the heap kept them resident
     # (Qwen3-0.6B on CPU: RSS grew ~0.8 GiB beyond the merged weights during the merge).
     with freed_blocks_leave_the_heap():
@@ -132,7 +154,7 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
             if isinstance(module, bnb.nn.Linear4bit):  # layers without an adapter (lora targets a subset)
                 model.set_submodule(name, _plain_linear(module, base_weight(module, name, read), dtype))
     strip_quantization(model)
-    model.to(dtype)  # undo prepare_model_for_kbit_training's fp32 upcast of norms and embeddings
+    cast_weights(model, dtype)  # undo prepare_model_for_kbit_training's fp32 upcast of norms and embeddings
     model.config.dtype = dtype
     return model
 
@@ -269,22 +291,50 @@ def _move_contents(source: Path, target: Path) -> None:
         os.replace(item, target / item.name)
     shutil.rmtree(source)
 
+def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits: list, batches,
+                  fingerprint_ids: list[int]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A saved model directory, reloaded by `reload` as a user loads it, measured against the trained model:
+    (merge-check figures, logits fingerprint, lm_head dtype name). The reloaded model is freed before
+    returning."""
+    import gc
+
+    from heap import release_free_heap
+
+    release_free_heap()  # the model that wrote `directory` was just freed: its memory leaves before the reload
+    model = reload(directory)
+    figures = measure_candidate(model, trained_logits, batches)
+    fingerprint = logits_fingerprint(model, fingerprint_ids)
+    head = head_dtype_name(model)
+    del model
+    gc.collect()
+    release_free_heap()
+    return figures, fingerprint, head
+
 def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_base: str, precision: str,
                     head_dtype, max_kl: float, load_trained: Callable[[], Any], load_merged: Callable[..., Any],
+                    reload: Callable[[Path], Any] | None = None,
                     report: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge `model` (a trained PeftModel), check every candidate, write the kept one into `staging`.
 
     merge_base "dequantized" | "original" | "auto" (both, the one with the lower mean KL kept);
     precision "bf16" (plain safetensors) | "nf4" (the kept candidate re-quantized through
-    `load_merged(dir)`, bitsandbytes serialization). Candidates go to `staging/.merge-*` first; only
-    one copy of the model is in memory at a time (`load_trained()` rebuilds the trained model for
-    the second candidate of "auto"). Returns (merge_check, artifact) for metadata.json.
+    `load_merged(dir)`, bitsandbytes serialization). Every candidate is saved first (to
+    `staging/.merge-*`, the NF4 one to `staging`), freed, and measured as `reload(dir)` loads it back
+    (default `artifacts.load_merged_dir` on the trained model's device: plain `from_pretrained`, the
+    saved fp16 head kept): the figures and fingerprints are those of the files, not of the object that
+    wrote them. Only one copy of the model is in memory at a time (`load_trained()` rebuilds the trained
+    model for the second candidate of "auto"). Returns (merge_check, artifact) for metadata.json.
     """
     import gc
     import shutil
 
     import torch
 
+    if reload is None:
+        from artifacts import load_merged_dir
+
+        device = str(next(model.parameters()).device)
+        reload = lambda directory: load_merged_dir(directory, None, device)  # noqa: E731
     trained = logits_on(model, batches)
     fingerprint_ids = batches[0]["input_ids"][0, :FINGERPRINT_TOKENS].tolist()
     candidates, fingerprints, head_names = {}, {}, {}
@@ -296,26 +346,25 @@ def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_bas
         del model
         if head_dtype != torch.bfloat16:
             set_lm_head_dtype(merged, head_dtype)
-        candidates[base] = measure_candidate(merged, trained, batches)
-        fingerprints[base] = logits_fingerprint(merged, fingerprint_ids)
-        head_names[base] = head_dtype_name(merged)
-        report(f"{base}: " + _figures(candidates[base]))
         merged.save_pretrained(staging / f".merge-{base}")
         del merged
         gc.collect()
+        candidates[base], fingerprints[base], head_names[base] = measure_saved(
+            staging / f".merge-{base}", reload, trained, batches, fingerprint_ids)
+        report(f"{base}: " + _figures(candidates[base]))
     chosen = min(bases, key=lambda b: candidates[b]["mean_kl"])
     final = chosen
     if precision == "nf4":
         quantized = load_merged(staging / f".merge-{chosen}")
         # Saved before any forward: on CPU, bitsandbytes repacks 4-bit weights on the first inference
         # forward with bf16 absmax, and re-quantizes them on save, so a model saved after a forward is
-        # not the one that was measured.
+        # not the one a forward ran on.
         quantized.save_pretrained(staging)
-        candidates["nf4"] = measure_candidate(quantized, trained, batches)
-        fingerprints["nf4"] = logits_fingerprint(quantized, fingerprint_ids)
-        head_names["nf4"] = head_dtype_name(quantized)
-        report(f"nf4 (re-quantized {chosen}): " + _figures(candidates["nf4"]))
         del quantized
+        gc.collect()
+        candidates["nf4"], fingerprints["nf4"], head_names["nf4"] = measure_saved(
+            staging, reload, trained, batches, fingerprint_ids)
+        report(f"nf4 (re-quantized {chosen}): " + _figures(candidates["nf4"]))
         final = "nf4"
     else:
         _move_contents(staging / f".merge-{chosen}", staging)
@@ -338,12 +387,16 @@ def _figures(figures: dict[str, Any]) -> str:
             f"loss {figures['loss']:.4f} over {figures['tokens']} held-out tokens")
 
 def tokenize_for_check(tokenizer, examples, max_length: int) -> list[dict]:
-    """Held-out prompt+completion rows as single-sequence batches for the merge check."""
+    """Held-out rows (conversations or text) as single-sequence batches for the merge check, tokenized exactly
+    as the trainer tokenized them."""
+    import torch
+
+    from chat_format import example_token_ids
+
     batches = []
     for example in examples:
-        text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
-        encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
-        batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+        ids = torch.tensor([example_token_ids(tokenizer, example)[:max_length]])
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return batches
 
 MERGE_CHECK_ROWS = 8  # held-out rows the merge check compares the merged model with the trained one on
@@ -356,6 +409,7 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
     import torch
 
     from artifacts import load_adapter_model, load_merged_dir
+    from heap import release_free_heap
     from memory_planner import with_merge_check
     from memory_usage import GIB
     from quantization_utils import QuantMethod, build_quantization_plan
@@ -363,12 +417,17 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
     fingerprint_ids = tokenize_for_check(tokenizer, check_rows.select(range(1)), FINGERPRINT_TOKENS)[0]["input_ids"][0]
     load_trained = lambda: load_adapter_model(cfg["MODEL_NAME"], staging / "adapter", bnb_config, device,  # noqa: E731
                                               cfg["trust_remote_code"])
+    reload = lambda path: load_merged_dir(path, None, device, cfg["trust_remote_code"])  # noqa: E731
     if cfg["PEFT_CONFIG"] == "Full":
-        model.to(torch.bfloat16).save_pretrained(staging)
+        cast_weights(model, torch.bfloat16)
+        model.save_pretrained(staging)
+        # the weights leave memory before the reload (the trainer's callbacks still hold the model object)
+        model.to("meta")
+        release_free_heap()
         return None, {"kind": "full_bf16", "weights_bits": 16, "merge_base": None, "primary": "merged",
-                      "fingerprints": {"merged": logits_fingerprint(model, fingerprint_ids.tolist())}}, memory_plan
+                      "fingerprints": {"merged": logits_fingerprint(reload(staging), fingerprint_ids.tolist())}}, memory_plan
     if not cfg["merge_after_train"]:  # what the adapter gives when reloaded on the 4-bit base by the same plan
-        model.base_model.model = None  # the trained weights go before the reload: one copy in memory at a time
+        _release_model(model)  # the trained weights go before the reload: one copy in memory at a time
         return None, {"kind": "adapter_only", "weights_bits": None, "merge_base": None, "primary": "adapter",
                       "fingerprints": {"adapter": logits_fingerprint(load_trained(), fingerprint_ids.tolist())}}, memory_plan
     batches = tokenize_for_check(tokenizer, check_rows.select(range(min(MERGE_CHECK_ROWS, len(check_rows)))),
@@ -386,7 +445,7 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
         precision=cfg["merged_precision"], head_dtype=head_dtype, max_kl=cfg["merge_check_max_kl"],
         load_trained=load_trained, load_merged=lambda path: load_merged_dir(path, nf4_config, device,
                                                                             cfg["trust_remote_code"]),
-        report=report)
+        reload=reload, report=report)
     planned_head = "fp16" if cfg["keep_lm_head_fp16"] else "bf16"
     if artifact["lm_head_dtype"] != planned_head:  # the tag names the head's dtype: it must be true on disk
         raise RuntimeError(f"saved lm_head is {artifact['lm_head_dtype']}, but the plan says {planned_head}")

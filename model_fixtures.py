@@ -18,40 +18,72 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_DIMENSIONS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True)
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: str | None = CHAT_TEMPLATE):
-    """A byte-level BPE tokenizer trained on `texts`, with Qwen-style special tokens; `chat_template`
-    None builds a base-model tokenizer (no template, like most pre-trained checkpoints)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Special tokens of base-model tokenizer families (no chat template): BOS opens every encoded text, as in
+# the real checkpoints; Llama's has no pad token (model_loading.load_tokenizer pads with EOS).
+BASE_TOKENIZER_STYLES = {
+    "llama": dict(special_tokens=["<unk>", "<s>", "</s>"], bos_token="<s>", eos_token="</s>", pad_token=None),
+    "gemma": dict(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"], bos_token="<bos>", eos_token="<eos>",
+                  pad_token="<pad>"),
+}
+# Architectures that scale attention by query_pre_attn_scalar (the published configs set it to head_dim).
+_SCALED_BY_HEAD_DIM = ("gemma2", "gemma3_text")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: str | None = CHAT_TEMPLATE,
+                        special_tokens: list[str] = SPECIAL_TOKENS, bos_token: str | None = None,
+                        eos_token: str = "<|im_end|>", pad_token: str | None = "<|endoftext|>"):
+    """A byte-level BPE tokenizer trained on `texts`, with Qwen-style special tokens by default; `chat_template`
+    None builds a base-model tokenizer (no template, like most pre-trained checkpoints). A `bos_token` is
+    put in front of every encoded text, as Llama and Gemma tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if bos_token is not None:
+        bos = (bos_token, tokenizer.token_to_id(bos_token))
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos_token} $A",
+                                                                 pair=f"{bos_token} $A {bos_token} $B", special_tokens=[bos])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos_token, eos_token=eos_token,
+                                   pad_token=pad_token)
     if chat_template is not None:
         fast.chat_template = chat_template
     return fast
 
+
+def base_tokenizer(texts: Iterable[str], vocab_size: int, style: str):
+    """A base-model tokenizer (no chat template) with the special tokens of `style`: llama | gemma."""
+    if style not in BASE_TOKENIZER_STYLES:
+        raise ValueError(f"unknown tokenizer style {style!r}; allowed: {', '.join(BASE_TOKENIZER_STYLES)}")
+    return train_bpe_tokenizer(texts, vocab_size, chat_template=None, **BASE_TOKENIZER_STYLES[style])
+
+
 def build_random_model(out_dir: str | Path, tokenizer, model_type: str = "qwen3", seed: int = 0, **config_overrides):
-    """Save a randomly initialised causal LM of `model_type` (qwen3, llama, gemma3_text, ...; bf16,
+    """Save a randomly initialised causal LM of `model_type` (qwen3, llama, gemma3_text, gemma2, ...; bf16,
     safetensors) and `tokenizer` into `out_dir`. Tiny unless `config_overrides` say otherwise."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from model_loading import save_tokenizer
+
     config = dict(TINY_DIMENSIONS, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     config.update(config_overrides)
+    if model_type in _SCALED_BY_HEAD_DIM:
+        config.setdefault("query_pre_attn_scalar", config["head_dim"])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     return model
 
 def known_architectures() -> list[str]:

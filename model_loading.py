@@ -13,6 +13,7 @@ def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: b
 
     from config_utils import ConfigError
 
+    quiet_bitsandbytes_notices()
     try:
         model_config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -47,6 +48,48 @@ def check_safetensors_weights(model_name: str) -> None:
                         "because loading a pickle can run code hidden in it: convert it where you trust the file "
                         "(from_pretrained(dir).save_pretrained(new_dir) writes model.safetensors)")
 
+# The class name transformers 5 writes for a tokenizer with no model-specific class, and the name of the same
+# class that transformers 4.x (llama.cpp's converter pins 4.57) and 5.x both load.
+GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+def save_tokenizer(tokenizer, *directories: str | Path) -> None:
+    """Save `tokenizer` into each directory so that transformers 4.57 loads it as well as 5.x: a generic
+    tokenizer's class is written under the name both know (`GENERIC_TOKENIZER_CLASSES`)."""
+    import json
+
+    for directory in directories:
+        tokenizer.save_pretrained(directory)
+        config_file = Path(directory) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
+            config["tokenizer_class"] = GENERIC_TOKENIZER_CLASSES[config["tokenizer_class"]]
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+
+# bitsandbytes looks for an optional CPU kernel on the Hugging Face Hub when it is imported on a CPU with
+# AVX512-BF16, and logs this when the `kernels` package (or the Hub) is not there. It then uses its own
+# built-in CPU kernel, which is what this project measures and tests with; the notice is dropped.
+BITSANDBYTES_NOTICES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+
+class _DropMessage:
+    """A logging filter dropping the records whose message template starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+def quiet_bitsandbytes_notices() -> None:
+    """Drop bitsandbytes' notice about its optional Hub CPU kernel (see BITSANDBYTES_NOTICES); once per logger.
+    Called before anything that may import bitsandbytes first (loading a config, a model, a tokenizer)."""
+    import logging
+
+    for name, prefix in BITSANDBYTES_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
+
 def pick_device() -> str:
     import torch
 
@@ -65,6 +108,7 @@ def load_causal_lm(model_name: str, quantization_config=None, device: str | None
 
     from heap import freed_blocks_leave_the_heap
 
+    quiet_bitsandbytes_notices()
     check_safetensors_weights(model_name)
     device = device or pick_device()
     # quantization_config=None passed explicitly would override a pre-quantized checkpoint's own config
@@ -157,6 +201,7 @@ def share_nested_quant_maps(model) -> int:
 def load_tokenizer(model_name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    quiet_bitsandbytes_notices()
     tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -48,7 +48,8 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's content, or a directory's entries, durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -63,6 +64,7 @@ class RunDir:
     staging: Path
     lock_path: Path
     lock_fd: int | None
+    replaces: bool = False  # publish swaps out an existing final directory (a deliberate rebuild)
 
     @property
     def staged_complete(self) -> bool:
@@ -73,9 +75,9 @@ class RunDir:
         """Flush every staged file to disk, then mark the staging complete (the marker is written last)."""
         for path in sorted(self.staging.rglob("*")):
             if path.is_file():
-                _fsync(path)
+                fsync_path(path)
         (self.staging / STAGED_MARKER).write_text(json.dumps({"pid": os.getpid(), "time": int(time.time())}))
-        _fsync(self.staging)
+        fsync_path(self.staging)
 
     def publish(self) -> Path:
         """Give the staged files the modes the umask allows (safetensors writes 0600), and rename the staging
@@ -86,12 +88,17 @@ class RunDir:
         for path in [self.staging, *self.staging.rglob("*")]:
             if not path.is_symlink():
                 path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        replaced = self.final.with_name(f".{self.final.name}.replaced")
         if self.final.exists():
-            raise OutputDirError(f"{self.final} appeared while this run held its lock; the staged output is kept "
-                                 f"in {self.staging}")
+            if not self.replaces:
+                raise OutputDirError(f"{self.final} appeared while this run held its lock; the staged output is kept "
+                                     f"in {self.staging}")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(self.final, replaced)
         (self.staging / STAGED_MARKER).unlink()
         os.replace(self.staging, self.final)
-        _fsync(self.final.parent)
+        fsync_path(self.final.parent)
+        shutil.rmtree(replaced, ignore_errors=True)
         return self.final
 
     def release(self) -> None:
@@ -146,16 +153,17 @@ def claim(root: Path, name: str, if_exists: str = "refuse", log: Callable[[str],
     """Claim ROOT/NAME (or, with if_exists="suffix", the first free NAME-k) for this process.
 
     A name is free when neither its final directory exists nor a live process holds its lock. "refuse"
-    stops at once on a taken name with one line saying why and what to do.
+    stops at once on a taken name with one line saying why and what to do; "replace" (tools that rebuild
+    on request) claims an existing final directory and swaps it out only when the new one is published.
     """
-    if if_exists not in IF_EXISTS_POLICIES:
+    if if_exists not in IF_EXISTS_POLICIES + ("replace",):
         raise OutputDirError(f"if_output_exists={if_exists!r} is unknown; allowed: {', '.join(IF_EXISTS_POLICIES)}")
     check_output_root(root)
     root.mkdir(parents=True, exist_ok=True)
     for k in range(1, 10_000):
         candidate = name if k == 1 else f"{name}-{k}"
         final, staging, lock_path = root / candidate, root / f".{candidate}.partial", root / f".{candidate}.lock"
-        if final.exists():
+        if final.exists() and if_exists != "replace":
             if if_exists == "refuse":
                 raise OutputDirError(f"output directory {final} exists; remove it or set --if_output_exists=suffix")
             continue
@@ -169,7 +177,7 @@ def claim(root: Path, name: str, if_exists: str = "refuse", log: Callable[[str],
         if holder:
             log(f"taking over the lock of {candidate} left by PID {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')}, which is no longer running")
-        return RunDir(final, staging, lock_path, fd)
+        return RunDir(final, staging, lock_path, fd, replaces=if_exists == "replace")
     raise OutputDirError(f"no free name {name}-k under {root}")
 
 def discard_staging(run: RunDir) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -85,8 +86,40 @@ def prepare_for_training(model, cfg: Mapping[str, Any], quantized: bool, fsdp: b
     check_target_modules(model, cfg["target_modules"])
     return get_peft_model(model, lora_config(cfg))
 
+def report_to_list(report_to: str) -> list[str]:
+    """The `report_to` constant ("none", or comma-separated integration names) as the Trainer's list."""
+    names = [name.strip() for name in str(report_to).split(",") if name.strip()]
+    return [] if names in ([], ["none"]) else names
+
+def check_report_to(report_to: str) -> None:
+    """A one-line ConfigError unless every name in `report_to` is an experiment tracker the Trainer integrates
+    (transformers.integrations) and that is installed here; "none" (the default) imports nothing."""
+    names = report_to_list(report_to)
+    if not names:
+        return
+    from config_utils import ConfigError
+    from model_loading import quiet_bitsandbytes_notices
+
+    quiet_bitsandbytes_notices()  # transformers' integrations import bitsandbytes
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    known = ["none", "all", *INTEGRATION_TO_CALLBACK]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"report_to={report_to!r}: {', '.join(unknown)} is not a tracker the Trainer integrates; "
+                          f"allowed: {', '.join(known)} (comma-separated)")
+    installed = get_available_reporting_integrations()
+    missing = [name for name in names if name not in ("all", *installed)]
+    if missing:
+        raise ConfigError(f"report_to={report_to!r}: {', '.join(missing) or 'no tracker'} is not installed in this "
+                          f"Python (installed: {', '.join(installed) or 'none'}); pip install it, or use report_to=none")
+
 def sft_config(cfg: Mapping[str, Any], output_dir: Path, device: str, **overrides):
-    """TRL's SFTConfig for the run: bf16, loss on completions only, resumable checkpoints every save_steps."""
+    """TRL's SFTConfig for the run: bf16, loss on completions only, resumable checkpoints every save_steps,
+    the run's experiment trackers (`report_to`, none by default). With `packing`, rows are packed
+    best-fit-decreasing into rows of max_seq_length tokens, padding-free: each row keeps its own positions,
+    which keep rows from attending to one another (transformers builds a block-diagonal mask from them for
+    sdpa and eager attention; flash attention takes the row boundaries)."""
     from trl import SFTConfig
 
     options = dict(
@@ -94,10 +127,11 @@ def sft_config(cfg: Mapping[str, Any], output_dir: Path, device: str, **override
         per_device_eval_batch_size=cfg["per_device_train_batch_size"],
         gradient_accumulation_steps=cfg["gradient_accumulation_steps"], learning_rate=cfg["learning_rate"],
         num_train_epochs=cfg["num_train_epochs"], max_steps=cfg["max_steps"], max_length=cfg["max_seq_length"],
+        packing=cfg["packing"], packing_strategy="bfd",
         optim=cfg["optim"], logging_steps=cfg["logging_steps"], seed=cfg["seed"], bf16=True,
         gradient_checkpointing=cfg["gradient_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps", save_steps=cfg["save_steps"], save_total_limit=cfg["keep_checkpoints"],
-        report_to=[], completion_only_loss=True, use_cpu=device == "cpu",
+        report_to=report_to_list(cfg.get("report_to", "none")), completion_only_loss=True, use_cpu=device == "cpu",
     )
     options.update(overrides)
     return SFTConfig(**options)
@@ -113,14 +147,26 @@ def build_trainer(model, tokenizer, cfg: Mapping[str, Any], train_data, eval_dat
                                   keep_trainable_dtypes)
 
     held_out = eval_data if eval_data is not None and len(eval_data) else None
+    # held-out loss at every checkpoint: eval_samples forward passes per save_steps optimizer steps
+    periodic_eval = {"eval_strategy": "steps", "eval_steps": cfg["save_steps"]} if held_out is not None else {}
     non_finite = StopOnNonFiniteLossCallback()
-    trainer = SFTTrainer(model=model, args=sft_config(cfg, output_dir, device, **sft_overrides),
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, output_dir, device, **{**periodic_eval, **sft_overrides}),
                          train_dataset=train_data, eval_dataset=held_out, processing_class=tokenizer,
                          callbacks=[MarkCompleteCallback(cfg), StopOnSignalCallback(), non_finite],
                          compute_loss_func=compute_loss_func)
     non_finite.watch(trainer)
     keep_trainable_dtypes(trainer)
+    keep_tracker_logs(trainer, Path(output_dir).parent / "tensorboard")
     return trainer
+
+def keep_tracker_logs(trainer, directory: Path) -> None:
+    """TensorBoard writes under the Trainer's output_dir (the checkpoints, removed when the run is published)
+    unless TENSORBOARD_LOGGING_DIR says otherwise: its events go to `directory`, beside the model, instead."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(directory)
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -130,11 +176,15 @@ class TrainResult:
     eval_loss: float | None  # held-out loss after training (None: no held-out rows)
     loss_curve: list[float]  # every logged training loss, resumed history included
     seconds: float
+    loss_steps: tuple[int, ...] = ()  # the optimizer step of each loss_curve entry
+    eval_curve: tuple[tuple[int, float], ...] = ()  # (step, held-out loss): every save_steps, and after training
 
     def metadata(self, **launch: Any) -> dict[str, Any]:
         """metadata.json's `training` block."""
         return {"steps": self.steps, "resumed_from_step": self.resumed_step, "train_loss": self.train_loss,
-                "loss_curve": self.loss_curve, "eval_loss": self.eval_loss, "train_seconds": round(self.seconds, 2),
+                "loss_curve": self.loss_curve, "loss_steps": list(self.loss_steps), "eval_loss": self.eval_loss,
+                "eval_loss_curve": [loss for _, loss in self.eval_curve],
+                "eval_loss_steps": [step for step, _ in self.eval_curve], "train_seconds": round(self.seconds, 2),
                 **launch}
 
     def losses_text(self) -> str:
@@ -154,12 +204,31 @@ def train(trainer, resume_checkpoint: Path | None) -> TrainResult:
         restore_finished(trainer, resume_checkpoint)
         train_loss = None
     else:
-        train_loss = trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resumed else None).training_loss
+        with weights_kept_as_trained(trainer.model):  # the held-out evaluations every save_steps
+            train_loss = trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resumed else None).training_loss
     seconds = time.time() - started
     stop_on_signal(trainer)
     eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+    history = trainer.state.log_history
+    eval_by_step = {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}  # last per step
     return TrainResult(trainer.state.global_step, resumed.global_step if resumed else 0, train_loss, eval_loss,
-                       [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], seconds)
+                       [entry["loss"] for entry in history if "loss" in entry], seconds,
+                       tuple(entry["step"] for entry in history if "loss" in entry), tuple(sorted(eval_by_step.items())))
+
+@contextmanager
+def weights_kept_as_trained(model):
+    """No inference repacking of 4-bit weights while training. On a CPU with AVX512-BF16, bitsandbytes converts
+    a 4-bit layer to its inference layout (bf16 absmax) on the first forward without gradients, for good: the
+    training steps after a held-out evaluation would compute another function, and a run resumed from a
+    checkpoint would not repeat the steps it redoes. Switched off for training, restored after it."""
+    layers = [module for module in model.modules() if getattr(module, "support_avx512bf16_for_cpu", False)]
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for module in layers:
+            module.support_avx512bf16_for_cpu = True
 
 def stop_on_signal(trainer) -> None:
     """Exit (128 + the signal's number) when a signal stopped training; its checkpoint is already saved."""
@@ -175,14 +244,41 @@ def stop_on_signal(trainer) -> None:
                  Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}")
             raise SystemExit(128 + callback.received)
 
-def save_adapter(trainer, directory: Path, fsdp: bool, is_main: bool) -> None:
+def save_adapter(trainer, directory: Path, fsdp: bool, is_main: bool, base_model: str | None = None,
+                 bnb_config=None, tokenizer=None) -> None:
     """The trained adapter into `directory`. Under FSDP every rank takes part in gathering the sharded
-    adapter and rank 0 writes it; elsewhere rank 0 saves its own copy."""
+    adapter and rank 0 writes it; elsewhere rank 0 saves its own copy. With `base_model`, rank 0 then
+    makes the directory self-describing (`describe_adapter`)."""
     if fsdp:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(directory))
     elif is_main:
         trainer.model.save_pretrained(directory)
+    if is_main and base_model is not None and (Path(directory) / "adapter_config.json").is_file():
+        describe_adapter(directory, base_model, bnb_config, tokenizer)
+
+# Beside adapter_config.json: the BitsAndBytesConfig of the base the adapter was trained on (peft reads no
+# quantization from adapter_config.json, and an unknown key there makes peft warn about its version).
+BASE_QUANTIZATION_FILE = "base_quantization_config.json"
+
+def describe_adapter(directory: Path, base_model: str, bnb_config=None, tokenizer=None) -> None:
+    """What a client needs to load the adapter on the base it was trained on: adapter_config.json names
+    `base_model` as the user gave it (a hub id stays a hub id; a local path is not made absolute), the 4-bit
+    plan of the base is written to BASE_QUANTIZATION_FILE (`BitsAndBytesConfig.from_dict` reads it), and the
+    tokenizer is saved beside it (AutoPeftModelForCausalLM loads it from there)."""
+    import json
+
+    from artifacts import write_json
+    from model_loading import save_tokenizer
+
+    config_file = Path(directory) / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(base_model)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")  # as peft writes it
+    if bnb_config is not None:
+        write_json(Path(directory) / BASE_QUANTIZATION_FILE, bnb_config.to_dict())
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
 
 def take_trained_model(trainer, cfg: Mapping[str, Any], bnb_config, device: str, adapter_dir: Path, fsdp: bool):
     """The trained model, on its own: the trainer's optimizer state and buffers are freed (and the heap given

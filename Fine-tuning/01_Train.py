@@ -12,16 +12,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from artifacts import library_versions, publish_run  # noqa: E402
-from checkpoint_utils import plan_resume, prepare_staging  # noqa: E402
+from model_loading import quiet_bitsandbytes_notices  # noqa: E402
+
+quiet_bitsandbytes_notices()  # before the imports below load bitsandbytes (transformers' Trainer imports peft)
+
+from artifacts import absolute_if_local, library_versions, publish_run  # noqa: E402
+from checkpoint_utils import find_resume_point, prepare_staging  # noqa: E402
 from config_utils import resolve_config  # noqa: E402
-from data_utils import load_training_data  # noqa: E402
+from chat_format import ensure_chat_template  # noqa: E402
+from data_utils import dataset_tag, load_training_data  # noqa: E402
 from dist_utils import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,  # noqa: E402
                         resolve_quant_storage, start_device)
 from errors import UserError  # noqa: E402
+from loss_plot import write_loss_plot  # noqa: E402
 from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, plan_run, with_measured_peak  # noqa: E402
-from memory_usage import count_parameters, describe_peak, format_size, peak_memory_report, weight_footprint  # noqa: E402
-from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config  # noqa: E402
+from memory_usage import count_parameters, describe_footprint, describe_peak, peak_memory_report, weight_footprint  # noqa: E402
+from merge_utils import write_model  # noqa: E402
+from model_card import write_model_cards  # noqa: E402
+from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config, save_tokenizer  # noqa: E402
+from output_checks import check_saved_generation  # noqa: E402
 from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
 from run_log import setup_logging, step  # noqa: E402
 from training_setup import build_trainer, prepare_for_training, save_adapter, take_trained_model, train  # noqa: E402
@@ -31,8 +40,8 @@ from training_setup import build_trainer, prepare_for_training, save_adapter, ta
 _names_before_config = set(globals())
 # -- model and data
 MODEL_NAME = "Qwen/Qwen3-0.6B"  # hub id or local directory (safetensors weights)
-DATASET_CHOICE = "openmath"  # openmath | squad
-DATASET_PATH = None  # None = the hub dataset; else a local .jsonl/.json/.parquet/.csv in DATASET_CHOICE's schema
+DATASET_CHOICE = "openmath"  # openmath | squad | messages | prompt_completion | text (docs/QLoRA.md: data formats)
+DATASET_PATH = None  # local .jsonl/.json/.parquet/.csv or hub id in DATASET_CHOICE's format; None = openmath/squad's hub dataset
 max_train_samples = 20000  # rows read from the dataset (hub datasets are streamed, so only these download)
 eval_samples = 64  # held-out rows (same seed -> same split): eval loss and the merge check
 trust_remote_code = False  # True runs Python code shipped with the model repo: only for repos you trust
@@ -47,6 +56,7 @@ target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # -- training
 per_device_train_batch_size = 1  # sequences per step per device; memory grows with it
 gradient_accumulation_steps = 16  # effective batch = batch size * this
+packing = False  # True: rows packed padding-free into rows of max_seq_length tokens (fewer, fuller steps; rows stay apart)
 gradient_checkpointing = True  # recompute activations in backward: less activation memory, slower steps
 learning_rate = 2e-4  # AdamW peak learning rate (linear decay)
 num_train_epochs = 1.0  # used when max_steps is -1
@@ -55,13 +65,15 @@ max_seq_length = 1024  # tokens per example; longer ones are truncated
 optim = "paged_adamw_8bit"  # paged_adamw_8bit (2 B/param of state) | paged_adamw_32bit (8 B) | adamw_torch | adamw_bnb_8bit | adafactor
 bnb_4bit_quant_storage = "auto"  # auto (bfloat16 under FSDP, else uint8) | uint8 | bfloat16 | float16 | float32
 logging_steps = 10  # log the loss every this many optimizer steps
-save_steps = 50  # resumable checkpoint every this many steps: fewer = less work lost to a crash, more disk writes
+save_steps = 50  # resumable checkpoint (and held-out loss) every this many steps: fewer = less work lost to a crash, more disk writes
 keep_checkpoints = 2  # newest checkpoints kept while training (>= 1); each costs disk (the log prints the estimate)
 RESUME = "auto"  # auto (continue an interrupted run from its newest complete checkpoint) | never | a checkpoint dir
 seed = 42  # data split, adapter init and shuffling
 # -- memory
 memory_limit_gb = "auto"  # GiB the run may use: auto (free GPU memory, or the host's available RAM) | a number | off
 dry_run = False  # True: check the config, tokenize a sample of rows, print the memory/disk plan and exit; no weights load
+# -- tracking
+report_to = "none"  # experiment tracker(s) the Trainer logs to: none | tensorboard | trackio | wandb | ... (comma-separated, installed)
 # -- output
 OUTPUT_ROOT = "outputs"  # the tagged directory is created under it
 if_output_exists = "refuse"  # refuse | suffix (write NAME-2, NAME-3, ... beside the existing one)
@@ -73,7 +85,6 @@ merge_check_max_kl = 5e-3  # mean KL(trained || merged) per token above which th
 # ----------------------------------------------------------------------------------------------------
 
 CONFIG_NAMES = [name for name in globals() if name not in _names_before_config and name != "_names_before_config"]
-OPTIONAL_TYPES = {"DATASET_PATH": str, "memory_limit_gb": str}  # memory_limit_gb: a word or a number
 
 
 def main(argv=None) -> Path | None:
@@ -83,18 +94,16 @@ def main(argv=None) -> Path | None:
     try:
         # ---- config ---------------------------------------------------------------------------------
         cfg = resolve_config({name: globals()[name] for name in CONFIG_NAMES},
-                             sys.argv[1:] if argv is None else list(argv), OPTIONAL_TYPES)
+                             sys.argv[1:] if argv is None else list(argv))
         model_config = read_model_config(cfg["MODEL_NAME"], cfg["max_seq_length"], cfg["trust_remote_code"])
-        import torch
-
-        check_launch(launch, cfg, torch.cuda.is_available())
+        check_launch(launch, cfg)
         root = Path(cfg["OUTPUT_ROOT"])
         step("config", "%s", cfg)
         # ---- data -----------------------------------------------------------------------------------
-        data = load_training_data(cfg)
-        step("data", "%s: %d train / %d held-out rows from %s", cfg["DATASET_CHOICE"], len(data.train),
-             len(data.held_out), data.source)
         tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
+        prompt_format = ensure_chat_template(tokenizer, cfg["MODEL_NAME"])  # "model" | "plain" (saved with the output)
+        data = load_training_data(cfg, tokenizer)
+        step("data", "%s; chat template: %s", data.describe(), prompt_format)
         # ---- plan -----------------------------------------------------------------------------------
         spec, bnb_config = build_quantization_plan(
             cfg["QUANT_METHOD"], lm_head_dtype="fp16" if cfg["keep_lm_head_fp16"] else "bf16", lora_r=cfg["lora_r"],
@@ -105,18 +114,18 @@ def main(argv=None) -> Path | None:
         if cfg["dry_run"]:
             return None
         device = start_device(launch, cfg["seed"])  # joins the process group of a distributed launch
-        name = output_dir_name(cfg["MODEL_NAME"], cfg["DATASET_CHOICE"], peft_name, spec)
+        dataset_word = dataset_tag(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"])
+        name = output_dir_name(cfg["MODEL_NAME"], dataset_word, peft_name, spec)
         with claim_on_main(launch.is_main, root, name, cfg["if_output_exists"]) as run:  # the lock is held to publish
             step("plan", "%s %s -> %s (staging in %s)", spec.method.value, peft_name, run.final, run.staging)
             if run.staged_complete and launch.is_main:
                 step("publish", "the staged run had finished all but its rename: publishing it without training")
                 return run.publish()
-            resume = plan_resume(cfg["RESUME"], run.staging / "checkpoints", cfg)
+            resume = find_resume_point(cfg["RESUME"], run.staging / "checkpoints", cfg)
             # ---- model ------------------------------------------------------------------------------
             model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"], for_fsdp=launch.fsdp)
             footprint = weight_footprint(model)
-            step("model", "%s on %s: weights %s (%.1f%% less than bf16)", cfg["MODEL_NAME"], device,
-                 format_size(footprint["total_bytes"]), 100 * (1 - footprint["total_bytes"] / footprint["bf16_bytes"]))
+            step("model", "%s on %s: %s", cfg["MODEL_NAME"], device, describe_footprint(footprint))
             model = prepare_for_training(model, cfg, quantized=bnb_config is not None, fsdp=launch.fsdp)
             trainable, total = count_parameters(model)
             step("model", "trainable params %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -125,38 +134,42 @@ def main(argv=None) -> Path | None:
             if launch.is_main:
                 prepare_staging(run.staging, resume, cfg["RESUME"])
             barrier()
-            trainer = build_trainer(model, tokenizer, cfg, data.train, data.held_out, run.staging / "checkpoints", device)
+            trainer = build_trainer(model, tokenizer, cfg, data.train, data.held_out, run.staging / "checkpoints", device,
+                                    **data.sft_options)
             result = train(trainer, resume.checkpoint)
             step("train", "%d steps (%d in this run) in %.1fs, %s", result.steps, result.steps - result.resumed_step,
                  result.seconds, result.losses_text())
             own_gpu = [launch.local_rank] if device.startswith("cuda:") else None  # one GPU per rank
             rank_peaks, loss_curves = gather(peak_memory_report(own_gpu)), gather(result.loss_curve)
             # ---- save -------------------------------------------------------------------------------
-            save_adapter(trainer, run.staging / "adapter", launch.fsdp, launch.is_main)
+            save_adapter(trainer, run.staging / "adapter", launch.fsdp, launch.is_main, cfg["MODEL_NAME"], bnb_config, tokenizer)
             if not launch.is_main:
                 return None  # rank 0 alone merges and writes
             check_free_disk(run.staging, disk["adapter"] + disk["merged"], "the adapter and merged model")
-            tokenizer.save_pretrained(run.staging)
+            save_tokenizer(tokenizer, run.staging)
             model = take_trained_model(trainer, cfg, bnb_config, device, run.staging / "adapter", launch.fsdp)
             # ---- merge ------------------------------------------------------------------------------
-            from merge_utils import write_model
-
             merge_check, artifact, memory_plan = write_model(
                 model, cfg=cfg, staging=run.staging, tokenizer=tokenizer,
                 check_rows=data.held_out if len(data.held_out) else data.train, bnb_config=bnb_config, device=device,
                 memory_plan=memory_plan, report=lambda line: step("merge", "%s", line))
+            generation = check_saved_generation(  # the model as saved: merged, or the adapter when it is primary
+                run.staging, primary=artifact["primary"], base_model=cfg["MODEL_NAME"], bnb_config=bnb_config,
+                device=device, trust_remote_code=cfg["trust_remote_code"], rows=data.held_out,
+                report=lambda line: step("generate", "%s", line))
             # ---- metadata ---------------------------------------------------------------------------
             peak = combine_peak_reports([peak_memory_report(own_gpu)] + rank_peaks[1:])  # rank 0's again: the merge counts
             metadata = build_metadata(
-                spec, base_model=cfg["MODEL_NAME"], peft=peft_name, config=cfg, versions=library_versions(),
-                dataset={"name": cfg["DATASET_CHOICE"], "path": cfg["DATASET_PATH"], "train_rows": len(data.train),
-                         "eval_rows": len(data.held_out), "split_seed": cfg["seed"]},
+                spec, base_model=absolute_if_local(cfg["MODEL_NAME"]), peft=peft_name, config=cfg,
+                versions=library_versions(), dataset={**data.metadata(), "prompt_format": prompt_format},
                 artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None},
                 parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
-                weights_footprint=footprint, merge_check=merge_check, peak_memory=peak,
+                weights_footprint=footprint, merge_check=merge_check, generation_check=generation, peak_memory=peak,
                 training=result.metadata(world_size=launch.world_size, fsdp=launch.fsdp, loss_curve_by_rank=loss_curves),
                 memory_plan=with_measured_peak(memory_plan, peak), created_unix=int(time.time()))
             # ---- publish ----------------------------------------------------------------------------
+            write_loss_plot(run.staging, metadata)  # training_loss.png
+            write_model_cards(run.staging, metadata, run.final.name)  # README.md, adapter/README.md
             final_dir = publish_run(run, cfg, metadata)
         step("done", "%.1fs total; peak memory %s (planned %s GiB); wrote %s", time.time() - started,
              describe_peak(peak), memory_plan.get("peak_gib"), final_dir)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Qwen3 model the tests build themselves (no hub access needed)."""
+"""Shared fixtures: tiny models the tests build themselves (no hub access needed)."""
 
 import subprocess
 import sys
@@ -12,6 +12,12 @@ TRAIN_SCRIPT = ROOT / "Fine-tuning" / "01_Train.py"
 OPENMATH_SAMPLE = ROOT / "samples" / "openmath_sample.jsonl"
 SQUAD_SAMPLE = ROOT / "samples" / "squad_sample.jsonl"
 
+# metadata.json's quantization block for QLoRA r=256 with a merge, field for field as the design fixes it.
+SEED_QUANTIZATION_BLOCK = {
+    "method": "QLORA", "weights_bits": 4, "lm_head_dtype": "bf16", "backend": "bitsandbytes",
+    "extras": {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16", "lora_r": 256,
+               "merge_after_train": True},
+}
 # Small and fast: a few QLoRA steps on CPU take seconds.
 FAST_TRAIN_ARGS = [
     "--max_steps=12", "--per_device_train_batch_size=4", "--gradient_accumulation_steps=1",
@@ -39,3 +45,24 @@ def run_train(args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
 def run_python(code: str, timeout=300) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter (imports nothing from the test process)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def build_base_model(out: Path, style: str, model_type: str) -> Path:
+    """A random tiny base model of `model_type` with a `style` tokenizer (llama | gemma): no chat template."""
+    from model_fixtures import base_tokenizer, build_random_model
+    from tools.make_tiny_model import tokenizer_corpus
+
+    build_random_model(out, base_tokenizer(tokenizer_corpus(), 512, style), model_type=model_type)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_base_dir(tmp_path_factory) -> Path:
+    """Tiny Llama-architecture base model: Llama-style tokenizer (BOS added, EOS, no pad), no chat template."""
+    return build_base_model(tmp_path_factory.mktemp("models") / "tiny-llama-base", "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def gemma_base_dir(tmp_path_factory) -> Path:
+    """Tiny Gemma 3 (text) base model: Gemma-style tokenizer (BOS added, EOS, pad), no chat template."""
+    return build_base_model(tmp_path_factory.mktemp("models") / "tiny-gemma-base", "gemma", "gemma3_text")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from checkpoint_utils import MARKER, checkpoint_problem, config_differences, plan_resume, write_marker
+from checkpoint_utils import MARKER, checkpoint_problem, config_differences, find_resume_point, write_marker
 from memory_planner import check_free_disk, disk_needed
 from config_utils import ConfigError
 
@@ -37,32 +37,32 @@ def test_auto_resumes_from_the_newest_complete_checkpoint_and_reports_the_skippe
     broken = make_checkpoint(tmp_path, 150)
     (broken / "adapter_model.safetensors").write_bytes(b"")
     unfinished = make_checkpoint(tmp_path, 200, complete=False)
-    plan = plan_resume("auto", tmp_path, CFG)
+    plan = find_resume_point("auto", tmp_path, CFG)
     assert plan.checkpoint == tmp_path / "checkpoint-100" and not plan.start_over
     assert [path for path, _ in plan.skipped] == [unfinished, broken]
 
 
 def test_auto_without_checkpoints_starts_over_and_never_always_does(tmp_path):
-    assert plan_resume("auto", tmp_path / "missing", CFG).checkpoint is None
+    assert find_resume_point("auto", tmp_path / "missing", CFG).checkpoint is None
     make_checkpoint(tmp_path, 10, complete=False)
-    plan = plan_resume("auto", tmp_path, CFG)
+    plan = find_resume_point("auto", tmp_path, CFG)
     assert plan.checkpoint is None and plan.start_over and len(plan.skipped) == 1
     make_checkpoint(tmp_path, 20)
-    assert plan_resume("never", tmp_path, CFG).checkpoint is None
+    assert find_resume_point("never", tmp_path, CFG).checkpoint is None
 
 
 def test_explicit_path_must_be_complete(tmp_path):
     good, bad = make_checkpoint(tmp_path, 10), make_checkpoint(tmp_path, 20, complete=False)
-    assert plan_resume(str(good), tmp_path / "elsewhere", CFG).checkpoint == good
+    assert find_resume_point(str(good), tmp_path / "elsewhere", CFG).checkpoint == good
     with pytest.raises(ConfigError, match=f"RESUME='{bad}' is not a complete checkpoint: no {MARKER}"):
-        plan_resume(str(bad), tmp_path, CFG)
+        find_resume_point(str(bad), tmp_path, CFG)
 
 
 def test_a_changed_result_affecting_constant_is_refused_a_neutral_one_is_not(tmp_path):
     make_checkpoint(tmp_path, 10)
-    assert plan_resume("auto", tmp_path, {**CFG, "save_steps": 5, "RESUME": "auto"}).checkpoint is not None
+    assert find_resume_point("auto", tmp_path, {**CFG, "save_steps": 5, "RESUME": "auto"}).checkpoint is not None
     with pytest.raises(ConfigError, match=r"the config differs \(max_steps=100 -> 200\); rerun with the same values"):
-        plan_resume("auto", tmp_path, {**CFG, "max_steps": 200})
+        find_resume_point("auto", tmp_path, {**CFG, "max_steps": 200})
     assert config_differences({"a": 1}, {"a": 1, "b": 2}) == ["b=None -> 2"]
 
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from config_utils import ConfigError, apply_overrides, validate_config
+from config_utils import ConfigError, apply_overrides, resolve_config, training_defaults, validate_config
 from conftest import OPENMATH_SAMPLE, run_train
 
 DEFAULTS = {"lora_r": 256, "learning_rate": 2e-4, "merge_after_train": True, "target_modules": ["q_proj"],
@@ -46,31 +46,38 @@ def _no_weights_model(tiny_model_dir, tmp_path):
     ("--QUANT_METHOD=INT3", "QUANT_METHOD='INT3' is not a training method; allowed: QLORA, NONE"),
     ("--lora_r=0", "lora_r=0 must be an integer > 0"),
     ("--lora_r=-4", "lora_r=-4 must be an integer > 0"),
-    ("--DATASET_PATH=/nonexistent/rows.jsonl", "dataset file /nonexistent/rows.jsonl does not exist"),
-    ("--DATASET_CHOICE=imagenet", "DATASET_CHOICE='imagenet' is unknown; allowed: openmath, squad"),
+    ("--DATASET_CHOICE=imagenet", "DATASET_CHOICE='imagenet' is unknown; allowed: openmath, squad, messages, prompt_completion, text"),
     ("--per_device_train_batch_size=0", "per_device_train_batch_size=0 must be an integer > 0"),
-    ("--max_seq_length=100000", "max_seq_length=100000 exceeds the model's context of 2048 tokens"),
     ("--keep_lm_head_fp16=true", "keep_lm_head_fp16=True needs merge_after_train=True"),
     ("--gradient_accumulation_steps=0", "gradient_accumulation_steps=0 must be an integer > 0"),
     ("--save_steps=0", "save_steps=0 must be an integer > 0"),
     ("--keep_checkpoints=0", "keep_checkpoints=0 must be an integer > 0"),
     ("--if_output_exists=overwrite", "if_output_exists='overwrite' is unknown; allowed: refuse, suffix"),
     ("--RESUME=sometimes", "RESUME='sometimes' is not auto, never or an existing checkpoint directory"),
-    ("--RESUME={tmp}", "RESUME='{tmp}' is not a complete checkpoint: no checkpoint_complete.json"),
     ("--learning_rate=inf", "learning_rate=inf must be a finite number > 0"),
     ("--seed=-1", "seed=-1 must be an integer >= 0"),
 ])
-def test_invalid_config_fails_before_loading_with_one_line(override, message, tiny_model_dir, tmp_path):
+def test_invalid_config_is_one_line_naming_what_is_allowed(override, message):
+    extra = ["--merge_after_train=false"] if "keep_lm_head" in override else []
+    with pytest.raises(ConfigError) as raised:
+        resolve_config(training_defaults(), [*extra, override])
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--max_seq_length=100000", "max_seq_length=100000 exceeds the model's context of 2048 tokens"),
+    ("--DATASET_PATH=/nonexistent/rows.jsonl", "DATASET_PATH /nonexistent/rows.jsonl does not exist"),
+    ("--RESUME={tmp}", "RESUME='{tmp}' is not a complete checkpoint: no checkpoint_complete.json"),
+])
+def test_invalid_input_stops_the_script_before_loading_with_one_line(override, message, tiny_model_dir, tmp_path):
     model = _no_weights_model(tiny_model_dir, tmp_path)
     override, message = override.format(tmp=tmp_path), message.format(tmp=tmp_path)
-    extra = ["--merge_after_train=false"] if "keep_lm_head" in override else []
     out = tmp_path / "out"
-    result = run_train([f"--MODEL_NAME={model}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
-                        *extra, override])
+    result = run_train([f"--MODEL_NAME={model}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}", override])
     assert result.returncode != 0
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
-    assert "model.safetensors" not in result.stderr  # failed on the config, not on the missing weights
+    assert "model.safetensors" not in result.stderr  # failed on the input, not on the missing weights
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -93,19 +100,10 @@ def test_dataset_file_missing_schema_columns(tiny_model_dir, tmp_path):
     result = run_train([f"--MODEL_NAME={model}", f"--DATASET_PATH={bad}", f"--OUTPUT_ROOT={out}"])
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(
-        f"error: dataset file {bad} lacks the openmath columns ['problem', 'generated_solution', 'expected_answer']")
+        f"error: {bad} row 1: 'problem' is missing (the openmath format needs problem, generated_solution, "
+        "expected_answer)")
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_defaults_validate():
-    import importlib.util
-
-    from conftest import TRAIN_SCRIPT
-    spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    defaults = {name: getattr(module, name) for name in module.CONFIG_NAMES}
-    validate_config(defaults)
-    assert defaults["MODEL_NAME"] == "Qwen/Qwen3-0.6B" and defaults["QUANT_METHOD"] == "QLORA"
-    assert defaults["lora_r"] == 256 and defaults["lora_alpha"] == 16 and defaults["optim"] == "paged_adamw_8bit"
-    assert defaults["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def test_shipped_defaults_validate():
+    validate_config(training_defaults())

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_train
-from tools.evaluate import DEFAULT_SPLIT, LoadPlan, choose_splits, detect_load_plan, main as evaluate, markdown_table
+from tools.evaluate import DEFAULT_SPLIT, LoadKind, choose_splits, detect_load_kind, main as evaluate, markdown_table
 
 QLORA_BLOCK = {"method": "QLORA", "weights_bits": 4, "lm_head_dtype": "bf16", "backend": "bitsandbytes",
                "extras": {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16", "lora_r": 8,
@@ -27,42 +27,42 @@ def _dir(tmp_path, name, metadata=None, config=True):
 
 def test_detects_merged_qlora_as_bf16(tmp_path):
     meta = {"quantization": QLORA_BLOCK, "artifact": {"kind": "merged_bf16"}, "base_model": "b"}
-    assert detect_load_plan(_dir(tmp_path, "m", meta), meta) == LoadPlan("merged", "QLORA")
+    assert detect_load_kind(_dir(tmp_path, "m", meta), meta) == LoadKind("merged", "QLORA")
 
 
 def test_detects_adapter_only_with_the_training_plan(tmp_path):
     meta = {"quantization": QLORA_BLOCK, "artifact": {"kind": "adapter_only", "adapter_dir": "adapter"},
             "base_model": "/models/Qwen3-0.6B"}
-    plan = detect_load_plan(_dir(tmp_path, "a", meta, config=False), meta)
+    plan = detect_load_kind(_dir(tmp_path, "a", meta, config=False), meta)
     assert plan.kind == "adapter" and plan.method == "QLORA" and plan.base_model == "/models/Qwen3-0.6B"
     assert dict(plan.quant_options) == {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16"}
     flagged = {**meta, "artifact": {"kind": "merged_bf16", "primary": "adapter"}}
-    assert detect_load_plan(tmp_path / "a", flagged).kind == "adapter"  # merge flagged: the adapter is the model
+    assert detect_load_kind(tmp_path / "a", flagged).kind == "adapter"  # merge flagged: the adapter is the model
     nf4 = {**meta, "artifact": {"kind": "merged_nf4", "primary": "merged"}}
-    assert detect_load_plan(tmp_path / "a", nf4).kind == "merged"
+    assert detect_load_kind(tmp_path / "a", nf4).kind == "merged"
 
 
 def test_detects_full_finetune_and_ptq_sibling(tmp_path):
     full = {"quantization": {"method": "NONE"}, "artifact": {"kind": "full_bf16"}}
-    assert detect_load_plan(_dir(tmp_path, "f", full), full) == LoadPlan("merged", "NONE")
+    assert detect_load_kind(_dir(tmp_path, "f", full), full) == LoadKind("merged", "NONE")
     ptq = {"quantization": {"method": "BNB_NF4"}, "artifact": {"kind": "ptq", "merged": True}}
-    assert detect_load_plan(_dir(tmp_path, "p", ptq), ptq) == LoadPlan("ptq", "BNB_NF4")
+    assert detect_load_kind(_dir(tmp_path, "p", ptq), ptq) == LoadKind("ptq", "BNB_NF4")
 
 
 def test_detects_by_name_without_metadata(tmp_path):
-    assert detect_load_plan(_dir(tmp_path, "Qwen3-0.6B"), None) == LoadPlan("base", "NONE")
+    assert detect_load_kind(_dir(tmp_path, "Qwen3-0.6B"), None) == LoadKind("base", "NONE")
     named = _dir(tmp_path, "Qwen3-0.6B-openmath_SFT_LoRa8_QLORA_w4_headbf16")
-    assert detect_load_plan(named, None) == LoadPlan("merged", "QLORA")
+    assert detect_load_kind(named, None) == LoadKind("merged", "QLORA")
     with pytest.raises(ValueError, match="no metadata.json naming its base model"):
-        detect_load_plan(_dir(tmp_path, "x_QLORA_w4", config=False), None)
+        detect_load_kind(_dir(tmp_path, "x_QLORA_w4", config=False), None)
     with pytest.raises(ValueError, match="neither an output directory"):
-        detect_load_plan(_dir(tmp_path, "empty", config=False), None)
+        detect_load_kind(_dir(tmp_path, "empty", config=False), None)
 
 
 def test_unknown_artifact_kind_is_refused(tmp_path):
     meta = {"quantization": QLORA_BLOCK, "artifact": {"kind": "mystery"}}
     with pytest.raises(ValueError, match="artifact kind 'mystery'; known: merged_bf16"):
-        detect_load_plan(_dir(tmp_path, "m", meta), meta)
+        detect_load_kind(_dir(tmp_path, "m", meta), meta)
 
 
 def test_base_and_finetuned_share_the_training_split():
@@ -111,6 +111,10 @@ def test_evaluate_end_to_end_on_base_and_adapter(adapter_only_run, tiny_model_di
     assert 0 <= tuned["accuracy"] <= 100 and tuned["heldout_loss"] > 0 and tuned["generated_tokens"] > 0
     on_disk = json.loads((adapter_only_run / "eval_results.json").read_text())
     assert on_disk["heldout_loss"] == tuned["heldout_loss"]
+    assert on_disk["directory"] == str(adapter_only_run.resolve()) and on_disk["dataset"]["path"] == str(OPENMATH_SAMPLE)
+    card = (adapter_only_run / "README.md").read_text()  # rendered again with the results
+    assert "## Evaluation" in card and "loaded as adapter" in card and f"| {tuned['accuracy']:.4g} |" in card
+    assert not (tiny_model_dir / "README.md").exists()  # a plain base model directory gets no card
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = markdown_table(results)
     assert table.count("\n") == 3 and adapter_only_run.name in table and "| accuracy |" in table

@@ -103,6 +103,7 @@ def test_adapter_only_directory(adapter_run):
     assert not (directory / "model.safetensors").exists()
     assert meta["artifact"]["kind"] == "adapter_only" and meta["artifact"]["primary"] == "adapter"
     assert meta["merge_check"] is None and meta["quantization"]["extras"]["merge_after_train"] is False
+    assert meta["generation_check"]["prompts"] == 8  # run on the adapter, the primary artifact
 
 
 def test_artifacts_reload_in_a_fresh_process_with_the_recorded_logits(nf4_run, adapter_run):
@@ -137,13 +138,9 @@ report(model, meta["artifact"]["fingerprints"]["adapter"])
     ({"eval_samples": 0}, "merge_after_train=True needs eval_samples > 0"),
 ])
 def test_merge_settings_are_validated(override, message):
-    import importlib.util
+    from config_utils import training_defaults
 
-    from conftest import TRAIN_SCRIPT
-    spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = {name: getattr(module, name) for name in module.CONFIG_NAMES} | override
+    cfg = training_defaults() | override
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         validate_config(cfg)
 
@@ -156,12 +153,13 @@ def _peft_on_4bit(model_dir, targets=("q_proj", "down_proj")):
 
     _, bnb = build_quantization_plan("QLORA")
     model = load_causal_lm(str(model_dir), bnb, "cpu")
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), init_lora_weights=False))
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), init_lora_weights=False,
+                                            task_type="CAUSAL_LM"))
 
 
 def test_merge_frees_each_4bit_layer_and_keeps_no_second_copy(tiny_model_dir):
-    """Layer by layer: once merged, no 4-bit weight or adapter survives, even while the PeftModel
-    object the caller holds is still alive."""
+    """Layer by layer: once merged, no 4-bit weight or adapter survives, and the merged model lives only
+    as long as its own references, even while the PeftModel object the caller holds is still alive."""
     import gc
     import weakref
 
@@ -179,6 +177,10 @@ def test_merge_frees_each_4bit_layer_and_keeps_no_second_copy(tiny_model_dir):
     assert not any(ref() is not None for ref in quantized + adapters)
     assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    merged_ref = weakref.ref(merged)
+    del merged
+    gc.collect()
+    assert merged_ref() is None and model is not None
 
 
 def test_original_base_is_the_checkpoint_weight_plus_the_adapter(tiny_model_dir):
@@ -196,3 +198,18 @@ def test_original_base_is_the_checkpoint_weight_plus_the_adapter(tiny_model_dir)
     expected = (checkpoint[f"{name}.weight"].float() + delta).to(torch.bfloat16)
     assert torch.equal(merged.get_submodule(name).weight, expected)
     assert torch.equal(merged.get_submodule(untargeted).weight, checkpoint[f"{untargeted}.weight"])
+
+
+def test_merge_leaves_non_persistent_buffers_as_every_load_computes_them(tiny_model_dir):
+    """Rotary inv_freq is not saved; every load computes it in fp32. The merged model keeps it so: cast to
+    bf16 it moved the reloaded logits away from those measured before saving."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from merge_utils import merge_lora
+
+    merged = merge_lora(_peft_on_4bit(tiny_model_dir), "dequantized")
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    assert merged.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(merged.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from quantization_utils import (PTQ_METHODS, QuantMethod, QuantSpec, build_metadata, build_ptq_plan,
+from conftest import SEED_QUANTIZATION_BLOCK
+from quantization_utils import (PTQ_METHODS, QuantMethod, build_metadata, build_ptq_plan,
                                 build_quantization_plan, detect_quant_method, output_dir_name, peft_tag, quant_tag,
                                 sibling_dir_name)
 
@@ -30,11 +31,7 @@ def test_quant_storage_option_reaches_bitsandbytes():
 def test_metadata_block_matches_the_seed_field_for_field():
     spec, _ = build_quantization_plan("QLORA", lora_r=256, merge_after_train=True)
     meta = build_metadata(spec, base_model="Qwen/Qwen3-0.6B")
-    assert meta["quantization"] == {
-        "method": "QLORA", "weights_bits": 4, "lm_head_dtype": "bf16", "backend": "bitsandbytes",
-        "extras": {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16", "lora_r": 256,
-                   "merge_after_train": True},
-    }
+    assert meta["quantization"] == SEED_QUANTIZATION_BLOCK
     assert meta["base_model"] == "Qwen/Qwen3-0.6B"
 
 
@@ -121,7 +118,3 @@ def test_sibling_name_replaces_the_tag_or_appends_it():
     assert sibling_dir_name("/models/Qwen3-0.6B", None, spec) == "Qwen3-0.6B_GPTQ_w4g128_headbf16"
 
 
-def test_spec_is_frozen():
-    spec = QuantSpec(QuantMethod.NONE, 16, "bf16", "torch")
-    with pytest.raises(AttributeError):
-        spec.weights_bits = 8

@@ -31,7 +31,9 @@ def source(tiny_model_dir, tmp_path_factory):
     shutil.copytree(tiny_model_dir, directory)
     spec, _ = build_quantization_plan("QLORA", lora_r=8, merge_after_train=True)
     metadata = build_metadata(spec, base_model="Qwen/Qwen3-0.6B", peft="LoRa8",
-                              dataset={"name": "openmath", "path": str(OPENMATH_SAMPLE), "train_rows": 8})
+                              dataset={"name": "openmath", "path": str(OPENMATH_SAMPLE), "train_rows": 200,
+                                       "eval_rows": 16, "split_seed": 42},
+                              config={"max_train_samples": 200, "eval_samples": 16})
     (directory / "metadata.json").write_text(json.dumps(metadata))
     return directory
 
@@ -50,7 +52,17 @@ def check_metadata(sibling, source, expected_quantization):
     assert meta["source"] == {"dir": str(source.resolve()), "metadata": source_meta}
     assert meta["base_model"] == "Qwen/Qwen3-0.6B" and meta["peft"] == "LoRa8"
     assert meta["artifact"]["weights_bytes"] == sum(f.stat().st_size for f in sibling.glob("*.safetensors"))
+    check_quality(sibling, meta["quality"])
     return meta
+
+
+def check_quality(sibling, quality):
+    """Measured against the source on held-out rows, and shown in the sibling's card."""
+    assert quality["rows"] == 8 and quality["tokens"] > 0 and "held-out rows of the source's training split" in quality["data"]
+    assert 0 < quality["mean_kl"] < 0.05 and quality["max_abs_logit_diff"] > 0
+    assert abs(quality["loss"] - quality["source_loss"]) < 0.1
+    card = (sibling / "README.md").read_text()
+    assert "## Quality against the 16-bit source" in card and f"Measured on {quality['tokens']} tokens" in card
 
 
 # ----- bitsandbytes (main environment) ----------------------------------------------------------------
@@ -114,7 +126,7 @@ BAD_INPUT = {
     "group vs model": (["--method", "GPTQ", "--group-size", "128", "--calibration", "openmath"],
                        "group size 128 does not divide this model's layer input widths [64]"),
     "wrong columns": (["--method", "GPTQ", "--group-size", "64", "--calibration", "openmath", "--calibration-path",
-                       str(SQUAD_SAMPLE)], "lacks the openmath columns ['problem', 'generated_solution'"),
+                       str(SQUAD_SAMPLE)], "row 1: 'problem' is missing (the openmath format needs problem, generated_solution"),
     "no calibration": (["--method", "W8A8"], "needs calibration data and"),
     "data-free": (["--method", "BNB_NF4", "--calibration", "squad"], "BNB_NF4 is data-free"),
     "samples": (["--method", "GPTQ", "--samples", "0"], "--samples=0: need at least 1"),
@@ -137,11 +149,36 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_model_dir, tmp_path
 
 
 @pytest.mark.skipif(find_spec("llmcompressor") is not None, reason="llmcompressor is installed in this Python")
-def test_llmcompressor_method_without_it_points_to_the_ptq_environment(tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="needs llmcompressor.*scripts/setup_ptq.sh"):
+def test_llmcompressor_method_reruns_itself_in_the_ptq_environment(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """Run from an environment without llmcompressor, GPTQ re-runs the same command with the PTQ environment's
+    Python. That Python here is this one (PTQ_PYTHON), which lacks it too: the re-run says so and stops."""
+    monkeypatch.setenv("PTQ_PYTHON", sys.executable)
+    with pytest.raises(SystemExit) as raised:
         quantize_main(["--model", str(tiny_model_dir), "--method", "GPTQ", "--group-size", "64", "--calibration",
                        "openmath", "--calibration-path", str(OPENMATH_SAMPLE), "--out-root", str(tmp_path / "out")])
+    assert raised.value.code == 1  # the re-run's exit status
+    out, err = capfd.readouterr()
+    assert f"GPTQ needs llmcompressor: running in the PTQ environment ({sys.executable})" in out
+    assert f"error: GPTQ needs llmcompressor, which this Python ({sys.executable}) (the PTQ environment) lacks: " \
+           "bash scripts/setup_ptq.sh" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_quality_rows_leave_out_every_calibration_row(source):
+    """A calibrated method's quality rows are the source's held-out rows minus those used for calibration."""
+    import argparse
+
+    from data_utils import load_rows, to_sft_dataset
+    from quantization_utils import build_ptq_plan
+    from tools.quantize import inspect_source, quality_rows
+
+    spec, _ = build_ptq_plan("GPTQ")
+    calibration_rows = load_rows("openmath", str(OPENMATH_SAMPLE), 150)  # most of the 216 rows the split draws from
+    args = argparse.Namespace(quality_rows=16, samples=150)
+    examples, where = quality_rows(args, spec, inspect_source(source), ("openmath", str(OPENMATH_SAMPLE)), calibration_rows)
+    calibration = [json.dumps(e, sort_keys=True) for e in to_sft_dataset(calibration_rows, "openmath")]
+    assert 0 < len(examples) < 16 and "held-out rows" in where  # some held-out rows were calibration rows
+    assert not any(json.dumps(e, sort_keys=True) in calibration for e in examples)
 
 
 # ----- llmcompressor (PTQ environment) ------------------------------------------------------------------
@@ -162,16 +199,20 @@ def test_llmcompressor_sibling(method, source, tmp_path):
     args, tag, expected, fmt = LLMC_CASES[method]
     # No --calibration: the source's metadata names its training data (the openmath sample file).
     out_root = tmp_path / "out"
-    result = run_quantize(python, ["--model", source, "--method", method, "--out-root", out_root, *args,
-                                   "--samples", "8"])
+    # GPTQ is started from the main environment, as a user would: it re-runs itself in the PTQ environment
+    launcher = sys.executable if method == "GPTQ" else python
+    result = run_quantize(launcher, ["--model", source, "--method", method, "--out-root", out_root, *args,
+                                     "--samples", "8"])
     assert result.returncode == 0, result.stderr[-3000:]
+    if launcher != python:
+        assert f"running in the PTQ environment ({python})" in result.stdout
     sibling = out_root / f"Qwen3-0.6B-openmath_SFT_LoRa8_{tag}"
     assert [p.name for p in out_root.iterdir()] == [sibling.name]  # no staging directory left behind
     check = sibling_logits(python, source, [sibling], tmp_path)[sibling]
     meta = check_metadata(sibling, source, {"method": method, "lm_head_dtype": "bf16", **expected})
     extras = meta["quantization"]["extras"]
     assert extras["format"] == fmt and extras["quantizer"] == "llmcompressor"
-    assert extras["calibration"] == {"dataset": "openmath", "path": str(OPENMATH_SAMPLE), "rows": 8,
+    assert extras["calibration"] == {"dataset": "openmath", "path": str(OPENMATH_SAMPLE.resolve()), "rows": 8,
                                      "max_seq_length": 512}
     config = json.loads((sibling / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["ignore"] == ["lm_head"]

@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import yaml
 from safetensors import safe_open
 
-from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_python, run_train
+from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, SEED_QUANTIZATION_BLOCK, run_python, run_train
 
 EXPECTED_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
 
@@ -14,7 +15,7 @@ EXPECTED_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
 def trained(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
     result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
-                        "--PEFT_CONFIG=DoRa", *FAST_TRAIN_ARGS])
+                        "--PEFT_CONFIG=DoRa", *FAST_TRAIN_ARGS, "--save_steps=4"])
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -32,11 +33,7 @@ def test_qlora_overrides_peft_choice_and_says_so(trained):
 def test_metadata_has_the_seed_block_and_true_values(trained):
     out, _ = trained
     meta = json.loads((out / EXPECTED_NAME / "metadata.json").read_text())
-    assert meta["quantization"] == {
-        "method": "QLORA", "weights_bits": 4, "lm_head_dtype": "bf16", "backend": "bitsandbytes",
-        "extras": {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16", "lora_r": 256,
-                   "merge_after_train": True},
-    }
+    assert meta["quantization"] == SEED_QUANTIZATION_BLOCK
     assert meta["config"]["PEFT_CONFIG"] == "LoRa" and meta["peft"] == "LoRa256"
     assert meta["training"]["steps"] == 12
     assert meta["artifact"]["kind"] == "merged_bf16" and meta["merge_check"]["passed"]
@@ -84,7 +81,8 @@ print('FINGERPRINT DIFF', fingerprint_difference(recorded, logits_fingerprint(mo
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK torch.bfloat16 True" in result.stdout
-    assert "FINGERPRINT DIFF 0.0" in result.stdout  # the logits recorded at save time
+    difference = float(result.stdout.split("FINGERPRINT DIFF")[1].split()[0])
+    assert difference == 0.0  # the logits recorded at save time, measured on the saved directory reloaded
 
 
 def test_adapter_loads_with_peftmodel_on_the_4bit_base(trained, tiny_model_dir):
@@ -118,3 +116,59 @@ def test_existing_output_is_refused(trained, tiny_model_dir):
                         *FAST_TRAIN_ARGS])
     assert result.returncode != 0
     assert f"output directory {out / EXPECTED_NAME} exists" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_run_log_has_no_bitsandbytes_hub_kernel_notice(trained):
+    _, result = trained
+    assert "kernels-community" not in result.stderr
+
+
+def test_cards_loss_plot_and_absolute_paths(trained, tiny_model_dir):
+    out, _ = trained
+    directory = out / EXPECTED_NAME
+    meta = json.loads((directory / "metadata.json").read_text())
+    assert meta["dataset"]["path"] == str(OPENMATH_SAMPLE.resolve()) and meta["base_model"] == str(tiny_model_dir)
+    training = meta["training"]
+    assert training["loss_steps"] == [2, 4, 6, 8, 10, 12]
+    assert training["eval_loss_steps"] == [4, 8, 12] and training["eval_loss_curve"][-1] == training["eval_loss"]
+    assert (directory / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (directory / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "transformers" and "qlora" in front["tags"] and "base_model" not in front  # local
+    assert "## Merge check" in card and f"on {meta['merge_check']['tokens']} held-out tokens" in card
+    adapter_front = yaml.safe_load((directory / "adapter" / "README.md").read_text().split("---\n")[1])
+    assert adapter_front["library_name"] == "peft" and adapter_front["pipeline_tag"] == "text-generation"
+
+
+def test_adapter_directory_describes_its_base(trained, tiny_model_dir):
+    out, _ = trained
+    adapter = out / EXPECTED_NAME / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)  # MODEL_NAME as the command gave it
+    assert json.loads((adapter / "base_quantization_config.json").read_text())["bnb_4bit_quant_type"] == "nf4"
+    for directory in (adapter, adapter.parent):  # a class name transformers 4.57 (llama.cpp's converter) also loads
+        assert json.loads((directory / "tokenizer_config.json").read_text())["tokenizer_class"] != "TokenizersBackend"
+
+
+def test_adapter_loads_from_its_own_files_with_auto_peft(trained):
+    """What a user does from the card, with no project code: the 4-bit plan comes from the adapter directory."""
+    out, _ = trained
+    directory = out / EXPECTED_NAME
+    code = f"""
+import json, torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+adapter = {str(directory / "adapter")!r}
+bnb = BitsAndBytesConfig.from_dict(json.load(open(adapter + "/base_quantization_config.json")))
+model = AutoPeftModelForCausalLM.from_pretrained(adapter, quantization_config=bnb, dtype=torch.bfloat16).eval()
+print("BASE", type(model.get_base_model().model.layers[0].mlp.down_proj.base_layer).__name__)
+merged = AutoModelForCausalLM.from_pretrained({str(directory)!r}).eval()
+ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+with torch.no_grad():
+    a, b = model(ids).logits.float(), merged(ids).logits.float()
+print("KL", (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean().item())
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BASE Linear4bit" in result.stdout
+    assert float(result.stdout.split("KL")[-1]) < 1e-3

@@ -1,14 +1,19 @@
 """Measured memory and speed of weight formats and training setups, side by side, in one run.
 
 Every configuration runs in its own Python process (so one peak never leaks into another); the parent
-builds a random-weight model of the named architecture once, runs the configurations one after the
-other, and prints one table with the planner's prediction and its error beside each measurement.
+builds a random-weight model of the named architecture once (or takes --model), runs the configurations
+one after the other, and prints one table with the planner's prediction and its error beside each
+measurement, and a throughput table (tokens/s, model FLOPs utilization, memory, loss).
 
     python tools/benchmark.py --arch Qwen3-0.6B --seq 512 --rank 64 --batch 1 --out bench.json
+    python tools/benchmark.py --cases throughput --seq 2048 --rank 256 --out throughput.json
 
 Peak memory: CUDA max allocated / reserved over all GPUs when CUDA is present; else the peak RSS of
-the whole worker process (imports, loading and training together). Step time is the mean of the
-measured steps after the warm-up steps; tokens/s counts the tokens of the batch (padding excluded).
+the whole worker process (imports, loading and training together). A step is one optimizer step
+(gradient_accumulation_steps micro-batches); its time runs from the end of the step before (so data
+loading and the optimizer count) and is the mean over the measured steps after the warm-up steps;
+tokens/s counts the tokens of the step's batches (padding excluded). Model FLOPs and utilization:
+throughput.training_flops over the rows of each measured step, against throughput.PEAK_BF16_TFLOPS.
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ class Case:
     kind: str  # weights | train
     quant: str | None = None  # None (bf16) | nf4 | nf4_dq | fp4
     peft: str = "lora"  # lora | full
-    recipe: str = "project"  # project (01_Train.py's path) | trl_docs (the recipe TRL's docs show)
+    recipe: str = "project"  # project (01_Train.py's path) | trl_docs (the recipe TRL's docs show) | unsloth
     gradient_checkpointing: bool = True
     fused_loss: bool = True  # TRL's chunked LM head + loss; False = full logits through a compute_loss_func
     embeddings_bf16: bool = True  # project QLoRA: keep the frozen embedding/head bf16 after kbit prep
-    padding_free: bool = False
+    padding_free: bool = False  # TRL's padding_free without packing: a step's rows flattened into one
+    packing: bool = False  # 01_Train.py's `packing`: rows packed padding-free into rows of --seq tokens
     variable_lengths: bool = False  # rows of mixed length (for the padding-free lever)
     liger: bool = False  # CUDA only
+    activation_offloading: bool = False  # TRL's: saved activations go to CPU memory (CUDA only)
     batch: int | None = None  # None = the run's --batch
+    accumulation: int = 1  # gradient accumulation steps: micro-batches per (measured) optimizer step
     optim: str | None = None  # None: 01_Train.py's default
     note: str = ""
 
@@ -66,11 +74,23 @@ CASES = [
     Case("qlora_b4_padding_free", "train", "nf4_dq", variable_lengths=True, batch=4, padding_free=True,
          note="lever: mixed lengths, batch 4, padding-free"),
     Case("qlora_liger", "train", "nf4_dq", liger=True, note="lever: Liger kernels (CUDA only)"),
+    Case("qlora_packed", "train", "nf4_dq", variable_lengths=True, packing=True,
+         note="lever: mixed lengths packed padding-free into rows of seq tokens"),
+    Case("qlora_offload", "train", "nf4_dq", activation_offloading=True,
+         note="lever: TRL activation offloading (CUDA only)"),
+    Case("qlora_b1_ga4", "train", "nf4_dq", batch=1, accumulation=4, note="lever: batch 1 x accumulation 4"),
+    Case("qlora_b4_ga1", "train", "nf4_dq", batch=4, note="lever: batch 4 x accumulation 1 (same effective batch)"),
+    Case("unsloth_qlora", "train", "nf4_dq", recipe="unsloth", note="anchor: unsloth (own environment, CUDA only)"),
     Case("tokenize_long_row", "tokenize", None,
          note="TRL's dataset preparation of one row of 2,000,000 characters (before truncation)"),
 ]
 LONG_ROW_CHARS = 2_000_000
 CASES_BY_NAME = {case.name: case for case in CASES}
+# The throughput comparison (gpu/throughput_check.sh): the recipe, the project's default, each speed lever, unsloth.
+# Most telling first: a run cut short by its time limit keeps the goal's three cases.
+THROUGHPUT_CASES = ("trl_docs_qlora", "qlora", "unsloth_qlora", "qlora_b4_ga1", "qlora_b1_ga4", "qlora_packed",
+                    "qlora_b4_padded", "qlora_b4_padding_free", "qlora_liger", "qlora_offload")
+CASE_GROUPS = {"all": tuple(CASES_BY_NAME), "throughput": THROUGHPUT_CASES}
 
 # ----- data ---------------------------------------------------------------------------------------------
 
@@ -152,23 +172,28 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 def step_timer():
-    """Per optimizer step: wall seconds and this process's CPU seconds (all threads). On a shared CPU
-    machine the CPU seconds are the fair measure of work; on CUDA the wall time is."""
+    """Per optimizer step: wall seconds and this process's CPU seconds (all threads), each from the end of
+    the step before (the first from its own start), so that fetching and collating the step's batches, the
+    optimizer and logging all count. On a shared CPU machine the CPU seconds are the fair measure of work;
+    on CUDA the wall time is."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.wall, self.cpu, self._start = [], [], (0.0, 0.0)
+            self.wall, self.cpu, self._last = [], [], None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            synchronize()
-            self._start = (time.perf_counter(), time.process_time())
+            if self._last is None:
+                synchronize()
+                self._last = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, args, state, control, **kwargs):
             synchronize()
-            self.wall.append(time.perf_counter() - self._start[0])
-            self.cpu.append(time.process_time() - self._start[1])
-            print(f"step {len(self.wall)}: {self.wall[-1]:.1f}s wall, {self.cpu[-1]:.1f}s cpu", file=sys.stderr, flush=True)
+            now = (time.perf_counter(), time.process_time())
+            self.wall.append(now[0] - self._last[0])
+            self.cpu.append(now[1] - self._last[1])
+            self._last = now
+            print(f"step {len(self.wall)}: {self.wall[-1]:.2f}s wall, {self.cpu[-1]:.2f}s cpu", file=sys.stderr, flush=True)
 
     return StepTimer()
 
@@ -177,17 +202,26 @@ def case_config(case: Case, seq: int, batch: int, rank: int, steps: int) -> dict
     from config_utils import training_defaults
 
     cfg = training_defaults()
-    cfg.update(lora_r=rank, max_seq_length=seq, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-               max_steps=steps, gradient_checkpointing=case.gradient_checkpointing, logging_steps=1000,
+    cfg.update(lora_r=rank, max_seq_length=seq, per_device_train_batch_size=batch,
+               gradient_accumulation_steps=case.accumulation, packing=case.packing, max_steps=steps,
+               gradient_checkpointing=case.gradient_checkpointing, logging_steps=1,
                QUANT_METHOD="QLORA" if case.quant else "NONE", PEFT_CONFIG="Full" if case.peft == "full" else "LoRa")
     if case.optim is not None:
         cfg["optim"] = case.optim
     return cfg
 
+def row_count(case: Case, steps: int, batch: int) -> int:
+    """Rows enough for `steps` optimizer steps (packing fits several mixed-length rows into each packed row)."""
+    return (steps * batch * case.accumulation + 4) * (8 if case.packing else 1)
+
 def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, steps: int, work: Path):
     """The model and SFTTrainer of one training case: built by training_setup exactly as 01_Train.py builds
-    them, or by TRL's documented recipe (the baseline)."""
+    them, by TRL's documented recipe (the baseline), or by unsloth's (the outside anchor)."""
     from datasets import Dataset
+
+    rows = Dataset.from_list(long_rows(row_count(case, steps, batch), 8 * seq, variable=case.variable_lengths))
+    if case.recipe == "unsloth":
+        return unsloth_trainer(case, model_dir, rows, seq, batch, rank, steps, work)
 
     from model_loading import load_causal_lm, load_tokenizer, pick_device
     from training_setup import build_trainer as build_project_trainer
@@ -195,18 +229,19 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
 
     device = pick_device()
     tokenizer = load_tokenizer(model_dir)
-    rows = Dataset.from_list(long_rows(steps * batch + 4, 8 * seq, variable=case.variable_lengths))
     if case.recipe == "trl_docs":
         return trl_docs_trainer(case, model_dir, tokenizer, rows, seq, batch, rank, steps, work, device)
     cfg = case_config(case, seq, batch, rank, steps)
     model = load_causal_lm(model_dir, bnb_config_for(case.quant), device)
     model = prepare_for_training(model, cfg, quantized=case.quant is not None, keep_embeddings_bf16=case.embeddings_bf16)
     loss_func = None if case.fused_loss else full_logits_loss(model.config.get_text_config().vocab_size)
-    # padding-free without packing flattens the batch into one row; TRL then wants max_length None (the
-    # mixed-length rows are all shorter than seq)
+    levers = {"use_liger_kernel": case.liger, "activation_offloading": case.activation_offloading}
+    if case.padding_free:
+        # padding-free without packing flattens the batch into one row; TRL then wants max_length None (the
+        # mixed-length rows are all shorter than seq)
+        levers.update(padding_free=True, max_length=None)
     return build_project_trainer(model, tokenizer, cfg, rows, None, work / "trainer", device, compute_loss_func=loss_func,
-                                 save_strategy="no", padding_free=case.padding_free, use_liger_kernel=case.liger,
-                                 max_length=None if case.padding_free else seq)
+                                 save_strategy="no", **levers)
 
 def trl_docs_trainer(case: Case, model_dir: str, tokenizer, rows, seq: int, batch: int, rank: int, steps: int,
                      work: Path, device: str):
@@ -220,27 +255,75 @@ def trl_docs_trainer(case: Case, model_dir: str, tokenizer, rows, seq: int, batc
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config_for(case.quant),
                                                  dtype=torch.bfloat16, device_map={"": device})
     lora = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM", target_modules="all-linear")
-    args = SFTConfig(output_dir=str(work / "trainer"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-                     max_steps=steps, max_length=seq, learning_rate=2e-4, optim=case.optim, bf16=True,
-                     gradient_checkpointing=case.gradient_checkpointing, logging_steps=1000, save_strategy="no",
-                     report_to=[], use_cpu=device == "cpu")
+    args = SFTConfig(output_dir=str(work / "trainer"), per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=case.accumulation, max_steps=steps, max_length=seq, learning_rate=2e-4,
+                     optim=case.optim, bf16=True, gradient_checkpointing=case.gradient_checkpointing, logging_steps=1,
+                     save_strategy="no", report_to=[], use_cpu=device == "cpu")
     return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
 
-def batch_tokens(trainer, steps: int) -> tuple[list[int], list[int]]:
-    """Non-padding tokens, and token slots (padding included), of the first `steps` batches the trainer
-    will see (we read the batches the dataloader produces)."""
-    counts, slots = [], []
+def unsloth_trainer(case: Case, model_dir: str, rows, seq: int, batch: int, rank: int, steps: int, work: Path):
+    """QLoRA as unsloth's docs show it (its 4-bit loader, its LoRA with dropout 0 and its gradient
+    checkpointing, TRL's SFTTrainer patched by unsloth), on the same rows, rank, alpha, targets and
+    optimizer as the project's case. Runs under unsloth's own package versions (--unsloth-site)."""
+    from unsloth import FastLanguageModel  # before trl: unsloth patches it on import
+    from trl import SFTConfig, SFTTrainer
+
+    from config_utils import training_defaults
+
+    defaults = training_defaults()
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=seq, load_in_4bit=True,
+                                                         dtype=None)
+    model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=defaults["lora_alpha"], lora_dropout=0,
+                                             target_modules=list(defaults["target_modules"]), bias="none",
+                                             use_gradient_checkpointing="unsloth" if case.gradient_checkpointing else False,
+                                             random_state=defaults["seed"])
+    args = SFTConfig(output_dir=str(work / "trainer"), per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=case.accumulation, max_steps=steps, max_length=seq,
+                     learning_rate=defaults["learning_rate"], optim=defaults["optim"], bf16=True, logging_steps=1,
+                     save_strategy="no", report_to=[], seed=defaults["seed"])
+    return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+
+def row_lengths(batch) -> list[int]:
+    """Tokens of each row of a collated batch: padding-free and packed batches carry their row boundaries
+    (cu_seq_lens_q), padded ones an attention mask."""
+    if "cu_seq_lens_q" in batch:
+        return [int(n) for n in batch["cu_seq_lens_q"].diff()]
+    if "attention_mask" in batch:
+        return [int(n) for n in batch["attention_mask"].sum(dim=1) if n > 0]
+    return [int(batch["input_ids"].shape[1])] * int(batch["input_ids"].shape[0])
+
+def step_rows(trainer, steps: int) -> tuple[list[list[int]], list[int]]:
+    """Row lengths (padding excluded) of each of the first `steps` optimizer steps, and the largest micro-batch
+    in token slots (padding included): we read the batches the dataloader produces, gradient_accumulation_steps
+    micro-batches to a step."""
+    accumulation = trainer.args.gradient_accumulation_steps
+    rows, slots = [[] for _ in range(steps)], []
     for i, batch in enumerate(trainer.get_train_dataloader()):
-        if i >= steps:
+        if i >= steps * accumulation:
             break
+        rows[i // accumulation] += row_lengths(batch)
         slots.append(int(batch["input_ids"].numel()))
-        counts.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else slots[-1])
-    return counts, slots
+    return rows, slots
+
+def device_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+def speed_report(case: Case, model_dir: str, rows: list[list[int]], wall: list[float], rank: int) -> dict:
+    """Model FLOPs of each measured step (throughput.training_flops) and the utilization they give."""
+    from throughput import model_flops_utilization, training_flops
+    from training_setup import DEFAULT_TARGET_MODULES
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    flops = [training_flops(cfg, step, None if case.peft == "full" else rank, DEFAULT_TARGET_MODULES,
+                            case.gradient_checkpointing, full=case.peft == "full").total for step in rows]
+    per_s = sum(flops) / sum(wall)
+    return {"step_flops": flops, "model_tflops_per_s": per_s / 1e12, "device_name": device_name(),
+            "mfu": model_flops_utilization(sum(flops), sum(wall), device_name())}
 
 def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int, steps: int, warmup: int,
                      work: Path) -> dict:
-    import torch
-
     from memory_usage import count_parameters, peak_memory_report, weight_footprint
 
     trainer = build_trainer(case, model_dir, seq, batch, rank, steps + warmup, work)
@@ -248,7 +331,7 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     trainable, total = count_parameters(trainer.model)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad})
     embed_dtype = str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
-    tokens, slots = batch_tokens(trainer, steps + warmup)
+    rows, slots = step_rows(trainer, steps + warmup)
     rss_before_train = proc_status_gib("VmRSS")
     file_rss_before_train = proc_status_gib("RssFile")  # pages of mapped files (the checkpoint, when still mapped)
     load_peak = peak_memory_report()
@@ -256,16 +339,18 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
     timer = step_timer()
     trainer.add_callback(timer)
     trainer.train()
+    synchronize()
     train_phase_rss = proc_status_gib("VmHWM") if reset else None
     peak = peak_memory_report()  # the training phase's (VmHWM was reset): the whole-process peak is the larger phase
     peak["peak_rss_gib"] = max(peak["peak_rss_gib"], load_peak["peak_rss_gib"])
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    wall, cpu = timer.wall[warmup:], timer.cpu[warmup:]
+    wall, cpu, measured = timer.wall[warmup:], timer.cpu[warmup:], rows[warmup:len(timer.wall)]
     step_s, step_cpu_s = sum(wall) / len(wall), sum(cpu) / len(cpu)
-    tok = sum(tokens[warmup:]) / len(wall)
+    tok = sum(sum(step) for step in measured) / len(wall)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"step_s": step_s, "step_cpu_s": step_cpu_s, "tokens_per_s": tok / step_s, "tokens_per_cpu_s": tok / step_cpu_s,
             "tokens_per_step": tok, "max_batch_slots": max(slots), "step_wall_times": timer.wall, "step_cpu_times": timer.cpu,
+            "step_rows": rows, "losses": losses, "final_loss": losses[-1] if losses else None,
+            **speed_report(case, model_dir, measured, wall, rank),
             "trainable_params": trainable, "total_params": total, "trainable_dtypes": dtypes,
             "embedding_dtype": embed_dtype, "optim": getattr(trainer.args.optim, "value", str(trainer.args.optim)), "weights_gib": footprint["total_bytes"] / 1024**3,
             "rss_before_train_gib": rss_before_train, "file_rss_before_train_gib": file_rss_before_train,
@@ -297,6 +382,8 @@ def measure_tokenize(model_dir: str, seq: int, rank: int, work: Path) -> dict:
 
 def run_worker(args) -> None:
     case = CASES_BY_NAME[args.worker]
+    if case.recipe == "unsloth":
+        import unsloth  # noqa: F401  first: it patches transformers, peft and trl as they import
     batch = case.batch or args.batch
     if case.kind == "weights":
         result = measure_weights(case, args.model_dir)
@@ -335,30 +422,53 @@ def build_model(config: dict, model_dir: Path) -> None:
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(), 512)
     build_random_model(model_dir, tokenizer, config["model_type"], **dimensions)
 
-def skip_reason(case: Case) -> str | None:
+def unsloth_installed(site: str | None) -> bool:
+    return bool(site) and (Path(site) / "unsloth" / "__init__.py").is_file()
+
+def skip_reason(case: Case, unsloth_site: str | None = None) -> str | None:
+    """Why a case cannot run here (None: it can): what it needs, checked before a worker starts."""
+    import importlib.util
+
     import torch
 
-    if case.liger and not torch.cuda.is_available():
-        return "Liger kernels need CUDA"
-    if case.liger:
-        try:
-            import liger_kernel  # noqa: F401
-        except ImportError:
-            return "liger-kernel is not installed"
-    return None
+    cuda = torch.cuda.is_available()
+    unsloth = case.recipe == "unsloth"
+    needs = [
+        (case.liger and not cuda, "Liger kernels need CUDA"),
+        (case.liger and importlib.util.find_spec("liger_kernel") is None, "liger-kernel is not installed"),
+        (case.activation_offloading and not cuda,
+         "activation offloading moves CUDA activations to CPU memory: needs CUDA"),
+        (unsloth and not cuda, "unsloth's kernels need CUDA (without it unsloth trains through stock transformers)"),
+        (unsloth and not unsloth_installed(unsloth_site),
+         "unsloth is not installed: give --unsloth-site (gpu/throughput_check.sh installs it from .whl/unsloth)"),
+    ]
+    return next((reason for applies, reason in needs if applies), None)
+
+def worker_env(case: Case, unsloth_site: str | None, work_dir: Path) -> dict:
+    """A worker's environment: unsloth's case sees its own packages (--unsloth-site) instead of the project's
+    extra ones (PYTHONPATH), and compiles its kernels into the work directory."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if case.recipe == "unsloth":
+        env.update(PYTHONPATH=str(Path(unsloth_site).resolve()), HF_HUB_OFFLINE="1",
+                   UNSLOTH_COMPILE_LOCATION=str(work_dir.resolve() / "unsloth_compiled_cache"))
+    return env
 
 def run_case(case: Case, args, model_dir: Path) -> dict:
-    reason = skip_reason(case)
+    reason = skip_reason(case, args.unsloth_site)
     if reason:
         return {"case": asdict(case), "skipped": reason}
-    cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker={case.name}", f"--model-dir={model_dir}",
+    work_dir = Path(args.work_dir)
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker={case.name}", f"--model-dir={model_dir.resolve()}",
            f"--seq={args.seq}", f"--batch={args.batch}", f"--rank={args.rank}", f"--steps={args.steps}",
-           f"--warmup={args.warmup}", f"--work-dir={args.work_dir}"]
+           f"--warmup={args.warmup}", f"--work-dir={work_dir.resolve()}"]
     started = time.time()
-    log_path = Path(args.work_dir) / f"{case.name}.log"
+    log_path = work_dir / f"{case.name}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=args.case_timeout,
+                                  env=worker_env(case, args.unsloth_site, work_dir))
+        except subprocess.TimeoutExpired:
+            return {"case": asdict(case), "failed": f"timed out after {args.case_timeout} s (log: {log_path})"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (log_path.read_text().strip().splitlines() or ["no output"])[-1]
@@ -387,15 +497,19 @@ def setup_for(case: dict, result: dict, device: str):
         gradient_checkpointing=case["gradient_checkpointing"], fused_loss=case["fused_loss"],
         quant=case["quant"] or "nf4_dq", embeddings_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32",
         norms_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32", device=device,
-        # runs saved before the optimizer was recorded trained with paged_adamw_32bit, the default then
-        optim=case.get("optim") or result.get("optim", "paged_adamw_32bit"), checkpoint_mapped=trl_docs)
+        # runs saved before the optimizer was recorded used paged_adamw_32bit, the default then
+        optim=case.get("optim") or result.get("optim") or "paged_adamw_32bit", checkpoint_mapped=trl_docs)
+
+def report_model_config(report: dict) -> dict:
+    """The measured model's config: saved in the report (a --model run), else the architecture it was built as."""
+    return report.get("model_config") or benchmark_architecture(report["arch"], report.get("layers"))
 
 def annotate(report: dict) -> dict:
     """Add to each result: planned peak and the planner's error, peak vs the TRL-docs baseline, step time
     vs bf16 LoRA. Ratios only between results of this one report."""
     from memory_planner import TOKENIZE_BYTES_PER_TOKEN, plan_load_memory, plan_training_memory
 
-    cfg = benchmark_architecture(report["arch"], report.get("layers"))
+    cfg = report_model_config(report)
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
     base, lora = rows.get("trl_docs_qlora"), rows.get("lora_bf16")
     for row in rows.values():
@@ -458,6 +572,55 @@ def render_table(report: dict) -> str:
             _fmt(row.get("step_ratio_vs_lora_bf16"), ".2f")]) + " |")
     return "\n".join(lines)
 
+def _ratio(row: dict | None, base: dict | None, key: str) -> float | None:
+    if not row or not base or row.get(key) is None or not base.get(key):
+        return None
+    return row[key] / base[key]
+
+def throughput_goals(report: dict) -> list[str]:
+    """The project's default (case qlora) against the TRL-docs recipe and against unsloth, as measured in this
+    report: goals >= 1.5x the recipe's tokens/s at no more memory, and within 1.25x of unsloth's tokens/s."""
+    rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
+    project, recipe, unsloth = rows.get("qlora"), rows.get("trl_docs_qlora"), rows.get("unsloth_qlora")
+    memory = "overall_max_allocated_gib" if project and project["peak"]["device"] == "cuda" else "peak_rss_gib"
+    speed = _ratio(project, recipe, "tokens_per_s")
+    mem = _ratio(project and project["peak"], recipe and recipe["peak"], memory)
+    behind = _ratio(unsloth, project, "tokens_per_s")
+    text = lambda value: "n/a" if value is None else f"{value:.2f}x"  # noqa: E731
+    return [f"project default (qlora) vs TRL docs recipe: {text(speed)} tokens/s (goal >= 1.50x), "
+            f"{text(mem)} {memory} (goal <= 1.00x)",
+            f"unsloth vs project default: {text(behind)} tokens/s (goal <= 1.25x)"]
+
+def render_throughput(report: dict) -> str:
+    """Speed of every training case: tokens/s, model FLOPs and their utilization of the GPU's bf16 peak,
+    memory, and the training loss at the last step."""
+    rows = [r for r in report["results"] if r["case"]["kind"] == "train"]
+    device = next((r["peak"]["device"] for r in rows if "peak" in r), "cpu")
+    name = next((r.get("device_name") for r in rows if r.get("device_name")), None) or "CPU"
+    memory = ("max allocated GiB | max reserved GiB" if device == "cuda" else "peak RSS GiB | (CPU: no reserved)")
+    base = next((r for r in rows if r["case"]["name"] == "trl_docs_qlora" and "peak" in r), None)
+    lines = [f"Throughput on {name}: {report['arch']}, seq {report['seq']}, LoRA r={report['rank']}, "
+             f"{report['steps']} measured optimizer steps after {report['warmup']} warm-up",
+             "",
+             f"| case | what | batch x accum. | tokens/step | step s | tokens/s | vs TRL docs | model TFLOP/s | MFU "
+             f"| {memory} | loss at last step |",
+             "|" + "---|" * 12]
+    for row in rows:
+        case = row["case"]
+        if "peak" not in row:
+            lines.append(f"| {case['name']} | {case['note']} | {row.get('skipped') or row.get('failed')} |" + " |" * 9)
+            continue
+        peak = row["peak"]
+        allocated, reserved = ((peak["overall_max_allocated_gib"], peak["overall_max_reserved_gib"])
+                               if device == "cuda" else (peak["peak_rss_gib"], None))
+        mfu = row.get("mfu")
+        lines.append("| " + " | ".join([
+            case["name"], case["note"], f"{row['batch']} x {case.get('accumulation', 1)}", _fmt(row["tokens_per_step"], ".0f"),
+            _fmt(row["step_s"], ".3f"), _fmt(row["tokens_per_s"], ".0f"), _fmt(_ratio(row, base, "tokens_per_s"), ".2f"),
+            _fmt(row.get("model_tflops_per_s"), ".3g"), "n/a" if mfu is None else f"{100 * mfu:.1f}%",
+            _fmt(allocated), _fmt(reserved), _fmt(row.get("final_loss"), ".4f")]) + " |")
+    return "\n".join(lines + [""] + throughput_goals(report))
+
 def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B")) -> str:
     """Larger architectures, EXTRAPOLATED (not measured): weights from the measured bytes per parameter of
     each format, training peaks from the planner scaled by its measured/planned ratio on this run's model."""
@@ -466,7 +629,7 @@ def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8
     from model_fixtures import architecture_dimensions
 
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
-    measured_arch = parameter_counts(architecture_dimensions(report["arch"]))
+    measured_arch = parameter_counts(report_model_config(report))
     lines = [f"EXTRAPOLATED from the {report['arch']} measurements above (not measured):", "",
              "| architecture | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for arch in archs:
@@ -499,8 +662,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank for LoRA and QLoRA")
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per training case")
     parser.add_argument("--warmup", type=int, default=1, help="steps run before measuring")
-    parser.add_argument("--cases", default="all", help="comma-separated case names, or all: " + ", ".join(CASES_BY_NAME))
+    parser.add_argument("--cases", default="all", help="comma-separated case names, or a group ("
+                        + ", ".join(CASE_GROUPS) + "): " + ", ".join(CASES_BY_NAME))
+    parser.add_argument("--model", default=None,
+                        help="an existing model directory to measure instead of building --arch (e.g. a tiny model)")
     parser.add_argument("--work-dir", default="/tmp/qlora-benchmark", help="where the random model and scratch go")
+    parser.add_argument("--case-timeout", type=int, default=None,
+                        help="seconds one case may run before it is stopped and recorded as failed (default: no limit)")
+    parser.add_argument("--unsloth-site", default=None,
+                        help="directory holding unsloth and its package versions (pip install --target); "
+                             "the unsloth case runs with it as PYTHONPATH")
     parser.add_argument("--out", default=None, help="write every result (JSON) here")
     parser.add_argument("--from-json", default=None,
                         help="only print the tables of earlier runs' --out files (comma-separated: results merged)")
@@ -513,33 +684,53 @@ def main(argv=None) -> dict:
     if args.from_json:
         reports = [json.loads(Path(path).read_text()) for path in args.from_json.split(",")]
         report = annotate({**reports[0], "results": [r for rep in reports for r in rep["results"]]})
-        print(render_table(report) + "\n\n" + render_extrapolation(report))
+        print(render_tables(report))
         return report
-    names = list(CASES_BY_NAME) if args.cases == "all" else [n.strip() for n in args.cases.split(",") if n.strip()]
+    names = [name for part in args.cases.split(",") if part.strip()
+             for name in CASE_GROUPS.get(part.strip(), (part.strip(),))]
     unknown = [n for n in names if n not in CASES_BY_NAME]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; allowed: {', '.join(CASES_BY_NAME)}")
     for name in ("seq", "batch", "rank", "steps"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0")
-    model_dir = Path(args.work_dir) / (args.arch + (f"-{args.layers}layers" if args.layers else ""))
-    build_model(benchmark_architecture(args.arch, args.layers), model_dir)
-    header = {"arch": args.arch, "layers": args.layers, "seq": args.seq, "batch": args.batch, "rank": args.rank, "steps": args.steps,
-              "warmup": args.warmup}
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there; give a model directory")
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        model_dir = Path(args.work_dir) / (args.arch + (f"-{args.layers}layers" if args.layers else ""))
+        build_model(benchmark_architecture(args.arch, args.layers), model_dir)
+    header = {"arch": model_dir.name if args.model else args.arch, "layers": args.layers, "seq": args.seq,
+              "batch": args.batch, "rank": args.rank, "steps": args.steps, "warmup": args.warmup,
+              "model_config": json.loads((model_dir / "config.json").read_text()) if args.model else None}
     results = []
     for name in names:
         result = run_case(CASES_BY_NAME[name], args, model_dir)
         results.append(result)
         if args.out:  # after every case, so an interrupted run keeps what it measured
             Path(args.out).write_text(json.dumps({**header, "results": results}, indent=2))
-        print(json.dumps({"case": name, **{k: v for k, v in result.items() if k not in ("case", "footprint")}}),
-              flush=True)
+        brief = {k: v for k, v in result.items() if k not in ("case", "footprint", "step_rows", "step_flops")}
+        print(json.dumps({"case": name, **brief}), flush=True)
     report = {**header, "results": results}
     report = annotate(report)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
-    print(render_table(report) + "\n\n" + render_extrapolation(report))
+    print(render_tables(report))
     return report
+
+def render_tables(report: dict) -> str:
+    """The memory table with the planner, the extrapolation to larger architectures (from the named
+    architectures only), and the throughput table when training cases ran."""
+    parts = [render_table(report)]
+    if not report.get("model_config"):
+        parts.append(render_extrapolation(report))
+    if any(r["case"]["kind"] == "train" for r in report["results"]):
+        parts.append(render_throughput(report))
+    return "\n\n".join(parts)
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,9 @@ Each directory's kind is detected from its metadata.json (or, without one, from 
 loaded that way: a merged or fully fine-tuned model, an adapter on the 4-bit base rebuilt from the
 metadata's quantization plan, a post-training-quantized sibling, or a plain base model. Every model is
 scored on the held-out split its training run used (rebuilt from the metadata), or on the dataset given:
-openmath final-answer accuracy, squad exact match / F1, held-out loss and perplexity on the completions,
-weight footprint (quantization state included), load time and greedy generation tokens/s.
+openmath final-answer accuracy, squad exact match / F1 (messages and prompt_completion data have no answer
+metric), held-out loss and perplexity on the completions, weight footprint (quantization state included),
+load time and greedy generation tokens/s.
 Writes eval_results.json into each directory, prints one markdown table, and with several directories
 writes a PNG chart of accuracy against weight footprint.
 Python code shipped inside a directory (auto_map) runs only with --trust-remote-code, whatever its
@@ -23,12 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from artifacts import (base_load_extras, check_finished, check_remote_code, metadata_fields,  # noqa: E402
+from artifacts import (absolute_if_local, base_load_extras, check_finished, check_remote_code, metadata_fields,  # noqa: E402
                        non_finite_as_null, non_finite_values, read_metadata, run_config, write_json)
-from data_utils import DATASETS, check_local_file, get_dataset_spec, squad_answers  # noqa: E402
+from data_utils import DATASETS, get_dataset_spec, resolve_source, squad_answers  # noqa: E402
 from errors import reading_user_file  # noqa: E402
 from eval_utils import math_answer_correct, perplexity, squad_exact_match, squad_f1  # noqa: E402
-from model_loading import check_safetensors_weights  # noqa: E402
+from model_card import write_model_cards  # noqa: E402
+from model_loading import check_safetensors_weights, quiet_bitsandbytes_notices  # noqa: E402
 from quantization_utils import QuantMethod, detect_quant_method  # noqa: E402
 
 # Held-out split used for a dataset no evaluated model was trained on: 01_Train.py's defaults
@@ -43,16 +45,16 @@ ARTIFACT_LOADERS = {
 
 
 @dataclass(frozen=True)
-class LoadPlan:
+class LoadKind:
     """How one directory is loaded: `kind` is merged | adapter | ptq | base."""
 
     kind: str
     method: str  # quantization method of the training run or PTQ (metadata, else name, else NONE)
     base_model: str | None = None  # adapter kind: the model the adapter was trained on
-    quant_options: tuple = ()  # adapter kind: extras of the training plan, as (name, value) pairs
+    quant_options: tuple = ()  # adapter kind: extras of the quantization plan, as (name, value) pairs
 
 
-def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
+def detect_load_kind(path: Path, metadata: dict | None) -> LoadKind:
     """What a directory holds and how to load it, from its metadata (or name); reads no weights."""
     path = Path(path)
     check_finished(path)
@@ -62,7 +64,7 @@ def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
             raise ValueError(f"{path} looks like a QLoRA adapter (name) but has no metadata.json naming its base model")
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is neither an output directory (metadata.json) nor a model (config.json)")
-        return LoadPlan("merged" if method else "base", (method or QuantMethod.NONE).value)
+        return LoadKind("merged" if method else "base", (method or QuantMethod.NONE).value)
     quant = metadata.get("quantization") or {}
     method = str(quant.get("method", "NONE"))
     artifact = (metadata.get("artifact") or {}).get("kind")
@@ -71,16 +73,16 @@ def detect_load_plan(path: Path, metadata: dict | None) -> LoadPlan:
     kind = ARTIFACT_LOADERS[artifact]
     if (metadata.get("artifact") or {}).get("primary") == "adapter":  # a flagged merge: the adapter is the model
         kind = "adapter"
-    if kind == "adapter":  # the options are artifacts.plan_from_metadata's, which loads it
-        return LoadPlan("adapter", method, metadata["base_model"], tuple(sorted(base_load_extras(metadata).items())))
-    return LoadPlan(kind, method)  # merged: bf16 on disk whatever the training method
+    if kind == "adapter":  # the options are artifacts.quantization_plan_from_metadata's, which loads it
+        return LoadKind("adapter", method, metadata["base_model"], tuple(sorted(base_load_extras(metadata).items())))
+    return LoadKind(kind, method)  # merged: bf16 on disk whatever the training method
 
 
-def check_loadable(path: Path, metadata: dict | None, plan: LoadPlan, trust_remote_code: bool) -> None:
+def check_loadable(path: Path, metadata: dict | None, load: LoadKind, trust_remote_code: bool) -> None:
     """What loading would refuse, found before any model loads: remote code not asked for, pickle weights."""
     check_remote_code(path, metadata, trust_remote_code)
-    weights_dir = plan.base_model if plan.kind == "adapter" else path
-    if plan.kind == "adapter" and Path(weights_dir).is_dir():
+    weights_dir = load.base_model if load.kind == "adapter" else path
+    if load.kind == "adapter" and Path(weights_dir).is_dir():
         check_remote_code(weights_dir, None, trust_remote_code)
     check_safetensors_weights(str(weights_dir))
 
@@ -96,14 +98,14 @@ def load_for_eval(path, device=None, trust_remote_code: bool = False):
 
     path = Path(path)
     metadata = read_metadata(path)
-    plan = detect_load_plan(path, metadata)
-    if plan.kind in ("adapter", "merged") and metadata is not None:
+    load = detect_load_kind(path, metadata)
+    if load.kind in ("adapter", "merged") and metadata is not None:
         model, tokenizer, metadata = load_output_dir(path, device, trust_remote_code)
         return model.eval(), tokenizer, metadata
     check_remote_code(path, metadata, trust_remote_code)
     # base: bf16 safetensors; ptq: the quantization_config in config.json decides the format
     model = load_causal_lm(str(path), None, device or pick_device(), trust_remote_code,
-                           dtype=torch.bfloat16 if plan.kind != "ptq" else "auto")
+                           dtype=torch.bfloat16 if load.kind != "ptq" else "auto")
     return model.eval(), load_tokenizer(str(path), trust_remote_code), metadata
 
 
@@ -201,6 +203,9 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: int):
 
 
 def score(dataset: str, predictions: list[str], rows) -> dict:
+    """The dataset's answer metrics; none for a format without reference answers (messages, prompt_completion)."""
+    if get_dataset_spec(dataset).reference_column is None:
+        return {}
     if dataset == "openmath":
         correct = [math_answer_correct(p, r) for p, r in zip(predictions, rows["expected_answer"])]
         return {"accuracy": 100 * sum(correct) / len(correct)}
@@ -212,20 +217,22 @@ def score(dataset: str, predictions: list[str], rows) -> dict:
 def evaluate_dir(path: Path, split: dict, rows, examples, args) -> dict:
     from memory_usage import weight_footprint
 
-    plan = detect_load_plan(path, read_metadata(path))
+    load = detect_load_kind(path, read_metadata(path))
     started = time.time()
     model, tokenizer, metadata = load_for_eval(path, trust_remote_code=args.trust_remote_code)
     load_seconds = time.time() - started
-    print(f"evaluate | {path.name}: {plan.kind} ({plan.method}) loaded in {load_seconds:.1f}s; "
+    print(f"evaluate | {path.name}: {load.kind} ({load.method}) loaded in {load_seconds:.1f}s; "
           f"{len(rows)} held-out {split['name']} rows", flush=True)
     loss = completion_loss(model, tokenizer, examples)
     predictions, new_tokens, gen_seconds = generate(model, tokenizer, list(examples["prompt"]),
                                                     args.max_new_tokens, args.batch_size)
     footprint = weight_footprint(model)
+    quality = (metadata or {}).get("quality") or {}
     result = {
-        "directory": str(path), "load_kind": plan.kind, "method": plan.method, "peft": (metadata or {}).get("peft"),
+        "directory": str(path), "load_kind": load.kind, "method": load.method, "peft": (metadata or {}).get("peft"),
         "artifact": (metadata or {}).get("artifact", {}).get("kind", "base_model"),
-        "dataset": {k: split[k] for k in ("name", "path", "max_rows", "eval_rows", "seed")}, "rows": len(rows),
+        "dataset": {**{k: split[k] for k in ("name", "max_rows", "eval_rows", "seed")},
+                    "path": absolute_if_local(split["path"])}, "rows": len(rows),
         **score(split["name"], predictions, rows),
         "heldout_loss": loss, "perplexity": perplexity(loss),
         "weights_bytes": footprint["total_bytes"], "weight_footprint": footprint,
@@ -233,10 +240,15 @@ def evaluate_dir(path: Path, split: dict, rows, examples, args) -> dict:
         "tokens_per_second": new_tokens / gen_seconds if gen_seconds else None,
         "device": str(next(model.parameters()).device), "max_new_tokens": args.max_new_tokens,
         "examples": [{"prompt": e["prompt"][-1]["content"], "prediction": p} for e, p in zip(examples, predictions)][:5],
+        **({"quality_vs_source": {k: quality.get(k) for k in ("mean_kl", "max_abs_logit_diff", "loss", "source_loss",
+                                                              "tokens")}} if "mean_kl" in quality else {}),
     }
     non_finite = non_finite_values(result)  # e.g. a perplexity that overflows: null on disk, listed by name
     write_json(path / "eval_results.json", {**non_finite_as_null(result), **({"non_finite": non_finite} if non_finite else {})})
-    print(f"evaluate | {path.name}: {MAIN_METRIC[split['name']]} {result[MAIN_METRIC[split['name']]]:.1f}, "
+    if metadata is not None:  # an output directory of this project: its card shows the results
+        write_model_cards(path, metadata)
+    metric = MAIN_METRIC.get(split["name"])
+    print(f"evaluate | {path.name}: " + (f"{metric} {result[metric]:.1f}, " if metric else "") +
           f"held-out loss {loss:.4f}, {result['tokens_per_second'] or 0:.1f} tokens/s", flush=True)
     return result
 
@@ -245,8 +257,9 @@ def evaluate_dir(path: Path, split: dict, rows, examples, args) -> dict:
 
 def markdown_table(results: list[dict]) -> str:
     metrics = [m for m in ("accuracy", "exact_match", "f1") if any(m in r for r in results)]
+    quality = any("quality_vs_source" in r for r in results)  # PTQ siblings: measured by tools/quantize.py
     header = ["model", "method", "peft", "loaded as", *metrics, "held-out loss", "perplexity", "weights MB", "load s",
-              "tokens/s", "rows"]
+              "tokens/s", "rows", *(["KL vs 16-bit source"] if quality else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         loaded = LOAD_LABELS[r["load_kind"]].format("4-bit" if r["method"] == "QLORA" else "bf16")
@@ -254,7 +267,8 @@ def markdown_table(results: list[dict]) -> str:
                  *[f"{r[m]:.1f}" if m in r else "" for m in metrics],
                  f"{r['heldout_loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['weights_bytes'] / 1e6:.2f}",
                  f"{r['load_seconds']:.2f}", f"{r['tokens_per_second']:.1f}" if r["tokens_per_second"] else "n/a",
-                 str(r["rows"])]
+                 str(r["rows"]),
+                 *([f"{r['quality_vs_source']['mean_kl']:.3g}" if "quality_vs_source" in r else "-"] if quality else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -286,7 +300,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", help="output directories of 01_Train.py / tools/quantize.py, or base models")
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="evaluate on this dataset (default: the training one)")
-    parser.add_argument("--dataset-path", help="local file in the dataset's schema (default: the hub dataset)")
+    parser.add_argument("--dataset-path", help="local file or hub id in the dataset's format (default: the hub dataset)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N held-out rows")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit per answer")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
@@ -305,9 +319,9 @@ def main(argv=None) -> list[dict]:
         if args.max_new_tokens <= 0 or args.batch_size <= 0:
             raise ValueError("--max-new-tokens and --batch-size must be positive integers")
         if args.dataset_path is not None:
-            check_local_file(args.dataset_path)
             if args.dataset is None:
-                raise ValueError("--dataset-path needs --dataset to say its schema (openmath or squad)")
+                raise ValueError(f"--dataset-path needs --dataset to say its format ({', '.join(DATASETS)})")
+            resolve_source(args.dataset, args.dataset_path)
         paths = [Path(d) for d in args.dirs]
         for path in paths:
             if not path.is_dir():
@@ -317,10 +331,12 @@ def main(argv=None) -> list[dict]:
         metadatas = [read_metadata(p) for p in paths]
         for path, metadata in zip(paths, metadatas):  # every directory understood before any model loads
             with metadata_fields(path):
-                check_loadable(path, metadata, detect_load_plan(path, metadata), args.trust_remote_code)
+                check_loadable(path, metadata, detect_load_kind(path, metadata), args.trust_remote_code)
         with metadata_fields(*paths):
             splits = choose_splits(metadatas, args.dataset, args.dataset_path)
-        get_dataset_spec(splits[0]["name"])
+        if splits[0]["name"] == "text":
+            raise ValueError("the text format has no prompts to answer: evaluate on a messages, prompt_completion, "
+                             "openmath or squad dataset (--dataset, --dataset-path)")
         held_out = {}  # every split read (and its rows decoded) before any model loads
         for split in splits:
             key = tuple(sorted(split.items()))
@@ -328,6 +344,7 @@ def main(argv=None) -> list[dict]:
                 held_out[key] = held_out_rows(split, args.limit)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    quiet_bitsandbytes_notices()  # peft imports bitsandbytes
     import peft  # noqa: F401  imported before any load is timed, so the first model's load time is not imports
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
@@ -335,7 +352,8 @@ def main(argv=None) -> list[dict]:
                for path, split in zip(paths, splits)]
     print()
     print(markdown_table(results))
-    if len(results) > 1 and len({r["dataset"]["name"] for r in results}) == 1:
+    names = {r["dataset"]["name"] for r in results}
+    if len(results) > 1 and len(names) == 1 and names <= set(MAIN_METRIC):  # a chart of the answer metric
         write_chart(results, Path(args.chart))
         print(f"\nchart: {args.chart}")
     return results

@@ -8,6 +8,7 @@ side-by-side comparison.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -55,7 +56,8 @@ def run_training(args, method: str) -> Path:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="qlora", help=f"comma-separated, from: {', '.join(METHODS)}")
-    parser.add_argument("--base", default=str(DEFAULT_DIR), help="base model directory (tools/make_base_model.py)")
+    parser.add_argument("--base", default=os.path.relpath(DEFAULT_DIR),  # relative: adapter/ then names a portable path
+                        help="base model directory (tools/make_base_model.py)")
     parser.add_argument("--data", required=True, help="openmath-schema .jsonl (tools/make_samples.py --rows N)")
     parser.add_argument("--out-root", default="outputs/demo", help="each method trains into OUT_ROOT/METHOD/")
     parser.add_argument("--train-rows", type=int, default=1500, help="training rows (held-out rows are extra)")

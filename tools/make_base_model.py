@@ -8,13 +8,13 @@ never seen the task's chat format; fine-tuning (Fine-tuning/01_Train.py) teaches
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from run_dir import claim, discard_staging  # noqa: E402
 from synthetic_data import pretraining_texts  # noqa: E402
 from model_fixtures import build_random_model, train_bpe_tokenizer  # noqa: E402
 from tools.make_tiny_model import tokenizer_corpus  # noqa: E402
@@ -107,25 +107,26 @@ def main(argv=None) -> Path:
     torch.manual_seed(args.seed)
     texts = pretraining_texts(args.texts, args.seed)
     tokenizer = train_bpe_tokenizer(texts + tokenizer_corpus(), args.vocab_size)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    model = build_random_model(partial, tokenizer, seed=args.seed, hidden_size=args.hidden_size,
-                              intermediate_size=3 * args.hidden_size, num_hidden_layers=args.layers,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden_size // 4)
-    batches = token_batches(tokenizer, texts, args.seq_len, args.batch_size, args.seed)
-    started = time.time()
-    losses = pretrain(model, batches, args.steps, args.lr, log_every=max(1, args.steps // 40))
-    seconds = time.time() - started
-    model.to(torch.bfloat16).eval().save_pretrained(partial)
-    accuracy = fact_accuracy(model, tokenizer)
-    print(f"pretrain | knows {100 * accuracy:.1f}% of the task's sums and differences "
-          "(greedy next token after 'a + b =')", flush=True)
-    build = {"args": {k: v for k, v in vars(args).items() if k not in ("out_dir", "force")},
-             "parameters": sum(p.numel() for p in model.parameters()), "pretrain_seconds": round(seconds, 1),
-             "torch_threads": torch.get_num_threads(), "loss_curve": losses, "fact_accuracy": round(accuracy, 4)}
-    (partial / "build.json").write_text(json.dumps(build, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.replace(out_dir)
+    with claim(out_dir.parent, out_dir.name, "replace" if args.force else "refuse") as run:  # held until published
+        partial = run.staging
+        discard_staging(run)
+        model = build_random_model(partial, tokenizer, seed=args.seed, hidden_size=args.hidden_size,
+                                  intermediate_size=3 * args.hidden_size, num_hidden_layers=args.layers,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden_size // 4)
+        batches = token_batches(tokenizer, texts, args.seq_len, args.batch_size, args.seed)
+        started = time.time()
+        losses = pretrain(model, batches, args.steps, args.lr, log_every=max(1, args.steps // 40))
+        seconds = time.time() - started
+        model.to(torch.bfloat16).eval().save_pretrained(partial)
+        accuracy = fact_accuracy(model, tokenizer)
+        print(f"pretrain | knows {100 * accuracy:.1f}% of the task's sums and differences "
+              "(greedy next token after 'a + b =')", flush=True)
+        build = {"args": {k: v for k, v in vars(args).items() if k not in ("out_dir", "force")},
+                 "parameters": sum(p.numel() for p in model.parameters()), "pretrain_seconds": round(seconds, 1),
+                 "torch_threads": torch.get_num_threads(), "loss_curve": losses, "fact_accuracy": round(accuracy, 4)}
+        (partial / "build.json").write_text(json.dumps(build, indent=2))
+        run.mark_staged()
+        run.publish()
     print(f"wrote {out_dir}")
     return out_dir
 

@@ -1,0 +1,391 @@
+"""Model cards: README.md with Hugging Face front matter in every output directory (and in its adapter/),
+rendered from metadata.json alone, plus eval_results.json once tools/evaluate.py has run.
+
+Fine-tuning/01_Train.py writes the cards into its staging directory before publishing; tools/quantize.py
+into a sibling's; tools/evaluate.py and tools/export_gguf.py render them again after adding results. The
+cards say, for people, what metadata.json says: how the model was trained, what was checked, how each
+artifact loads (the adapter with the exact BitsAndBytesConfig of the base it was trained on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+CARD_FILE = "README.md"
+EVAL_FILE = "eval_results.json"
+GENERATION_SAMPLES_SHOWN = 2
+SAMPLE_CHARS = 400
+
+
+# ----- facts read from the metadata -----------------------------------------------------------------------
+
+def hub_id(name: str | None) -> str | None:
+    """`name` when it names a Hugging Face Hub repo: metadata records a local model or data file as an absolute
+    path, so anything else (owner/name) is a hub id."""
+    if not name or os.path.isabs(str(name)) or str(name).startswith("."):
+        return None
+    return str(name)
+
+
+def dataset_hub_id(metadata: dict) -> str | None:
+    """The hub id of the training data: the registry's dataset when no local file was given, else the path
+    when it is a hub id."""
+    from data_utils import DATASETS
+
+    dataset = metadata.get("dataset") or {}
+    if dataset.get("path"):
+        return hub_id(dataset["path"])
+    spec = DATASETS.get(dataset.get("name"))
+    return getattr(spec, "hub_id", None)
+
+
+def bnb_arguments(metadata: dict) -> dict[str, Any] | None:
+    """The BitsAndBytesConfig arguments that differ from the defaults, of the 4-bit base the run trained on
+    (rebuilt from the metadata's quantization block by the same builder the run used); None for a 16-bit base."""
+    from artifacts import plan_from_metadata
+
+    if (metadata.get("quantization") or {}).get("method") != "QLORA":
+        return None
+    _, bnb_config = plan_from_metadata(metadata)
+    return {key: value for key, value in bnb_config.to_diff_dict().items()
+            if not key.startswith("_") and key != "quant_method"}
+
+
+def bnb_code(arguments: dict[str, Any]) -> str:
+    """`BitsAndBytesConfig(...)` as Python source: dtype names become torch dtypes."""
+    dtype_keys = {"bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"}
+    arguments = dict(sorted(arguments.items(), key=lambda item: not item[0].startswith("load_in")))
+    parts = [f"{key}=torch.{value}" if key in dtype_keys else f"{key}={value!r}" for key, value in arguments.items()]
+    return "BitsAndBytesConfig(\n    " + ",\n    ".join(parts) + ",\n)"
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("", "")) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows if value is not None]
+    return "\n".join(lines)
+
+
+# ----- sections ---------------------------------------------------------------------------------------------
+
+def front_matter(metadata: dict, library: str, relation: str | None, tags: list[str]) -> str:
+    from huggingface_hub import ModelCardData
+
+    base = hub_id(metadata.get("base_model"))
+    dataset = dataset_hub_id(metadata)
+    data = ModelCardData(base_model=base, base_model_relation=relation if base else None, library_name=library,
+                         pipeline_tag="text-generation", tags=tags, datasets=[dataset] if dataset else None)
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def training_tags(metadata: dict) -> list[str]:
+    config = metadata.get("config") or {}
+    method = (metadata.get("quantization") or {}).get("method")
+    peft = config.get("PEFT_CONFIG")
+    tags = {"QLORA": ["qlora", "bitsandbytes", "4-bit"]}.get(method, [])
+    tags += {"LoRa": ["lora"], "DoRa": ["dora"], "Full": ["full-fine-tuning"]}.get(peft, [])
+    return tags + ["sft", "trl"]
+
+
+def base_plan_text(metadata: dict) -> str:
+    quant = metadata.get("quantization") or {}
+    extras = quant.get("extras") or {}
+    if quant.get("method") == "QLORA":
+        storage = f", {extras['quant_storage']} storage" if extras.get("quant_storage") else ""
+        return (f"4-bit {str(extras.get('base_quant_type', 'nf4')).upper()}"
+                f"{', double quantization' if extras.get('double_quant') else ''}, "
+                f"{extras.get('compute_dtype', 'bfloat16')} compute{storage} (bitsandbytes), frozen")
+    return "bf16 (no quantization)" + (", frozen" if (metadata.get("config") or {}).get("PEFT_CONFIG") != "Full" else "")
+
+
+def training_section(metadata: dict, heading: str = "## How it was trained") -> str:
+    config = metadata.get("config") or {}
+    training = metadata.get("training") or {}
+    dataset = metadata.get("dataset") or {}
+    params = metadata.get("parameters") or {}
+    peft = config.get("PEFT_CONFIG")
+    adapter = None
+    if peft in ("LoRa", "DoRa"):
+        adapter = (f"{'DoRA' if peft == 'DoRa' else 'LoRA'} r={config.get('lora_r')}, alpha={config.get('lora_alpha')}, "
+                   f"dropout {config.get('lora_dropout')}, on {', '.join(config.get('target_modules') or [])}")
+    elif peft == "Full":
+        adapter = "none: every weight trained (full fine-tuning)"
+    source = dataset.get("path") or dataset_hub_id(metadata)
+    data = (f"{dataset.get('name')} ({source}): {dataset.get('train_rows')} training rows, "
+            f"{dataset.get('eval_rows')} held-out rows (split seed {dataset.get('split_seed')})") if dataset else None
+    batch = config.get("per_device_train_batch_size")
+    accumulation = config.get("gradient_accumulation_steps")
+    world = training.get("world_size") or 1
+    steps = (f"{training.get('steps')} optimizer steps of {batch} x {accumulation} x {world} device(s) sequences, "
+             f"learning rate {config.get('learning_rate')}, {config.get('optim')}, "
+             f"up to {config.get('max_seq_length')} tokens per sequence") if training else None
+    losses = (f"train {fmt(training.get('train_loss'))} (mean over the run), held-out {fmt(training.get('eval_loss'))} "
+              "after the last step (nats per completion token)") if training else None
+    trainable = (f"{params['trainable']:,} of {params['total']:,} ({params.get('trainable_percent')}%)"
+                 if params.get("trainable") else None)
+    peak = (metadata.get("peak_memory") or {})
+    memory = None
+    if peak:
+        gpu = peak.get("overall_max_allocated_gib")
+        memory = (f"{fmt(gpu, 3)} GiB GPU allocated, " if gpu else "") + f"{fmt(peak.get('peak_rss_gib'), 3)} GiB RSS"
+    versions = ", ".join(f"{name} {version}" for name, version in (metadata.get("versions") or {}).items())
+    rows = [("base model", f"`{metadata.get('base_model')}`"), ("base weights during training", base_plan_text(metadata)),
+            ("adapter", adapter), ("trainable parameters", trainable), ("data", data), ("steps", steps),
+            ("loss", losses), ("training time", f"{training.get('train_seconds')} s" if training else None),
+            ("peak memory", memory), ("libraries", versions or None)]
+    return f"{heading}\n\n{table(rows)}\n\n![training and held-out loss](training_loss.png)\n"
+
+
+def merge_section(metadata: dict) -> str | None:
+    check = metadata.get("merge_check")
+    if not check:
+        return None
+    verdict = ("passed" if check.get("passed") else
+               "**FAILED: the merged weights differ from the trained model; use `adapter/` (the primary artifact)**")
+    lines = ["## Merge check", "",
+             f"The merged weights were compared with the trained model (the adapter on the base it was trained on) "
+             f"on {check.get('tokens')} held-out tokens: mean KL {fmt(check.get('mean_kl'), 3)}, "
+             f"max |logit difference| {fmt(check.get('max_abs_logit_diff'))}, threshold mean KL <= "
+             f"{fmt(check.get('max_kl'), 3)}: {verdict}. Kept: the `{check.get('chosen_base')}` merge"
+             f"{' re-quantized to NF4' if check.get('artifact_candidate') == 'nf4' else ''}.", ""]
+    candidates = check.get("candidates") or {}
+    if candidates:
+        lines += ["| candidate | mean KL | max abs logit diff | loss |", "|---|---|---|---|"]
+        lines += [f"| {name} | {fmt(c.get('mean_kl'), 3)} | {fmt(c.get('max_abs_logit_diff'))} | {fmt(c.get('loss'))} |"
+                  for name, c in candidates.items()]
+        lines += ["", f"The trained model's loss on the same tokens: {fmt(check.get('trained_loss'))}."
+                  + (" `original` is the adapter added to the 16-bit weights of the base: what a client that loads "
+                     "the adapter on the 16-bit base computes." if "original" in candidates else "")]
+    return "\n".join(lines) + "\n"
+
+
+def generation_section(metadata: dict) -> str | None:
+    check = metadata.get("generation_check")
+    if not check:
+        return None
+    rate = check.get("stop_rate")
+    lines = ["## Generation check", "",
+             f"Greedy generation on {check.get('prompts')} held-out prompts: "
+             f"{'n/a' if rate is None else f'{100 * rate:.0f}'}% ended with an "
+             f"end-of-sequence token within {check.get('max_new_tokens')} new tokens; "
+             f"{fmt(check.get('mean_new_tokens'), 3)} new tokens on average."]
+    for sample in (check.get("samples") or [])[:GENERATION_SAMPLES_SHOWN]:
+        lines += ["", "Prompt:", "", "```text", str(sample.get("prompt", ""))[:SAMPLE_CHARS], "```", "Output:", "",
+                  "```text", str(sample.get("output", ""))[:SAMPLE_CHARS], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_section(results: dict | None) -> str | None:
+    if not results:
+        return None
+    metric_names = {"accuracy": "accuracy (%)", "exact_match": "exact match (%)", "f1": "F1 (%)",
+                    "heldout_loss": "held-out loss (nats per completion token)", "perplexity": "perplexity",
+                    "weights_bytes": "weight footprint (bytes)", "tokens_per_second": "generation tokens/s",
+                    "load_seconds": "load time (s)"}
+    dataset = results.get("dataset") or {}
+    rows = [(label, fmt(results[key])) for key, label in metric_names.items() if key in results]
+    return ("## Evaluation\n\n"
+            f"tools/evaluate.py on {results.get('rows')} held-out rows of {dataset.get('name')} "
+            f"({dataset.get('path') or 'hub'}, split seed {dataset.get('seed')}), loaded as {results.get('load_kind')} "
+            f"on {results.get('device')}, greedy, up to {results.get('max_new_tokens')} new tokens:\n\n"
+            f"{table(rows, ('metric', 'value'))}\n")
+
+
+def quality_section(metadata: dict) -> str | None:
+    quality = metadata.get("quality")
+    if not quality:
+        return None
+    if quality.get("skipped"):
+        return f"## Quality against the 16-bit source\n\nNot measured: {quality['skipped']}.\n"
+    rows = [("mean per-token KL divergence from the source", fmt(quality.get("mean_kl"), 3)),
+            ("max abs logit difference", fmt(quality.get("max_abs_logit_diff"))),
+            ("relative logit error", fmt(quality.get("relative_error"), 3)),
+            ("loss of the 16-bit source", fmt(quality.get("source_loss"))),
+            ("loss of this model", fmt(quality.get("loss")))]
+    return ("## Quality against the 16-bit source\n\n"
+            f"Measured on {quality.get('tokens')} tokens of {quality.get('rows')} rows not used for calibration "
+            f"({quality.get('data')}), both models reloaded from disk; loss is next-token cross-entropy over "
+            "every token:\n\n" + table(rows, ("figure", "value")) + "\n")
+
+
+def exports_section(metadata: dict) -> str | None:
+    exports = metadata.get("exports") or []
+    if not exports:
+        return None
+    lines = ["## Exports", "", "| file | format | type | architecture | tensors | bytes |", "|---|---|---|---|---|---|"]
+    lines += [f"| `{e.get('file')}` | {e.get('format')} | {e.get('outtype')} | {e.get('architecture')} | "
+              f"{e.get('tensors')} | {e.get('bytes')} |" for e in exports]
+    lines += ["", f"Made with llama.cpp's `convert_hf_to_gguf.py` ({exports[-1].get('converter')}); run it with "
+              f"llama.cpp: `llama-cli -m {exports[-1].get('file')}`."]
+    return "\n".join(lines) + "\n"
+
+
+# ----- loading instructions -----------------------------------------------------------------------------------
+
+def adapter_loading(metadata: dict, adapter_path: str) -> str:
+    """How to load the adapter on the base it was trained on (the 4-bit one, with its exact config)."""
+    from training_setup import BASE_QUANTIZATION_FILE
+
+    base = metadata.get("base_model")
+    arguments = bnb_arguments(metadata)
+    if arguments is None:
+        return ("```python\nimport torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+                f"base = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
+                f"model = PeftModel.from_pretrained(base, {adapter_path!r})\n```\n\n"
+                "The adapter was trained on the bf16 base; `AutoPeftModelForCausalLM.from_pretrained"
+                f"({adapter_path!r})` loads the same.\n")
+    return (f"The adapter was trained on the **4-bit {arguments.get('bnb_4bit_quant_type', 'nf4').upper()} "
+            "quantization** of the base, not on its 16-bit weights. Load the base with this BitsAndBytesConfig "
+            f"(also in `{BASE_QUANTIZATION_FILE}` beside the adapter: `BitsAndBytesConfig.from_dict(json.load(...))`):\n\n"
+            "```python\nimport torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, "
+            f"BitsAndBytesConfig\n\nbnb_config = {bnb_code(arguments)}\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base!r}, quantization_config=bnb_config, dtype=torch.bfloat16)\n"
+            f"model = PeftModel.from_pretrained(base, {adapter_path!r})\n"
+            "# or: AutoPeftModelForCausalLM.from_pretrained(adapter_path, quantization_config=bnb_config, "
+            "dtype=torch.bfloat16)\n```\n\n"
+            "A client that loads the adapter with defaults (`AutoPeftModelForCausalLM` without `quantization_config`, "
+            "lm-eval's `peft=`, vLLM's LoRA) puts it on the 16-bit weights, which it was not trained on. To serve "
+            "it without bitsandbytes, use the merged model, which was checked against the trained one.\n")
+
+
+def merged_loading(metadata: dict, path: str) -> str:
+    kind = (metadata.get("artifact") or {}).get("kind")
+    needs = ("It is stored re-quantized to NF4 with bitsandbytes, which loading needs."
+             if kind == "merged_nf4" else "Plain bf16 safetensors: transformers alone loads it, no bitsandbytes.")
+    return (f"{needs}\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained({path!r}, dtype=\"auto\")\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({path!r})\n```\n")
+
+
+def ptq_loading(metadata: dict, path: str) -> str:
+    backend = (metadata.get("quantization") or {}).get("backend")
+    needs = {"bitsandbytes": "bitsandbytes", "compressed-tensors": "compressed-tensors"}.get(backend, backend)
+    return (f"Loading needs {needs} installed (transformers reads the format from config.json).\n\n"
+            f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained({path!r}, dtype=\"auto\")\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({path!r})\n```\n")
+
+
+def project_loading(path: str) -> str:
+    return ("With this project: `artifacts.load_output_dir(path)` loads whatever metadata.json names as the primary "
+            f"artifact, and `python tools/evaluate.py {path}` scores it.\n")
+
+
+# ----- the cards --------------------------------------------------------------------------------------------
+
+def join(*sections: str | None) -> str:
+    return "\n".join(section for section in sections if section).rstrip() + "\n"
+
+
+def training_card(metadata: dict, name: str, results: dict | None) -> str:
+    """README.md of a 01_Train.py output directory."""
+    artifact = metadata.get("artifact") or {}
+    kind = artifact.get("kind")
+    has_adapter = bool(artifact.get("adapter_dir"))
+    adapter_path = f"{name}/{artifact.get('adapter_dir') or 'adapter'}"
+    what = {"merged_bf16": "the merged model (bf16)", "merged_nf4": "the merged model, re-quantized to NF4",
+            "full_bf16": "the fully fine-tuned model (bf16)", "adapter_only": "the adapter only"}.get(kind, kind)
+    lines = [f"# {name}", "",
+             f"`{metadata.get('base_model')}` fine-tuned with "
+             f"{'QLoRA' if (metadata.get('quantization') or {}).get('method') == 'QLORA' else metadata.get('peft')} "
+             f"on {(metadata.get('dataset') or {}).get('name')} by this project's Fine-tuning/01_Train.py. "
+             f"This directory holds {what}" + (" and `adapter/`, the trained adapter." if has_adapter and kind != "adapter_only" else ".")]
+    if artifact.get("primary") == "adapter" and kind != "adapter_only":
+        lines += ["", "> **The merge check flagged the merged weights: the adapter (`adapter/`, on the base it was "
+                  "trained on) is the primary artifact.**"]
+    loading = ["## How to load", ""]
+    if kind in ("merged_bf16", "merged_nf4", "full_bf16"):
+        loading += ["### The merged model", "", merged_loading(metadata, name)]
+    if has_adapter:
+        loading += ["### The adapter", "", adapter_loading(metadata, adapter_path)]
+    loading += [project_loading(name)]
+    tags = training_tags(metadata) + (["merged"] if kind in ("merged_bf16", "merged_nf4") else [])
+    library = "peft" if kind == "adapter_only" else "transformers"
+    relation = "adapter" if kind == "adapter_only" else "finetune"
+    return join(front_matter(metadata, library, relation, tags), "\n".join(lines) + "\n", training_section(metadata),
+                merge_section(metadata), generation_section(metadata), evaluation_section(results),
+                exports_section(metadata), "\n".join(loading))
+
+
+def adapter_card(metadata: dict, name: str, results: dict | None) -> str:
+    """README.md of adapter/ inside a 01_Train.py output directory."""
+    base = metadata.get("base_model")
+    adapter_path = f"{name}/{(metadata.get('artifact') or {}).get('adapter_dir') or 'adapter'}"
+    tags = ["peft"] + training_tags(metadata) + ([f"base_model:adapter:{hub_id(base)}"] if hub_id(base) else [])
+    intro = (f"# {name}: adapter\n\nThe {metadata.get('peft')} adapter trained by this project's Fine-tuning/01_Train.py "
+             f"on `{base}` (base weights: {base_plan_text(metadata)}). The merged model, if the run wrote one, is in "
+             "the directory above.\n")
+    adapter_results = results if results and results.get("load_kind") == "adapter" else None
+    return join(front_matter(metadata, "peft", "adapter", tags), intro, "## How to load\n\n" + adapter_loading(metadata, adapter_path),
+                training_section(metadata).replace("(training_loss.png)", "(../training_loss.png)"),
+                merge_section(metadata), evaluation_section(adapter_results))
+
+
+def ptq_card(metadata: dict, name: str, results: dict | None) -> str:
+    """README.md of a tools/quantize.py sibling."""
+    quant = metadata.get("quantization") or {}
+    extras = quant.get("extras") or {}
+    source = metadata.get("source") or {}
+    source_meta = source.get("metadata") or {}
+    detail = ", ".join(f"{key} {value}" for key, value in extras.items() if key not in ("calibration",))
+    calibration = extras.get("calibration")
+    calibrated = (f" Calibrated on {calibration.get('rows')} rows of {calibration.get('dataset')} "
+                  f"({calibration.get('path') or 'hub'}), up to {calibration.get('max_seq_length')} tokens each."
+                  if calibration else " Data-free: no calibration.")
+    intro = (f"# {name}\n\n{quant.get('method')} post-training quantization ({quant.get('weights_bits')}-bit weights, "
+             f"lm_head {quant.get('lm_head_dtype')}; {detail}) of `{source.get('dir')}`, written by this project's "
+             f"tools/quantize.py in {metadata.get('quantize_seconds')} s.{calibrated}\n")
+    tags = {"BNB_INT8": ["bitsandbytes", "8-bit"], "BNB_NF4": ["bitsandbytes", "4-bit", "nf4"],
+            "GPTQ": ["gptq", "compressed-tensors", f"{quant.get('weights_bits')}-bit"],
+            "W8A8": ["w8a8", "compressed-tensors", "8-bit"]}.get(quant.get("method"), [])
+    trained = training_section(source_meta, "## How the source was trained") if source_meta.get("training") else None
+    return join(front_matter(metadata, "transformers", "finetune" if source_meta.get("training") else "quantized",
+                             tags + (training_tags(source_meta) if source_meta.get("training") else [])),
+                intro, quality_section(metadata), evaluation_section(results), trained, exports_section(metadata),
+                "## How to load\n\n" + ptq_loading(metadata, name) + "\n" + project_loading(name))
+
+
+def read_eval_results(directory: Path) -> dict | None:
+    file = Path(directory) / EVAL_FILE
+    if not file.is_file():
+        return None
+    try:
+        results = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # the card is rendered without them; evaluate rewrites the file
+    return results if isinstance(results, dict) else None
+
+
+def write_model_cards(directory: str | Path, metadata: dict | None = None, name: str | None = None) -> list[Path]:
+    """Render README.md into `directory` (and adapter/README.md when it has an adapter) from its metadata
+    (`metadata`, or its metadata.json) and its eval_results.json. `name` is the directory's published name
+    (default: its own). Returns the files written."""
+    from artifacts import read_metadata
+
+    directory = Path(directory)
+    metadata = metadata if metadata is not None else read_metadata(directory)
+    if metadata is None:
+        return []
+    name = name or directory.name
+    results = read_eval_results(directory)
+    written = []
+    if (metadata.get("artifact") or {}).get("kind") == "ptq":
+        card = ptq_card(metadata, name, results)
+    else:
+        card = training_card(metadata, name, results)
+        adapter_dir = directory / ((metadata.get("artifact") or {}).get("adapter_dir") or "adapter")
+        if (metadata.get("artifact") or {}).get("adapter_dir") and (adapter_dir / "adapter_config.json").is_file():
+            (adapter_dir / CARD_FILE).write_text(adapter_card(metadata, name, results), encoding="utf-8")
+            written.append(adapter_dir / CARD_FILE)
+    (directory / CARD_FILE).write_text(card, encoding="utf-8")
+    return [directory / CARD_FILE, *written]

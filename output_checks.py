@@ -1,0 +1,137 @@
+"""Checks on a trained model as it was saved (the merged directory reloaded, or the adapter on its
+4-bit base): does greedy generation on held-out prompts end, with an end-of-sequence token, within a
+budget set by the reference completions? A model that never stops looks fine on loss and logits and
+is useless in a chat loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+GENERATION_PROMPTS = 16  # held-out prompts generated from
+GENERATION_SAMPLES = 3  # {prompt, output} pairs kept for metadata.json
+MIN_NEW_TOKENS = 64  # the budget is max(this, 2 x the longest reference completion)
+STOP_RATE_WARNING = 0.9  # below this, main() warns loudly
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends generation: the tokenizer's eos token and the generation config's eos ids."""
+    config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set()
+    for source in (tokenizer.eos_token_id, config_ids):
+        if source is not None:
+            ids.update(source if isinstance(source, (list, tuple)) else [source])
+    return sorted(ids)
+
+def prompt_and_reference(row: dict[str, Any]) -> tuple[list, list] | None:
+    """A held-out trainer row as (prompt messages, reference completion messages): a conversational
+    prompt/completion row, or a whole conversation ending with the assistant's reply; None for a text
+    row, which has no prompt."""
+    if "prompt" in row and "completion" in row:
+        return row["prompt"], row["completion"]
+    if "messages" in row:
+        return row["messages"][:-1], row["messages"][-1:]
+    return None
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """A conversational prompt rendered by the tokenizer's chat template, ready for the reply."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+def new_token_budget(tokenizer, completions: list[list[dict[str, str]]]) -> int:
+    """max(MIN_NEW_TOKENS, 2 x the longest reference completion's text in tokens)."""
+    lengths = [len(tokenizer("".join(m["content"] for m in completion), add_special_tokens=False)["input_ids"])
+               for completion in completions]
+    return max(MIN_NEW_TOKENS, 2 * max(lengths, default=0))
+
+def _left_padded(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return input_ids, attention_mask
+
+def _until_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """The generated tokens up to and including the first eos, and whether there was one."""
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:i + 1], True
+    return tokens, False
+
+def generation_check(model, tokenizer, rows, max_prompts: int = GENERATION_PROMPTS,
+                     batch_size: int = 8) -> dict[str, Any] | None:
+    """Greedy generation on up to `max_prompts` held-out rows (a list or a datasets.Dataset of trainer
+    rows, see `prompt_and_reference`), prompts rendered by `tokenizer`'s chat template.
+
+    Returns, for metadata.json: `prompts` (count), `stop_rate` (fraction that ended with an eos id),
+    `mean_new_tokens` (eos included), `max_new_tokens` (the budget each prompt had) and `samples`
+    (the first few {prompt, output} pairs, special tokens left out of the output). None when no row has
+    a prompt (text rows).
+    """
+    import torch
+
+    pairs = [pair for pair in map(prompt_and_reference, (rows[i] for i in range(len(rows)))) if pair is not None]
+    examples = [{"prompt": prompt, "completion": completion} for prompt, completion in pairs[:max_prompts]]
+    if not examples:
+        return None
+    budget = new_token_budget(tokenizer, [example["completion"] for example in examples])
+    eos_ids = eos_token_ids(model, tokenizer)
+    if not eos_ids:
+        raise ValueError("the tokenizer and the generation config name no eos token: generation cannot stop")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(examples), batch_size):
+        rows = [prompt_ids(tokenizer, example["prompt"]) for example in examples[start:start + batch_size]]
+        input_ids, attention_mask = _left_padded(rows, pad_id)
+        with torch.no_grad():
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                       do_sample=False, max_new_tokens=budget, eos_token_id=eos_ids,
+                                       pad_token_id=pad_id)
+        outputs += [_until_eos(row.tolist(), set(eos_ids)) for row in generated[:, input_ids.shape[1]:].cpu()]
+    lengths = [len(tokens) for tokens, _ in outputs]
+    return {
+        "prompts": len(examples),
+        "stop_rate": sum(stopped for _, stopped in outputs) / len(outputs),
+        "mean_new_tokens": sum(lengths) / len(lengths),
+        "max_new_tokens": budget,
+        "samples": [{"prompt": example["prompt"][-1]["content"],
+                     "output": tokenizer.decode(tokens, skip_special_tokens=True)}
+                    for example, (tokens, _) in zip(examples[:GENERATION_SAMPLES], outputs)],
+    }
+
+def check_saved_generation(directory: Path, *, primary: str, base_model: str, bnb_config, device: str,
+                           trust_remote_code: bool, rows, report: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """`generation_check` on an output directory as a user loads it: the merged model (primary "merged") or
+    the adapter on its base loaded by the run's plan (`bnb_config`: 4-bit for QLoRA), with the tokenizer
+    saved there; `generation_summary`'s lines go to `report`. The model is freed before returning."""
+    import gc
+
+    from artifacts import load_adapter_model, load_merged_dir
+    from heap import release_free_heap
+    from model_loading import load_tokenizer
+
+    directory = Path(directory)
+    if primary == "merged":
+        model = load_merged_dir(directory, None, device, trust_remote_code)
+    else:
+        model = load_adapter_model(base_model, directory / "adapter", bnb_config, device, trust_remote_code)
+    check = generation_check(model, load_tokenizer(str(directory), trust_remote_code), rows)
+    del model
+    gc.collect()
+    release_free_heap()
+    for line in generation_summary(check):
+        report(line)
+    return check
+
+def generation_summary(check: dict[str, Any] | None) -> list[str]:
+    """The log lines for a generation check: one summary, and a loud warning when too few prompts stopped."""
+    if check is None:
+        return ["skipped: no held-out row has a prompt to generate from"]
+    lines = [f"greedy generation on {check['prompts']} held-out prompts: {100 * check['stop_rate']:.0f}% ended with "
+             f"eos, {check['mean_new_tokens']:.1f} new tokens on average (limit {check['max_new_tokens']})"]
+    if check["stop_rate"] < STOP_RATE_WARNING:
+        lines.append(f"!!! GENERATION CHECK: only {100 * check['stop_rate']:.0f}% of held-out prompts ended with eos "
+                     f"within {check['max_new_tokens']} new tokens (< {100 * STOP_RATE_WARNING:.0f}%): the model may "
+                     "not stop in use; see metadata.json generation_check.samples !!!")
+    return lines

@@ -1,0 +1,120 @@
+"""tools/export_gguf.py: what it refuses (one line, nothing written), the manual commands, and a real round trip
+through llama.cpp's converter, read back with the gguf package. The round trip needs the converter fetched (the
+tool downloads it on first use) and gguf + sentencepiece installed; it is skipped, saying which, otherwise."""
+
+import json
+import shutil
+from importlib.util import find_spec
+
+import pytest
+from safetensors import safe_open
+
+from quantization_utils import build_metadata, build_quantization_plan
+from tools.export_gguf import CONVERTER_CACHE, LLAMA_CPP_COMMIT, converter_script, main as export
+
+NAME = "Qwen3-0.6B-openmath_SFT_LoRa8_QLORA_w4_headbf16"
+
+
+def output_dir(tmp_path, model_dir, kind="merged_bf16", primary="merged", name=NAME):
+    """`model_dir` laid out as a 01_Train.py output with the given artifact kind."""
+    directory = tmp_path / name
+    shutil.copytree(model_dir, directory)
+    spec, _ = build_quantization_plan("QLORA", lora_r=8)
+    metadata = build_metadata(spec, base_model="Qwen/Qwen3-0.6B", peft="LoRa8", dataset={"name": "openmath"},
+                              artifact={"kind": kind, "primary": primary, "adapter_dir": "adapter"})
+    (directory / "metadata.json").write_text(json.dumps(metadata))
+    return directory
+
+
+REFUSED = {
+    "adapter_only": ("adapter_only", "merged", "is adapter-only: train with merge_after_train=True"),
+    "ptq": ("ptq", "merged", "holds a ptq model; GGUF export reads 16-bit weights"),
+    "merged_nf4": ("merged_nf4", "merged", "holds a merged_nf4 model"),
+    "flagged": ("merged_bf16", "adapter", "the merge check of"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_cannot_be_exported_is_one_line(case, tiny_model_dir, tmp_path):
+    kind, primary, expected = REFUSED[case]
+    directory = output_dir(tmp_path, tiny_model_dir, kind, primary)
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(SystemExit) as raised:
+        export([str(directory)])
+    message = str(raised.value.code)
+    assert message.startswith("error: ") and "\n" not in message and expected in message, message
+    assert sorted(p.name for p in directory.iterdir()) == before
+
+
+def test_missing_dir_and_existing_file_are_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="is not a directory"):
+        export([str(tmp_path / "nope")])
+    directory = output_dir(tmp_path, tiny_model_dir)
+    (directory / f"{NAME}-q8_0.gguf").write_text("mine")
+    with pytest.raises(SystemExit, match=f"{NAME}-q8_0.gguf exists; remove it or pass --outfile"):
+        export([str(directory), "--outtype", "q8_0"])
+    assert (directory / f"{NAME}-q8_0.gguf").read_text() == "mine"
+
+
+def test_print_commands_names_the_converter_version(tmp_path, capsys):
+    export([str(tmp_path / NAME), "--outtype", "q8_0", "--print-commands"])
+    text = capsys.readouterr().out
+    assert f"git -C llama.cpp checkout {LLAMA_CPP_COMMIT}" in text and "--no-binary :all: llama-cpp-python==" in text
+    assert f"convert_hf_to_gguf.py {tmp_path / NAME} --outtype q8_0 --outfile {tmp_path / NAME / NAME}-q8_0.gguf" in text
+
+
+def converter_or_skip():
+    missing = [name for name in ("gguf", "sentencepiece") if find_spec(name) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed: pip install -r requirements.txt")
+    if converter_script() is None:
+        pytest.skip(f"llama.cpp's converter is not in {CONVERTER_CACHE}: tools/export_gguf.py fetches it on first use")
+
+
+@pytest.fixture(scope="module")
+def qwen2_vocab_output(tmp_path_factory):
+    """A tiny random Qwen3 with the real Qwen2 tokenizer (built from llama.cpp's own vocabulary file), laid out as a
+    merged output: llama.cpp's converter identifies a tokenizer by its output, so it needs a published one."""
+    converter_or_skip()
+    from transformers import AutoTokenizer
+
+    from model_fixtures import build_random_model
+
+    tokenizer = AutoTokenizer.from_pretrained(CONVERTER_CACHE / "models", gguf_file="ggml-vocab-qwen2.gguf")
+    model_dir = tmp_path_factory.mktemp("qwen2vocab") / "model"
+    build_random_model(model_dir, tokenizer, "qwen3")
+    return output_dir(tmp_path_factory.mktemp("out"), model_dir)
+
+
+def test_gguf_round_trip(qwen2_vocab_output):
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+
+    directory = qwen2_vocab_output
+    gguf_file = export([str(directory), "--outtype", "bf16"])
+    assert gguf_file == directory / f"{NAME}-bf16.gguf"
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        hf_tensors = len(f.keys())
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    record = json.loads((directory / "metadata.json").read_text())["exports"]
+    assert len(record) == 1 and record[0]["file"] == gguf_file.name and record[0]["outtype"] == "bf16"
+    assert record[0]["architecture"] == "qwen3" and record[0]["tensors"] == hf_tensors  # tied head: no output.weight
+    assert record[0]["tokenizer_pre"] == "qwen2" and record[0]["bytes"] == gguf_file.stat().st_size
+    reader = GGUFReader(str(gguf_file))
+    token_embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert token_embd.tensor_type.name == "BF16"
+    assert np.array_equal(np.asarray(token_embd.data).view(np.uint16).reshape(-1),
+                          embedding.view(torch.int16).numpy().view(np.uint16).reshape(-1))  # the weights, bit for bit
+    assert "## Exports" in (directory / "README.md").read_text() and f"`{gguf_file.name}`" in (directory / "README.md").read_text()
+    assert not list(directory.glob(".*.partial"))
+
+
+def test_a_locally_trained_tokenizer_is_explained_in_one_line(tiny_model_dir, tmp_path):
+    converter_or_skip()
+    directory = output_dir(tmp_path, tiny_model_dir)
+    with pytest.raises(SystemExit) as raised:
+        export([str(directory)])
+    message = str(raised.value.code)
+    assert message.startswith("error: llama.cpp's converter does not know this tokenizer") and "\n" not in message
+    assert not list(directory.glob("*.gguf")) and not list(directory.glob(".*.partial"))
