@@ -42,8 +42,8 @@ CPU_LOSS_TILES = 7.75 + 0.5
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024**2
 # TRL's SFTTrainer tokenizes each row whole (chat template, token ids, completion mask and labels as Python
 # lists, then Arrow) before it truncates to max_seq_length: bytes of peak RSS per token of the longest row,
-# measured on CPU (tools: see docs/measurements.md, "Long rows").
-TOKENIZE_BYTES_PER_TOKEN = 373
+# measured on CPU (tools/benchmark.py --cases tokenize_long_row; docs/measurements.md, "Long rows").
+TOKENIZE_BYTES_PER_TOKEN = 638
 # bitsandbytes' optimizers on CPU (backends/cpu/ops.py) update one parameter at a time through fp32
 # copies: for 8-bit AdamW the two dequantized states, the gradient, the parameter, sqrt(state2) and the
 # denominator. Six fp32 copies of the largest trainable tensor: 3.5 GiB for full fine-tuning of

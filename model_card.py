@@ -45,11 +45,11 @@ def dataset_hub_id(metadata: dict) -> str | None:
 def bnb_arguments(metadata: dict) -> dict[str, Any] | None:
     """The BitsAndBytesConfig arguments that differ from the defaults, of the 4-bit base the run trained on
     (rebuilt from the metadata's quantization block by the same builder the run used); None for a 16-bit base."""
-    from artifacts import plan_from_metadata
+    from artifacts import quantization_plan_from_metadata
 
     if (metadata.get("quantization") or {}).get("method") != "QLORA":
         return None
-    _, bnb_config = plan_from_metadata(metadata)
+    _, bnb_config = quantization_plan_from_metadata(metadata)
     return {key: value for key, value in bnb_config.to_diff_dict().items()
             if not key.startswith("_") and key != "quant_method"}
 
