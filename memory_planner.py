@@ -42,8 +42,8 @@ CPU_LOSS_TILES = 7.75 + 0.5
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024**2
 # TRL's SFTTrainer tokenizes each row whole (chat template, token ids, completion mask and labels as Python
 # lists, then Arrow) before it truncates to max_seq_length: bytes of peak RSS per token of the longest row,
-# measured on CPU (tools: see docs/measurements.md, "Long rows").
-TOKENIZE_BYTES_PER_TOKEN = 373
+# measured on CPU (tools/benchmark.py --cases tokenize_long_row; docs/measurements.md, "Long rows").
+TOKENIZE_BYTES_PER_TOKEN = 638
 # bitsandbytes' optimizers on CPU (backends/cpu/ops.py) update one parameter at a time through fp32
 # copies: for 8-bit AdamW the two dequantized states, the gradient, the parameter, sqrt(state2) and the
 # denominator. Six fp32 copies of the largest trainable tensor: 3.5 GiB for full fine-tuning of
@@ -295,14 +295,10 @@ def row_text_chars(row: Mapping[str, Any]) -> int:
     return sum(len(str(m.get("content") or "")) for m in messages)
 
 def tokens_of_row(tokenizer, row: Mapping[str, Any]) -> int:
-    """Tokens of a trainer row as SFTTrainer renders it: a conversation through the chat template, a text row
-    through the tokenizer with EOS."""
-    if "text" in row:
-        return len(tokenizer(row["text"] + (tokenizer.eos_token or ""))["input_ids"])
-    messages = row.get("messages") or list(row["prompt"]) + list(row["completion"])
-    if tokenizer.chat_template:
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-    return len(tokenizer("\n\n".join(str(m["content"]) for m in messages))["input_ids"])
+    """Tokens of a trainer row before truncation, as SFTTrainer builds them (chat_format.example_token_ids)."""
+    from chat_format import example_token_ids
+
+    return len(example_token_ids(tokenizer, row))
 
 def token_stats(data, tokenizer, seed: int = 0) -> TokenStats:
     """Token lengths of `data` (data_utils.TrainingData) for the plan, without tokenizing every row: a seeded

@@ -357,7 +357,8 @@ def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int
             "file_rss_after_train_gib": proc_status_gib("RssFile"), "train_phase_peak_rss_gib": train_phase_rss, "peak_before_train": load_peak, "peak": peak}
 
 def measure_tokenize(model_dir: str, seq: int, rank: int, work: Path) -> dict:
-    """Peak RSS while SFTTrainer prepares a dataset holding one very long row, per token of that row."""
+    """Peak RSS while SFTTrainer prepares a dataset holding one very long row, over the same trainer built on
+    the other rows just before, per token of that row."""
     from datasets import Dataset
 
     from config_utils import training_defaults
@@ -371,9 +372,11 @@ def measure_tokenize(model_dir: str, seq: int, rank: int, work: Path) -> dict:
     tokens = tokens_of_row(tokenizer, rows[0])
     cfg = {**training_defaults(), "lora_r": rank, "max_seq_length": seq, "max_steps": 1}
     model = prepare_for_training(load_causal_lm(model_dir, None, "cpu"), cfg, quantized=False)
+    # the same trainer on the ordinary rows first: what building a trainer costs (mapped weights read, ...)
+    build_trainer(model, tokenizer, cfg, Dataset.from_list(rows[1:]), None, work / "short", "cpu", save_strategy="no")
     before = proc_status_gib("VmRSS")
     reset_peak_rss()
-    build_trainer(model, tokenizer, cfg, Dataset.from_list(rows), None, work, "cpu", save_strategy="no")
+    build_trainer(model, tokenizer, cfg, Dataset.from_list(rows), None, work / "long", "cpu", save_strategy="no")
     peak = proc_status_gib("VmHWM")
     return {"longest_row_tokens": tokens, "longest_row_chars": len(rows[0]["completion"][0]["content"]),
             "rss_before_gib": before, "tokenize_peak_gib": peak,
