@@ -75,7 +75,7 @@ CONVERSATIONS = {
 CFG = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "num_train_epochs": 1.0,
        "max_steps": 1, "max_seq_length": 512, "optim": "adamw_torch", "logging_steps": 1, "seed": 0,
        "gradient_checkpointing": False, "save_steps": 10, "keep_checkpoints": 1, "max_train_samples": 100,
-       "eval_samples": 0, "MODEL_NAME": "tiny"}
+       "eval_samples": 0, "packing": False, "MODEL_NAME": "tiny"}
 
 
 def tokenizer_for(style: str):
