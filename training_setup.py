@@ -127,7 +127,9 @@ def _loftq_layer(module, name: str, read, adapter: str) -> dict[str, float]:
     residual = original - MERGE_BASE_WEIGHTS["dequantized"](layer, name, read)
     lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
-    keep = min(module.r[adapter], S.numel())  # a rank above min(out, in) leaves the extra rows at zero
+    # Above min(out, in) the extra rank components start with A and B at zero, and stay there (neither gets a
+    # gradient); B @ A cannot have a rank above min(out, in) anyway.
+    keep = min(module.r[adapter], S.numel())
     root = (S[:keep] / module.scaling[adapter]).sqrt()
     A, B = torch.zeros_like(lora_A, dtype=torch.float32), torch.zeros_like(lora_B, dtype=torch.float32)
     A[:keep], B[:, :keep] = root[:, None] * Vh[:keep], U[:, :keep] * root
