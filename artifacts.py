@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import UserError
-from model_loading import load_causal_lm, load_tokenizer
+from model_loading import keep_4bit_weights_dequantizable, load_causal_lm, load_tokenizer
 from run_dir import fsync_path
 
 # The stack whose versions every output records: the seed's libraries, plus what a PTQ backend adds.
@@ -89,7 +89,9 @@ def load_adapter_model(base_model: str, adapter_dir: str | Path, quantization_co
     from peft import PeftModel
 
     base = load_causal_lm(base_model, quantization_config, device, trust_remote_code)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    keep_4bit_weights_dequantizable(model)
+    return model
 
 def load_output_dir(path: str | Path, device: str | None = None, trust_remote_code: bool = False):
     """Load any output directory of 01_Train.py: `(model, tokenizer, metadata)`.

@@ -19,7 +19,7 @@ from data_utils import DATASETS, NEEDS_PATH, resolve_source
 from errors import UserError
 from quantization_utils import QuantMethod
 from run_dir import IF_EXISTS_POLICIES
-from training_setup import OPTIMIZERS, check_report_to
+from training_setup import LORA_INITS, OPTIMIZERS, check_report_to
 
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")
@@ -78,16 +78,10 @@ def training_defaults() -> dict[str, Any]:
     return {name: namespace[name] for name in namespace["CONFIG_NAMES"]}
 
 def resolve_config(defaults: Mapping[str, Any], argv: list[str]) -> dict[str, Any]:
-    """The run's config: defaults with the command line's overrides, validated. QLORA trains LoRA adapters,
-    so a QLORA run asking for another PEFT_CONFIG gets LoRa, and says so."""
-    from run_log import step
-
+    """The run's config: defaults with the command line's overrides, validated."""
     cfg = apply_overrides(defaults, argv, OPTIONAL_TYPES)
     validate_config(cfg)
     resolve_source(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"])  # a data file that exists, or a hub id; not read yet
-    if str(cfg["QUANT_METHOD"]).upper() == "QLORA" and cfg["PEFT_CONFIG"] != "LoRa":
-        step("config", "QLORA trains LoRA adapters: PEFT_CONFIG=%s overridden to LoRa", cfg["PEFT_CONFIG"])
-        cfg["PEFT_CONFIG"] = "LoRa"
     return cfg
 
 def _integer(value: Any) -> bool:
@@ -119,6 +113,18 @@ def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
+def _validate_lora_init(cfg: Mapping[str, Any]) -> None:
+    _require(cfg["init_lora_weights"] in LORA_INITS,
+             f"init_lora_weights={cfg['init_lora_weights']!r} is unknown; allowed: {', '.join(LORA_INITS)}")
+    if cfg["init_lora_weights"] != "loftq":
+        return
+    _require(str(cfg["QUANT_METHOD"]).upper() == "QLORA" and cfg["PEFT_CONFIG"] == "LoRa",
+             "init_lora_weights=loftq needs QUANT_METHOD=QLORA and PEFT_CONFIG=LoRa: it starts the LoRA adapter at "
+             "the 4-bit base's quantization error")
+    _require(cfg["merge_base"] != "original",
+             "merge_base=original with init_lora_weights=loftq would add the quantization error twice (the adapter "
+             "already corrects it); allowed: dequantized, auto")
+
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Check a resolved training config before anything loads: types, ranges and combinations."""
     try:
@@ -136,6 +142,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
              f"DATASET_CHOICE={cfg['DATASET_CHOICE']} {NEEDS_PATH}")
     _require(cfg["PEFT_CONFIG"] in PEFT_CHOICES,
              f"PEFT_CONFIG={cfg['PEFT_CONFIG']!r} is unknown; allowed: {', '.join(PEFT_CHOICES)}")
+    _validate_lora_init(cfg)
     for name, (allowed, accepts) in NUMERIC_RANGES.items():
         if name in cfg:
             _require(accepts(cfg[name]), f"{name}={cfg[name]!r} must be {allowed}")

@@ -74,6 +74,8 @@ def check_launch(ctx: LaunchContext, cfg: Mapping[str, Any], cuda_available: boo
                          "checkpoints save and restore; use adamw_torch")
     if cfg["PEFT_CONFIG"] == "DoRa":
         raise UserError("PEFT_CONFIG='DoRa' under FSDP is not supported here; use LoRa")
+    if cfg["init_lora_weights"] == "loftq":  # never run under FSDP (bfloat16 4-bit storage, sharding)
+        raise UserError("init_lora_weights='loftq' under FSDP is not supported here; use default or gaussian")
 
 def gather(obj: Any) -> list[Any]:
     """`obj` from every rank, in rank order (just `[obj]` without a process group)."""

@@ -2,10 +2,12 @@
 
 peft's `merge_and_unload` on a 4-bit base re-quantizes the merged weight to NF4, which changes the
 model's outputs. Here each base layer is replaced, one at a time, by a plain bf16 `nn.Linear` holding
-W + scale * B @ A computed in fp32, so the merge never holds two copies of the model. W is either
+W + scale * B @ A (DoRA: that, rescaled row by row to its learned magnitude) computed in fp32, so the
+merge never holds two copies of the model. W is either
   - "dequantized": dequant(NF4(W)), the function the adapter was trained against (exact up to bf16
     rounding), or
-  - "original": the 16-bit weight read from the base checkpoint's safetensors, tensor by tensor.
+  - "original": the 16-bit weight read from the base checkpoint's safetensors, tensor by tensor (not for a
+    LoftQ adapter: it starts at W - dequant(NF4(W)), so on W it would add the quantization error twice).
 `merge_and_check` runs the candidates, saves each and measures it as a user reloads it against the
 trained model on held-out examples (max |logit diff|, mean KL(trained || merged), loss), keeps the
 closest, optionally re-quantizes it to NF4, and returns the figures for metadata.json.
@@ -109,11 +111,22 @@ def _release_model(peft_model) -> None:
     if hasattr(peft_model, "base_model_prepare_inputs_for_generation"):
         peft_model.base_model_prepare_inputs_for_generation = None
 
-def _is_dora(model) -> bool:
-    return any(getattr(cfg, "use_dora", False) for cfg in getattr(model, "peft_config", {}).values())
+
+def merged_weight(module, adapter: str, weight):
+    """`weight` (fp32, the base layer's W) with one adapter folded in, in place, as the adapter's forward
+    computes it: W + scale * B @ A for LoRA; for DoRA m * (W + scale * B @ A) / ||W + scale * B @ A||, the
+    norm taken over each output row (dim 1 of the (out, in) weight) and m the learned magnitude, as peft's
+    DoraLinearLayer does in its forward (where the norm is a constant of the base weight and the adapter)."""
+    import torch
+
+    weight += module.get_delta_weight(adapter).to(torch.float32)
+    if adapter in getattr(module, "lora_magnitude_vector", {}):
+        magnitude = module.lora_magnitude_vector[adapter].weight.to(torch.float32)
+        weight *= (magnitude / torch.linalg.norm(weight, dim=1)).view(-1, 1)
+    return weight
 
 def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = None, dtype=None):
-    """Fold every LoRA adapter into its base layer: W' = W + scale * B @ A, in fp32, cast to `dtype`.
+    """Fold every LoRA or DoRA adapter into its base layer (`merged_weight`), in fp32, cast to `dtype`.
 
     W is dequant(NF4(W)) for base="dequantized", the checkpoint's 16-bit weight of `model_name` for
     base="original". Returns the unwrapped transformers model with only plain Linear layers, its weights
@@ -130,11 +143,6 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     if base not in MERGE_BASE_WEIGHTS:
         raise ValueError(f"merge base {base!r} is unknown; allowed: {', '.join(MERGE_BASE_WEIGHTS)}")
     dtype = dtype or torch.bfloat16
-    if _is_dora(peft_model):  # DoRA is not additive; only on an unquantized base (QLORA forces LoRA)
-        model = peft_model.merge_and_unload()
-        _release_model(peft_model)
-        cast_weights(model, dtype)
-        return model
     read = checkpoint_reader(model_name) if base == "original" else None
     base_weight = MERGE_BASE_WEIGHTS[base]
     model = peft_model.base_model.model
@@ -147,7 +155,7 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
                 layer = module.get_base_layer()
                 weight = base_weight(layer, name, read)
                 for adapter in module.active_adapters:
-                    weight += module.get_delta_weight(adapter).to(torch.float32)
+                    weight = merged_weight(module, adapter, weight)
                 model.set_submodule(name, _plain_linear(layer, weight, dtype))
                 del weight
         for name, module in list(model.named_modules()):

@@ -230,3 +230,20 @@ def prepare_kbit_model(model, gradient_checkpointing: bool, keep_embeddings_bf16
                 param.data = param.data.to(torch.bfloat16)
         release_free_heap()  # the fp32 copies just dropped
     return model
+
+def keep_4bit_weights_dequantizable(peft_model) -> None:
+    """Keep the 4-bit weights under DoRA adapters in bitsandbytes' storage layout on CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its own kernel on the first inference
+    forward. peft's DoRA dequantizes the base weight on every forward to take its norm, reading the repacked
+    bytes as if they were the storage layout: a QDoRA model in eval mode then computes a wrong function
+    (measured on the tiny test model: logits off by 0.06 at a scale of 1.2, and by 0 with this). Plain LoRA
+    never dequantizes in the forward, so it keeps the faster kernel.
+    """
+    import bitsandbytes as bnb
+
+    if not any(getattr(cfg, "use_dora", False) for cfg in getattr(peft_model, "peft_config", {}).values()):
+        return
+    for module in peft_model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

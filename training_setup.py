@@ -63,28 +63,105 @@ def check_target_modules(model, patterns: Iterable[str]) -> list[str]:
         selected.update(hits)
     return sorted(selected)
 
+# init_lora_weights constant -> peft's init_lora_weights. LoftQ on a 4-bit base starts from peft's default and
+# then replaces A and B (`loftq_initialise`); peft's own "loftq" would rerun LoftQ when the adapter is loaded.
+LORA_INITS = {"default": True, "gaussian": "gaussian", "loftq": True}
+
+
 def lora_config(cfg: Mapping[str, Any]):
-    """peft's LoraConfig from the run's constants (DoRA when PEFT_CONFIG is DoRa)."""
+    """peft's LoraConfig from the run's constants (DoRA when PEFT_CONFIG is DoRa, QDoRA on a 4-bit base)."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                       target_modules=target_modules_regex(cfg["target_modules"]), task_type="CAUSAL_LM",
-                      use_dora=cfg["PEFT_CONFIG"] == "DoRa")
+                      use_dora=cfg["PEFT_CONFIG"] == "DoRa", use_rslora=cfg["use_rslora"],
+                      init_lora_weights=LORA_INITS[cfg["init_lora_weights"]])
+
+
+def lora_scaling(cfg: Mapping[str, Any]) -> float:
+    """The factor peft multiplies B @ A by: lora_alpha / lora_r, or lora_alpha / sqrt(lora_r) with rsLoRA."""
+    return cfg["lora_alpha"] / (cfg["lora_r"] ** 0.5 if cfg["use_rslora"] else cfg["lora_r"])
+
+
+def peft_options(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """metadata.json's `peft_options`: how the adapter was built (None for full fine-tuning). adapter_config.json
+    holds the same except LoftQ, which it records as peft's default init (see LORA_INITS)."""
+    if cfg["PEFT_CONFIG"] == "Full":
+        return None
+    return {"type": cfg["PEFT_CONFIG"], "use_dora": cfg["PEFT_CONFIG"] == "DoRa", "use_rslora": cfg["use_rslora"],
+            "init_lora_weights": cfg["init_lora_weights"], "lora_r": cfg["lora_r"], "lora_alpha": cfg["lora_alpha"],
+            "scaling": lora_scaling(cfg)}
+
+
+def loftq_initialise(peft_model, model_name: str, adapter: str = "default") -> dict[str, float]:
+    """LoftQ (Li et al., 2023) for adapters on a 4-bit base: each pair starts at the best rank-r approximation of
+    its layer's quantization error, scale * B @ A = SVD_r(W - dequant(NF4(W))), W read from the 16-bit checkpoint,
+    so training starts nearer the 16-bit model. peft's replace_lora_weights_loftq computes on CUDA only and leaves
+    out the LoRA scale (alpha / r), which would shrink the correction to scale times itself. Returns the relative
+    error ||W - model|| / ||W|| over all adapted layers, "before" (4-bit alone) and "after" (4-bit + adapter)."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from merge_utils import checkpoint_reader
+
+    read = checkpoint_reader(model_name)
+    sums = {"weight": 0.0, "before": 0.0, "after": 0.0}
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), bnb.nn.Linear4bit):
+                for key, value in _loftq_layer(module, name, read, adapter).items():
+                    sums[key] += value
+    if sums["weight"] == 0:
+        raise UserError("init_lora_weights=loftq found no LoRA layer on a 4-bit base layer")
+    return {key: (sums[key] / sums["weight"]) ** 0.5 for key in ("before", "after")}
+
+
+def _loftq_layer(module, name: str, read, adapter: str) -> dict[str, float]:
+    """Set one layer's A and B by LoftQ; its squared norms of W, of the 4-bit error and of what is left of it."""
+    import torch
+
+    from merge_utils import MERGE_BASE_WEIGHTS
+
+    layer = module.get_base_layer()
+    original = MERGE_BASE_WEIGHTS["original"](layer, name, read)
+    residual = original - MERGE_BASE_WEIGHTS["dequantized"](layer, name, read)
+    lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+    # Above min(out, in) the extra rank components start with A and B at zero, and stay there (neither gets a
+    # gradient); B @ A cannot have a rank above min(out, in) anyway.
+    keep = min(module.r[adapter], S.numel())
+    root = (S[:keep] / module.scaling[adapter]).sqrt()
+    A, B = torch.zeros_like(lora_A, dtype=torch.float32), torch.zeros_like(lora_B, dtype=torch.float32)
+    A[:keep], B[:, :keep] = root[:, None] * Vh[:keep], U[:, :keep] * root
+    lora_A.data, lora_B.data = A.to(lora_A.dtype), B.to(lora_B.dtype)
+    left = residual - module.get_delta_weight(adapter).to(torch.float32)
+    return {"weight": original.pow(2).sum().item(), "before": residual.pow(2).sum().item(),
+            "after": left.pow(2).sum().item()}
+
 
 def prepare_for_training(model, cfg: Mapping[str, Any], quantized: bool, fsdp: bool = False,
                          keep_embeddings_bf16: bool = True):
     """k-bit preparation of a 4-bit base (not under FSDP: its fp32 upcasts would mix dtypes inside FSDP's
-    flat shards), then the LoRA adapters on the targeted modules (none for full fine-tuning)."""
+    flat shards), then the LoRA adapters on the targeted modules (none for full fine-tuning), LoftQ-initialised
+    when asked."""
     from peft import get_peft_model
 
-    from model_loading import prepare_kbit_model
+    from model_loading import keep_4bit_weights_dequantizable, prepare_kbit_model
+    from run_log import step
 
     if quantized and not fsdp:
         model = prepare_kbit_model(model, cfg["gradient_checkpointing"], keep_embeddings_bf16)
     if cfg["PEFT_CONFIG"] == "Full":
         return model
     check_target_modules(model, cfg["target_modules"])
-    return get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(cfg))
+    keep_4bit_weights_dequantizable(model)
+    if cfg["init_lora_weights"] == "loftq":
+        error = loftq_initialise(model, cfg["MODEL_NAME"])
+        step("model", "LoftQ init: ||W - model|| / ||W|| over the adapted layers %.4g (4-bit alone) -> %.4g",
+             error["before"], error["after"])
+    return model
 
 def report_to_list(report_to: str) -> list[str]:
     """The `report_to` constant ("none", or comma-separated integration names) as the Trainer's list."""

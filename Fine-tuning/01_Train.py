@@ -33,7 +33,7 @@ from model_loading import load_causal_lm, load_tokenizer, pick_device, read_mode
 from output_checks import check_saved_generation  # noqa: E402
 from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
 from run_log import setup_logging, step  # noqa: E402
-from training_setup import build_trainer, prepare_for_training, save_adapter, take_trained_model, train  # noqa: E402
+from training_setup import build_trainer, peft_options, prepare_for_training, save_adapter, take_trained_model, train  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: every name here can be overridden as --NAME=value
@@ -48,9 +48,11 @@ trust_remote_code = False  # True runs Python code shipped with the model repo: 
 # -- quantization
 QUANT_METHOD = "QLORA"  # QLORA (4-bit NF4 + double quant base, bf16 compute) | NONE (bf16 base)
 # -- adapters
-PEFT_CONFIG = "LoRa"  # LoRa | DoRa | Full (full fine-tuning); QLORA always uses LoRa
+PEFT_CONFIG = "LoRa"  # LoRa | DoRa (learned per-output magnitude; on QLORA = QDoRA, slower steps) | Full (full fine-tuning)
 lora_r = 256  # rank: higher = more trainable params and memory (Qwen3-0.6B, 7 projections: r=64 ~40M, r=256 ~161M)
-lora_alpha = 16  # LoRA scale is lora_alpha / lora_r
+lora_alpha = 16  # LoRA scale is lora_alpha / lora_r (lora_alpha / sqrt(lora_r) with use_rslora)
+use_rslora = False  # False: scale alpha / r (shrinks as r grows) | True: rsLoRA, alpha / sqrt(r) (docs: which to pick)
+init_lora_weights = "default"  # default (B = 0) | gaussian (B = 0, A normal) | loftq (QLORA: adapter starts at the rank-r 4-bit error; reads the 16-bit checkpoint)
 lora_dropout = 0.05  # dropout on the adapter input, [0, 1)
 target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # names or globs
 # -- training
@@ -160,7 +162,7 @@ def main(argv=None) -> Path | None:
             # ---- metadata ---------------------------------------------------------------------------
             peak = combine_peak_reports([peak_memory_report(own_gpu)] + rank_peaks[1:])  # rank 0's again: the merge counts
             metadata = build_metadata(
-                spec, base_model=absolute_if_local(cfg["MODEL_NAME"]), peft=peft_name, config=cfg,
+                spec, base_model=absolute_if_local(cfg["MODEL_NAME"]), peft=peft_name, peft_options=peft_options(cfg), config=cfg,
                 versions=library_versions(), dataset={**data.metadata(), "prompt_format": prompt_format},
                 artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None},
                 parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},

@@ -12,7 +12,8 @@ from dist_utils import LaunchContext, check_launch, combine_peak_reports, launch
 from quantization_utils import build_quantization_plan
 
 NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
-BASE_CFG = {"QUANT_METHOD": "QLORA", "bnb_4bit_quant_storage": "auto", "optim": "adamw_torch", "PEFT_CONFIG": "LoRa"}
+BASE_CFG = {"QUANT_METHOD": "QLORA", "bnb_4bit_quant_storage": "auto", "optim": "adamw_torch", "PEFT_CONFIG": "LoRa",
+            "init_lora_weights": "default"}
 FSDP = LaunchContext(world_size=2, rank=0, local_rank=0, fsdp=True)
 
 
@@ -75,6 +76,7 @@ def test_fsdp_stores_4bit_weights_in_the_model_dtype():
     ({"bnb_4bit_quant_storage": "float32"}, "must equal the model dtype (bfloat16)"),
     ({"optim": "paged_adamw_32bit"}, "paged optimizer state lives outside what FSDP's sharded checkpoints"),
     ({"PEFT_CONFIG": "DoRa"}, "DoRa"),
+    ({"init_lora_weights": "loftq"}, "loftq"),
 ])
 def test_fsdp_preflight_refuses_silently_broken_combinations(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -53,7 +53,8 @@ def run_training(args, method: str) -> Path:
     return next(p for p in out_root.iterdir() if not p.name.startswith("."))
 
 
-def main(argv=None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's options; tools/compare_lora_variants.py reads its training settings from the same defaults."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="qlora", help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--base", default=os.path.relpath(DEFAULT_DIR),  # relative: adapter/ then names a portable path
@@ -68,6 +69,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--full-lr", type=float, default=1e-3, help="learning rate of full fine-tuning")
     parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank (alpha = 2 * r)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="generation limit when evaluating")
+    return parser
+
+
+def main(argv=None) -> list[dict]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
