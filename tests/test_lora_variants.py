@@ -183,3 +183,17 @@ def test_recorded_scaling_is_the_one_peft_applies(tiny_model_dir):
         model = get_peft_model(load_causal_lm(str(tiny_model_dir)), lora_config(cfg))
         applied = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
         assert applied == {peft_options(cfg)["scaling"]} == {expected}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_qdora_with_rslora_on_other_architectures_merges_into_what_it_trained(family, request, tmp_path):
+    """Llama and Gemma 3 base models (no chat template): QDoRA with rsLoRA scaling trains, its merge passes the
+    check on the dequantized base, and both options reach adapter_config.json and metadata.json."""
+    model_dir = request.getfixturevalue(f"{family}_base_dir")
+    _train(model_dir, tmp_path, "--PEFT_CONFIG=DoRa", "--use_rslora=true", "--lora_r=8", "--lora_alpha=8")
+    (directory,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    meta, adapter_config = _read(directory)
+    assert meta["peft"] == "DoRa8" and meta["peft_options"]["scaling"] == 8 / math.sqrt(8)
+    assert adapter_config["use_dora"] is True and adapter_config["use_rslora"] is True
+    check = meta["merge_check"]
+    assert check["passed"] and check["chosen_base"] == "dequantized" and meta["artifact"]["kind"] == "merged_bf16"
