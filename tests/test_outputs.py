@@ -6,7 +6,6 @@ trained directory are in test_train_e2e.py."""
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -68,7 +67,7 @@ def test_adapter_card_is_peft_and_its_bitsandbytes_config_is_the_training_plan()
     shown = eval(bnb_code(bnb_arguments(metadata())), {"torch": torch, "BitsAndBytesConfig": BitsAndBytesConfig})
     _, planned = build_quantization_plan("QLORA")
     assert shown.to_dict() == planned.to_dict()
-    assert f"BitsAndBytesConfig(\n    load_in_4bit=True," in card
+    assert "BitsAndBytesConfig(\n    load_in_4bit=True," in card
 
 
 def test_local_base_and_data_are_named_in_the_text_not_the_front_matter():

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -51,7 +50,6 @@ def test_training_flops_by_hand():
 def _count_matmuls(model, input_ids, backward: bool) -> dict[str, int]:
     """FLOPs that torch's counter attributes to the matmuls of a forward (and backward): linear layers
     (mm/addmm) apart from attention's batched matmuls (bmm, eager attention)."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
