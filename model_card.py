@@ -116,8 +116,12 @@ def training_section(metadata: dict, heading: str = "## How it was trained") -> 
     peft = config.get("PEFT_CONFIG")
     adapter = None
     if peft in ("LoRa", "DoRa"):
-        adapter = (f"{'DoRA' if peft == 'DoRa' else 'LoRA'} r={config.get('lora_r')}, alpha={config.get('lora_alpha')}, "
-                   f"dropout {config.get('lora_dropout')}, on {', '.join(config.get('target_modules') or [])}")
+        options = metadata.get("peft_options") or {}
+        scaling = (f", scale {fmt(options['scaling'])} ({'rsLoRA: alpha / sqrt(r)' if options.get('use_rslora') else 'alpha / r'})"
+                   if "scaling" in options else "")
+        init = f", init {options['init_lora_weights']}" if options.get("init_lora_weights") else ""
+        adapter = (f"{'DoRA' if peft == 'DoRa' else 'LoRA'} r={config.get('lora_r')}, alpha={config.get('lora_alpha')}"
+                   f"{scaling}{init}, dropout {config.get('lora_dropout')}, on {', '.join(config.get('target_modules') or [])}")
     elif peft == "Full":
         adapter = "none: every weight trained (full fine-tuning)"
     source = dataset.get("path") or dataset_hub_id(metadata)

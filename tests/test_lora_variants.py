@@ -52,6 +52,7 @@ def test_qdora_trains_under_qlora_and_says_so_everywhere(qdora_run):
                                     "scaling": 16 / 256}
     assert adapter_config["use_dora"] is True and adapter_config["init_lora_weights"] == "gaussian"
     assert adapter_config["use_rslora"] is False
+    assert "DoRA r=256, alpha=16, scale 0.0625 (alpha / r), init gaussian" in (qdora_run / "README.md").read_text()
 
 
 def test_qdora_merge_is_the_trained_function(qdora_run):
@@ -95,6 +96,7 @@ def test_loftq_with_rslora_is_recorded_and_merges_on_the_dequantized_base(loftq_
     # peft records a 4-bit LoftQ adapter as its default init: "loftq" there would rerun LoftQ on every load
     assert adapter_config["use_rslora"] is True and adapter_config["init_lora_weights"] is True
     assert "LoftQ init: ||W - model|| / ||W||" in result.stderr
+    assert "LoRA r=16, alpha=16, scale 4 (rsLoRA: alpha / sqrt(r)), init loftq" in (directory / "README.md").read_text()
     check = meta["merge_check"]
     assert check["passed"] and check["chosen_base"] == "dequantized"
     # on the 16-bit weights the quantization error the adapter already corrects counts twice
