@@ -1,0 +1,48 @@
+"""The demo comparison (tools/finetune_demo.py): per-method learning rates, the seed summary, and a guard that
+full fine-tuning at the demo's rate keeps what the base model knows."""
+
+import math
+
+import pytest
+
+from tools.finetune_demo import METHODS, binomial_se, build_parser, main, parse_rates, summarize, train_args
+
+
+def test_each_method_trains_at_its_own_rate_and_lr_overrides_one():
+    args = build_parser().parse_args(["--data", "d.jsonl", "--lr", "full=2e-5"])
+    rate = {m: next(a for a in train_args(args, m, "out") if a.startswith("--learning_rate=")) for m in METHODS}
+    assert rate["full"] == "--learning_rate=2e-05"
+    assert rate["qlora"] == f"--learning_rate={METHODS['qlora'].learning_rate}"
+    assert METHODS["full"].learning_rate < METHODS["lora"].learning_rate  # every weight moves: a smaller step
+    assert "--seed=43" in train_args(args, "lora", "out", seed=43)
+
+
+@pytest.mark.parametrize("text", ["4e-3", "qlora", "qlora=", "qlora=fast", "dora=1e-3", "qlora=1e-3,qlora=2e-3",
+                                  "full=0", "full=1.5", "full=nan", "qlora=1e-3,"])
+def test_bad_lr_is_one_line_before_any_training(text, tmp_path):
+    with pytest.raises(ValueError, match="METHOD=RATE"):
+        parse_rates(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tmp_path / "missing.jsonl"), "--lr", text, "--out-root", str(tmp_path / "out")])
+    message = str(exit_info.value)
+    assert message.startswith("error: --lr") and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_seeds_and_methods_are_refused(tmp_path):
+    for argv in (["--seeds", "0"], ["--methods", "qlora,qlora"], ["--methods", "dora"], ["--methods", ","]):
+        with pytest.raises(SystemExit, match="^error: --(seeds|methods)"):
+            main(["--data", str(tmp_path / "d.jsonl"), *argv])
+
+
+def test_summary_is_mean_sample_std_range_and_one_run_noise():
+    runs = [{"method": "base", "seed": 42, "learning_rate": None, "accuracy": 0.0, "heldout_loss": 10.0, "rows": 100}]
+    runs += [{"method": "qlora", "seed": s, "learning_rate": 4e-3, "accuracy": a, "heldout_loss": 0.7, "rows": 100}
+             for s, a in ((42, 60.0), (43, 70.0), (44, 80.0))]
+    base, qlora = summarize(runs)
+    assert (base["n"], base["accuracy_sample_std"], base["one_run_se"]) == (1, None, 0.0)
+    assert qlora["n"] == 3 and qlora["seeds"] == [42, 43, 44] and qlora["accuracy_mean"] == 70.0
+    assert qlora["accuracy_sample_std"] == 10.0  # sample (n - 1) standard deviation, not population
+    assert (qlora["accuracy_min"], qlora["accuracy_max"]) == (60.0, 80.0)
+    assert qlora["one_run_se"] == pytest.approx(100 * math.sqrt(0.7 * 0.3 / 100))  # 4.58 points at 100 rows
+    assert binomial_se(70.0, 400) == pytest.approx(qlora["one_run_se"] / 2)
