@@ -13,7 +13,6 @@ def test_each_method_trains_at_its_own_rate_and_lr_overrides_one():
     rate = {m: next(a for a in train_args(args, m, "out") if a.startswith("--learning_rate=")) for m in METHODS}
     assert rate["full"] == "--learning_rate=2e-05"
     assert rate["qlora"] == f"--learning_rate={METHODS['qlora'].learning_rate}"
-    assert METHODS["full"].learning_rate < METHODS["lora"].learning_rate  # every weight moves: a smaller step
     assert "--seed=43" in train_args(args, "lora", "out", seed=43)
 
 
@@ -46,3 +45,21 @@ def test_summary_is_mean_sample_std_range_and_one_run_noise():
     assert (qlora["accuracy_min"], qlora["accuracy_max"]) == (60.0, 80.0)
     assert qlora["one_run_se"] == pytest.approx(100 * math.sqrt(0.7 * 0.3 / 100))  # 4.58 points at 100 rows
     assert binomial_se(70.0, 400) == pytest.approx(qlora["one_run_se"] / 2)
+
+
+# Fewer steps than the demo's 600 and fewer held-out rows, on generated rows of a seed the documented runs do
+# not use. At the demo's full-fine-tuning rate the model reads the problem's numbers and answers; at the rate
+# the demo used before (1e-3) it learns the answer format with numbers of its own and scores 0 (measured:
+# docs/measurements.md, "Learning rate per method").
+GUARD_STEPS, GUARD_ROWS, GUARD_MIN_ACCURACY = 200, 40, 25.0
+
+
+def test_full_fine_tuning_at_the_demo_rate_beats_the_base_model(tmp_path):
+    from tools.make_samples import main as make_samples
+
+    make_samples(["--out-dir", str(tmp_path / "data"), "--rows", str(1500 + GUARD_ROWS), "--seed", "3"])
+    out = main(["--methods", "full", "--data", str(tmp_path / "data" / "openmath_sample.jsonl"),
+                "--out-root", str(tmp_path / "out"), "--steps", str(GUARD_STEPS), "--eval-rows", str(GUARD_ROWS)])
+    base, full = out["summary"]
+    assert full["method"] == "full" and full["learning_rate"] == METHODS["full"].learning_rate
+    assert base["accuracy_mean"] < GUARD_MIN_ACCURACY <= full["accuracy_mean"], out["summary"]
