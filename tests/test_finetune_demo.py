@@ -55,7 +55,7 @@ def test_each_demo_rate_is_one_the_sweep_measured_near_its_best():
     sweep = json.loads((ROOT / "docs" / "data" / "demo_lr_sweep.json").read_text())["runs"]
     for name, method in METHODS.items():
         measured = {r["learning_rate"]: r["accuracy"] for r in sweep if r["method"] == name}
-        assert method.learning_rate in measured, f"{name}: {method.learning_rate:g} is not in the sweep {sorted(measured)}"
+        assert method.learning_rate in measured, f"{name}: {method.learning_rate:g} not in the sweep {sorted(measured)}"
         # within noise of the method's best: one run on 200 rows has a standard error of ~3 points at 70%
         assert measured[method.learning_rate] >= max(measured.values()) - 10, (name, measured)
 
@@ -63,7 +63,7 @@ def test_each_demo_rate_is_one_the_sweep_measured_near_its_best():
 # The demo's settings (600 steps: with fewer, e.g. 200, full fine-tuning at 3e-3 had not yet learned to read the
 # numbers and scored 0) and fewer held-out rows, on generated rows of a seed the documented runs do not use. At
 # the demo's full-fine-tuning rate it scored 75-80% (docs/measurements.md); at 1e-3 it learns the answer format
-# with numbers of its own and scores about 0, which this test catches. About 2.5 minutes on one CPU thread.
+# with numbers of its own and scores about 0, which this test catches. About 2 minutes on one CPU thread.
 GUARD_ROWS, GUARD_MIN_ACCURACY = 40, 25.0
 
 

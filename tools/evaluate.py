@@ -310,7 +310,8 @@ def write_method_chart(summary: list[dict], runs: list[dict], path: Path) -> Non
         std = s["accuracy_sample_std"] or 0.0
         ax.bar(i, s["accuracy_mean"], width=0.6, color="C0" if s["method"] != "base" else "0.6", alpha=0.7,
                yerr=std, capsize=6, error_kw={"elinewidth": 1.5})
-        ax.errorbar(i + 0.22, s["accuracy_mean"], yerr=s["one_run_se"], fmt="none", ecolor="C3", capsize=3, elinewidth=1)
+        ax.errorbar(i + 0.22, s["accuracy_mean"], yerr=s["one_run_se"], fmt="none", ecolor="C3", capsize=3,
+                    elinewidth=1)
         ax.scatter([i] * s["n"], [r["accuracy"] for r in runs if r["method"] == s["method"]] or [s["accuracy_mean"]],
                    color="k", s=14, zorder=3)
     labels = [f"{s['method']}\nlr {s['learning_rate']:g}" if s["learning_rate"] is not None else s["method"]

@@ -6,7 +6,8 @@ own learning rate (METHODS; chosen by the sweep in docs/measurements.md, "The de
 Then evaluates the base model once and every fine-tuned model on its run's held-out split with
 tools/evaluate.py, and prints one row per method: accuracy mean, spread over seeds, and the binomial
 standard error of one run's accuracy (the noise of a single run). scripts/demo.sh runs it with the
-default (qlora, one seed); `--methods qlora,lora,full --seeds 3` is the side-by-side comparison.
+default (qlora, one seed, 100 held-out rows); `--methods qlora,lora,full --seeds 3 --eval-rows 1000` is the
+side-by-side comparison of docs/measurements.md.
 Writes OUT_ROOT/comparison.json (every run's command and figures) and OUT_ROOT/accuracy.png.
 """
 
@@ -65,7 +66,7 @@ def parse_rates(text: str | None) -> dict[str, float]:
             rate = float("nan")
         if method not in METHODS or method in rates or not (0 < rate < 1):
             raise ValueError(f"--lr {text!r}: expected METHOD=RATE pairs separated by commas, each method once, "
-                             f"from {', '.join(METHODS)}, 0 < RATE < 1 (e.g. --lr qlora=4e-3,full=1e-4)")
+                             f"from {', '.join(METHODS)}, 0 < RATE < 1 (e.g. --lr qlora=8e-3,full=1e-3)")
         rates[method] = rate
     return rates
 
@@ -151,7 +152,8 @@ def summary_table(summary: list[dict]) -> str:
 
 
 NOISE_NOTE = ("SE of one run: binomial standard error of one run's accuracy on that many rows at the mean accuracy; "
-              "two single runs differing by less than about 2 x sqrt(2) x SE are within noise. Each seed has its own "
+              "two single runs differing by less than about 2 x sqrt(2) x SE are within the noise of the rows "
+              "alone, and runs of one method also differ from seed to seed. Each seed has its own "
               "held-out split (split seed = training seed); the base model is scored once, on the first seed's split.")
 
 
@@ -170,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-rows", type=int, default=100, help="held-out rows, scored for every model")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    parser.add_argument("--lr", help=f"METHOD=RATE[,METHOD=RATE...]: override a method's learning rate (defaults: {rates})")
+    parser.add_argument("--lr", help=f"METHOD=RATE[,METHOD=RATE...]: override a method's learning rate "
+                                     f"(defaults: {rates})")
     parser.add_argument("--seeds", type=int, default=1, help="runs per method, seeds FIRST_SEED, FIRST_SEED+1, ...")
     parser.add_argument("--first-seed", type=int, default=FIRST_SEED, help="seed of each method's first run")
     parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank (alpha = 2 * r)")
