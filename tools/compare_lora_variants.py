@@ -1,8 +1,8 @@
 """Measure what LoRA rank, scaling, initialisation and DoRA give on a 4-bit base, one change per cell.
 
 Every cell trains with Fine-tuning/01_Train.py on the demo's settings (tools/finetune_demo.py: base model,
-steps, batch, learning rate, sequence length, optimizer) with `lora_alpha` fixed (the script's default, 16)
-instead of the demo's 2 * r, so the scale is alpha / r, or alpha / sqrt(r) with rsLoRA. Then
+steps, batch, sequence length, optimizer) at learning rate LEARNING_RATE, with `lora_alpha` fixed (the
+script's default, 16) instead of the demo's 2 * r, so the scale is alpha / r, or alpha / sqrt(r) with rsLoRA. Then
 tools/evaluate.py scores the run on its own held-out split. One JSON record per run goes into --json-out
 (runs already recorded there are skipped, so an interrupted comparison continues where it stopped);
 --table prints the markdown table of a JSON file without running anything.
@@ -38,11 +38,13 @@ CELLS = {
     "r64-dora": ["--lora_r=64", "--use_rslora=false", "--PEFT_CONFIG=DoRa"],
 }
 TASKS = ("demo", "squad")
+LEARNING_RATE = 4e-3  # every cell's rate, whatever the demo's QLoRA default: the measured table used it
 
 
 def cell_args(args, task: str, cell: str, seed: int, out_root: Path) -> list[str]:
     """01_Train.py's arguments for one run: the demo's, then this comparison's (later overrides win)."""
-    demo = demo_parser().parse_args(["--data", str(args.data), "--steps", str(args.steps)])
+    demo = demo_parser().parse_args(["--data", str(args.data), "--steps", str(args.steps),
+                                     "--lr", f"qlora={LEARNING_RATE}"])
     dataset = [] if task == "demo" else [f"--DATASET_CHOICE={task}", f"--DATASET_PATH={args.data}"]
     return [*train_args(demo, "qlora", out_root), *dataset, f"--lora_alpha={args.lora_alpha}", f"--seed={seed}",
             *CELLS[cell]]

@@ -273,12 +273,17 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_chart(results: list[dict], path: Path) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display on a server
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_chart(results: list[dict], path: Path) -> None:
+    plt = _pyplot()
     metric = MAIN_METRIC[results[0]["dataset"]["name"]]
     fig, ax = plt.subplots(figsize=(8, 4.5 + 0.25 * len(results)))
     markers = "osD^vP*X"
@@ -291,6 +296,33 @@ def write_chart(results: list[dict], path: Path) -> None:
     ax.set_ylabel(f"held-out {metric} (%)")
     ax.set_title(f"{results[0]['dataset']['name']}: {metric} vs weight footprint")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_method_chart(summary: list[dict], runs: list[dict], path: Path) -> None:
+    """Accuracy per method (tools/finetune_demo.py's summary rows): the mean as a bar, the sample standard deviation
+    over seeds as its error bar, every run as a dot, and the binomial standard error of one run as a thin bar."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(summary), 4.5))
+    for i, s in enumerate(summary):
+        std = s["accuracy_sample_std"] or 0.0
+        ax.bar(i, s["accuracy_mean"], width=0.6, color="C0" if s["method"] != "base" else "0.6", alpha=0.7,
+               yerr=std, capsize=6, error_kw={"elinewidth": 1.5})
+        ax.errorbar(i + 0.22, s["accuracy_mean"], yerr=s["one_run_se"], fmt="none", ecolor="C3", capsize=3,
+                    elinewidth=1)
+        ax.scatter([i] * s["n"], [r["accuracy"] for r in runs if r["method"] == s["method"]] or [s["accuracy_mean"]],
+                   color="k", s=14, zorder=3)
+    labels = [f"{s['method']}\nlr {s['learning_rate']:g}" if s["learning_rate"] is not None else s["method"]
+              for s in summary]
+    ax.set_xticks(range(len(summary)), labels)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("held-out accuracy (%)")
+    seeds = max(s["n"] for s in summary)
+    ax.set_title(f"mean of {seeds} seed(s), {summary[-1]['rows']} held-out rows per run\n"
+                 "black bar: sample std over seeds; red: binomial SE of one run", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
