@@ -38,13 +38,13 @@ CELLS = {
     "r64-dora": ["--lora_r=64", "--use_rslora=false", "--PEFT_CONFIG=DoRa"],
 }
 TASKS = ("demo", "squad")
-LEARNING_RATE = 4e-3  # every cell's rate, whatever the demo's QLoRA default: the measured table used it
+LEARNING_RATE = 4e-3  # every cell's default rate, whatever the demo's QLoRA default: the measured table used it
 
 
 def cell_args(args, task: str, cell: str, seed: int, out_root: Path) -> list[str]:
     """01_Train.py's arguments for one run: the demo's, then this comparison's (later overrides win)."""
     demo = demo_parser().parse_args(["--data", str(args.data), "--steps", str(args.steps),
-                                     "--lr", f"qlora={LEARNING_RATE}"])
+                                     "--lr", f"qlora={args.learning_rate}"])
     dataset = [] if task == "demo" else [f"--DATASET_CHOICE={task}", f"--DATASET_PATH={args.data}"]
     return [*train_args(demo, "qlora", out_root), *dataset, f"--lora_alpha={args.lora_alpha}", f"--seed={seed}",
             *CELLS[cell]]
@@ -119,6 +119,8 @@ def parse_args(argv):
     parser.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, from: {', '.join(CELLS)}")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds (split, adapter init and shuffling)")
     parser.add_argument("--steps", type=int, default=demo_parser().get_default("steps"), help="optimizer steps per run")
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE,
+                        help="every run's learning rate (record other rates in their own --json-out)")
     parser.add_argument("--lora-alpha", type=int, default=16, help="lora_alpha of every run (the script's default)")
     parser.add_argument("--max-new-tokens", type=int, default=demo_parser().get_default("max_new_tokens"),
                         help="generation limit when evaluating")
