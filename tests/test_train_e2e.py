@@ -15,7 +15,7 @@ EXPECTED_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
 def trained(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
     result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
-                        *FAST_TRAIN_ARGS])
+                        *FAST_TRAIN_ARGS, "--save_steps=4"])
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
