@@ -7,17 +7,14 @@ import math
 import pytest
 
 from config_utils import ConfigError, training_defaults, validate_config
-from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_python, run_train
+from conftest import FAST_TRAIN_ARGS, run_python, train_on_openmath_sample
 
 QDORA_NAME = "Qwen3-0.6B-openmath_SFT_DoRa256_QLORA_w4_headbf16"
 LOFTQ_NAME = "Qwen3-0.6B-openmath_SFT_LoRa16_QLORA_w4_headbf16"
 
 
-def _train(tiny_model_dir, out, *extra):
-    result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
-                        *FAST_TRAIN_ARGS, *extra])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def _train(model_dir, out, *extra):
+    return train_on_openmath_sample(model_dir, out, *FAST_TRAIN_ARGS, *extra)
 
 
 def _read(directory):
@@ -192,10 +189,15 @@ def test_qdora_with_rslora_on_other_architectures_merges_into_what_it_trained(fa
     """Llama and Gemma 3 base models (no chat template): QDoRA with rsLoRA scaling trains, its merge passes the
     check on the dequantized base, and both options reach adapter_config.json and metadata.json."""
     model_dir = request.getfixturevalue(f"{family}_base_dir")
-    _train(model_dir, tmp_path, "--PEFT_CONFIG=DoRa", "--use_rslora=true", "--lora_r=8", "--lora_alpha=8")
+    # a high rate, so the learned magnitudes move well away from their start (the row norms of the base)
+    _train(model_dir, tmp_path, "--PEFT_CONFIG=DoRa", "--use_rslora=true", "--lora_r=8", "--lora_alpha=8",
+           "--learning_rate=2e-2")
     (directory,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     meta, adapter_config = _read(directory)
     assert meta["peft"] == "DoRa8" and meta["peft_options"]["scaling"] == 8 / math.sqrt(8)
     assert adapter_config["use_dora"] is True and adapter_config["use_rslora"] is True
     check = meta["merge_check"]
     assert check["passed"] and check["chosen_base"] == "dequantized" and meta["artifact"]["kind"] == "merged_bf16"
+    # the trained function up to bf16 rounding (Gemma's deeper stack of bf16 norms gave 2.5 rounding steps in one
+    # run); a merge that drops DoRA's magnitude fails this on both models (0.70 against a bound of 0.016 here)
+    assert check["max_abs_logit_diff"] <= 4 * _bf16_rounding(check["candidates"]["dequantized"]["max_abs_logit"])
