@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-TRAIN_SCRIPT = Path(__file__).resolve().parent / "Fine-tuning" / "01_Train.py"
-# The type of each training constant whose default is None (it then also accepts None).
-OPTIONAL_TYPES = {"DATASET_PATH": str}
 from typing import Any, Mapping
 
 from data_utils import DATASETS, NEEDS_PATH, resolve_source
@@ -20,6 +16,10 @@ from errors import UserError
 from quantization_utils import QuantMethod
 from run_dir import IF_EXISTS_POLICIES
 from training_setup import LORA_INITS, OPTIMIZERS, check_report_to
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "Fine-tuning" / "01_Train.py"
+# The type of each training constant whose default is None (it then also accepts None).
+OPTIONAL_TYPES = {"DATASET_PATH": str}
 
 PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")

@@ -9,6 +9,16 @@ from typing import Any
 PLOT_FILE = "training_loss.png"
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: the project's charts are files, drawn with no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def training_block(metadata: dict[str, Any]) -> dict[str, Any] | None:
     """The `training` block of a run's metadata, or of the source run of a PTQ sibling; None when there is none."""
     source = (metadata.get("source") or {}).get("metadata") or {}
@@ -37,11 +47,7 @@ def write_loss_plot(directory: str | Path, metadata: dict[str, Any]) -> Path | N
     training = training_block(metadata)
     if not training or not training.get("loss_curve"):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     series = loss_series(training)
     fig, ax = plt.subplots(figsize=(7, 4))
     for (label, (steps, losses)), style in zip(series.items(), ({"marker": "."}, {"marker": "o", "linestyle": "--"})):

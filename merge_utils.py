@@ -320,16 +320,14 @@ def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits
 
 def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_base: str, precision: str,
                     head_dtype, max_kl: float, load_trained: Callable[[], Any], load_merged: Callable[..., Any],
-                    reload: Callable[[Path], Any] | None = None,
-                    report: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
+                    reload: Callable[[Path], Any], report: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge `model` (a trained PeftModel), check every candidate, write the kept one into `staging`.
 
     merge_base "dequantized" | "original" | "auto" (both, the one with the lower mean KL kept);
     precision "bf16" (plain safetensors) | "nf4" (the kept candidate re-quantized through
     `load_merged(dir)`, bitsandbytes serialization). Every candidate is saved first (to
     `staging/.merge-*`, the NF4 one to `staging`), freed, and measured as `reload(dir)` loads it back
-    (default `artifacts.load_merged_dir` on the trained model's device: plain `from_pretrained`, the
-    saved fp16 head kept): the figures and fingerprints are those of the files, not of the object that
+    (as a user loads it: plain `from_pretrained`, the saved fp16 head kept): the figures and fingerprints are those of the files, not of the object that
     wrote them. Only one copy of the model is in memory at a time (`load_trained()` rebuilds the trained
     model for the second candidate of "auto"). Returns (merge_check, artifact) for metadata.json.
     """
@@ -338,11 +336,6 @@ def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_bas
 
     import torch
 
-    if reload is None:
-        from artifacts import load_merged_dir
-
-        device = str(next(model.parameters()).device)
-        reload = lambda directory: load_merged_dir(directory, None, device)  # noqa: E731
     trained = logits_on(model, batches)
     fingerprint_ids = batches[0]["input_ids"][0, :FINGERPRINT_TOKENS].tolist()
     candidates, fingerprints, head_names = {}, {}, {}

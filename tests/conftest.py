@@ -42,6 +42,13 @@ def run_train(args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=timeout)
 
 
+def train_on_openmath_sample(model_dir, out, *args) -> subprocess.CompletedProcess:
+    """01_Train.py on `model_dir` with the shipped openmath sample into `out`; the run must succeed."""
+    result = run_train([f"--MODEL_NAME={model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def run_python(code: str, timeout=300) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter (imports nothing from the test process)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=timeout)

@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from config_utils import ConfigError, validate_config
-from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_python, run_train
+from conftest import FAST_TRAIN_ARGS, run_python, train_on_openmath_sample
 
 # Fewer steps than the end-to-end test: the merge does not need a converged adapter, only a trained one.
 MERGE_TRAIN_ARGS = [*FAST_TRAIN_ARGS, "--max_steps=3", "--eval_samples=8", "--max_train_samples=60"]
@@ -17,10 +17,7 @@ ADAPTER_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
 
 
 def _train(tiny_model_dir, out, *extra):
-    result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
-                        *MERGE_TRAIN_ARGS, *extra])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return train_on_openmath_sample(tiny_model_dir, out, *MERGE_TRAIN_ARGS, *extra)
 
 
 @pytest.fixture(scope="module")

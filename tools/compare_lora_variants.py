@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from artifacts import write_json  # noqa: E402
+from config_utils import training_defaults  # noqa: E402
 from tools.evaluate import MAIN_METRIC  # noqa: E402
 from tools.evaluate import main as evaluate  # noqa: E402
 from tools.finetune_demo import build_parser as demo_parser  # noqa: E402
@@ -46,8 +47,7 @@ def cell_args(args, task: str, cell: str, seed: int, out_root: Path) -> list[str
     demo = demo_parser().parse_args(["--data", str(args.data), "--steps", str(args.steps),
                                      "--lr", f"qlora={args.learning_rate}"])
     dataset = [] if task == "demo" else [f"--DATASET_CHOICE={task}", f"--DATASET_PATH={args.data}"]
-    return [*train_args(demo, "qlora", out_root), *dataset, f"--lora_alpha={args.lora_alpha}", f"--seed={seed}",
-            *CELLS[cell]]
+    return [*train_args(demo, "qlora", out_root, seed), *dataset, f"--lora_alpha={args.lora_alpha}", *CELLS[cell]]
 
 
 def _children_cpu_seconds() -> float:
@@ -121,7 +121,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=demo_parser().get_default("steps"), help="optimizer steps per run")
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE,
                         help="every run's learning rate (record other rates in their own --json-out)")
-    parser.add_argument("--lora-alpha", type=int, default=16, help="lora_alpha of every run (the script's default)")
+    parser.add_argument("--lora-alpha", type=int, default=training_defaults()["lora_alpha"],
+                        help="lora_alpha of every run (default: Fine-tuning/01_Train.py's)")
     parser.add_argument("--max-new-tokens", type=int, default=demo_parser().get_default("max_new_tokens"),
                         help="generation limit when evaluating")
     parser.add_argument("--out-root", default="outputs/lora_variants", help="runs train into OUT_ROOT/TASK/CELL-seedN/")

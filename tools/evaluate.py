@@ -28,6 +28,7 @@ from artifacts import (absolute_if_local, base_load_extras, check_finished, chec
                        non_finite_as_null, non_finite_values, read_metadata, run_config, write_json)
 from data_utils import DATASETS, get_dataset_spec, resolve_source, squad_answers  # noqa: E402
 from errors import reading_user_file  # noqa: E402
+from loss_plot import pyplot  # noqa: E402
 from eval_utils import math_answer_correct, perplexity, squad_exact_match, squad_f1  # noqa: E402
 from model_card import write_model_cards  # noqa: E402
 from model_loading import check_safetensors_weights, quiet_bitsandbytes_notices  # noqa: E402
@@ -273,17 +274,8 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a server
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_chart(results: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     metric = MAIN_METRIC[results[0]["dataset"]["name"]]
     fig, ax = plt.subplots(figsize=(8, 4.5 + 0.25 * len(results)))
     markers = "osD^vP*X"
@@ -304,7 +296,7 @@ def write_chart(results: list[dict], path: Path) -> None:
 def write_method_chart(summary: list[dict], runs: list[dict], path: Path) -> None:
     """Accuracy per method (tools/finetune_demo.py's summary rows): the mean as a bar, the sample standard deviation
     over seeds as its error bar, every run as a dot, and the binomial standard error of one run as a thin bar."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(summary), 4.5))
     for i, s in enumerate(summary):
         std = s["accuracy_sample_std"] or 0.0
