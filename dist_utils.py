@@ -94,6 +94,14 @@ def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
+def leave_process_group() -> None:
+    """Destroy this rank's process group before the interpreter exits: a gloo group left to the exit-time
+    destructors can abort the process ("terminate called without an active exception") after a good run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
 def from_main(obj: Any) -> Any:
     """Rank 0's `obj` on every rank (just `obj` without a process group)."""
     import torch.distributed as dist

@@ -22,7 +22,7 @@ from config_utils import resolve_config  # noqa: E402
 from chat_format import ensure_chat_template  # noqa: E402
 from data_utils import dataset_tag, load_training_data  # noqa: E402
 from dist_utils import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,  # noqa: E402
-                        resolve_quant_storage, start_device)
+                        leave_process_group, resolve_quant_storage, start_device)
 from errors import UserError  # noqa: E402
 from loss_plot import write_loss_plot  # noqa: E402
 from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, plan_run, with_measured_peak  # noqa: E402
@@ -183,6 +183,8 @@ def main(argv=None) -> Path | None:
         if full is None:
             raise
         raise SystemExit(f"error: {full}") from None
+    finally:
+        leave_process_group()  # every rank, however it leaves: no group is left to the exit-time destructors
 
 
 if __name__ == "__main__":

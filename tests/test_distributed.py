@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, TRAIN_SCRIPT
+from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, TRAIN_SCRIPT, run_python
 from dist_utils import LaunchContext, check_launch, combine_peak_reports, launch_context, resolve_quant_storage
 from quantization_utils import build_quantization_plan
 
@@ -54,6 +54,22 @@ def test_ddp_merged_model_loads(ddp_run):
     model = AutoModelForCausalLM.from_pretrained(out / NAME)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_every_exit_of_main_leaves_the_process_group(tmp_path):
+    # a group left to the interpreter's exit-time destructors can abort a rank after a good run
+    code = f"""
+import runpy, sys, torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+main = runpy.run_path({str(TRAIN_SCRIPT)!r})["main"]
+try:
+    main(["--lora_r=0"])
+except SystemExit as exit:
+    print("exit:", exit)
+print("group left:", not dist.is_initialized())
+"""
+    result = run_python(code, timeout=120)
+    assert "exit: error: lora_r" in result.stdout and "group left: True" in result.stdout, result.stderr[-2000:]
 
 
 def test_launch_context_reads_torchrun_and_accelerate_variables():
