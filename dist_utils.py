@@ -8,6 +8,7 @@ they put in the environment and gathers small Python objects across ranks.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -97,6 +98,8 @@ def barrier() -> None:
 def leave_process_group() -> None:
     """Destroy this rank's process group before the interpreter exits: a gloo group left to the exit-time
     destructors can abort the process ("terminate called without an active exception") after a good run."""
+    if "torch" not in sys.modules:  # nothing joined a group (and a config error need not wait for torch to import)
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

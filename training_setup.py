@@ -220,8 +220,8 @@ def build_trainer(model, tokenizer, cfg: Mapping[str, Any], train_data, eval_dat
     dtype when a checkpoint is resumed."""
     from trl import SFTTrainer
 
-    from checkpoint_utils import (MarkCompleteCallback, StopOnNonFiniteLossCallback, StopOnSignalCallback,
-                                  keep_trainable_dtypes)
+    from checkpoint_utils import keep_trainable_dtypes
+    from trainer_callbacks import MarkCompleteCallback, StopOnNonFiniteLossCallback, StopOnSignalCallback
 
     held_out = eval_data if eval_data is not None and len(eval_data) else None
     # held-out loss at every checkpoint: eval_samples forward passes per save_steps optimizer steps
@@ -311,8 +311,8 @@ def stop_on_signal(trainer) -> None:
     """Exit (128 + the signal's number) when a signal stopped training; its checkpoint is already saved."""
     import signal
 
-    from checkpoint_utils import StopOnSignalCallback
     from run_log import step
+    from trainer_callbacks import StopOnSignalCallback
 
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, StopOnSignalCallback) and callback.received is not None:

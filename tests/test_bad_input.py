@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from artifacts import load_output_dir, write_json
-from checkpoint_utils import MARKER, NonFiniteLossError, checkpoint_problem, write_marker
+from checkpoint_utils import MARKER, checkpoint_problem, write_marker
 from config_utils import ConfigError, training_defaults, validate_config
 from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, ROOT, run_train
 from errors import UserError
@@ -25,6 +25,7 @@ from model_loading import load_causal_lm
 from quantization_utils import base_model_name, build_metadata, build_quantization_plan, output_dir_name, safe_name_part
 from tools.evaluate import main as evaluate
 from tools.quantize import main as quantize
+from trainer_callbacks import NonFiniteLossError
 
 OUTPUT_NAME = "Qwen3-0.6B-openmath_SFT_LoRa8_QLORA_w4_headbf16"
 

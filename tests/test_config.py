@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from config_utils import ConfigError, apply_overrides, resolve_config, training_defaults, validate_config
-from conftest import OPENMATH_SAMPLE, run_train
+from conftest import OPENMATH_SAMPLE, TRAIN_SCRIPT, run_python, run_train
 
 DEFAULTS = {"lora_r": 256, "learning_rate": 2e-4, "merge_after_train": True, "target_modules": ["q_proj"],
             "MODEL_NAME": "Qwen/Qwen3-0.6B", "DATASET_PATH": None}
@@ -62,6 +62,21 @@ def test_invalid_config_is_one_line_naming_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as raised:
         resolve_config(training_defaults(), [*extra, override])
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_bad_constant_is_refused_before_the_training_stack_imports():
+    # the answer to a typo comes at once, not after torch, transformers and trl have loaded (seconds)
+    code = f"""
+import runpy, sys
+main = runpy.run_path({str(TRAIN_SCRIPT)!r})["main"]
+try:
+    main(["--lora_r=0"])
+except SystemExit as exit:
+    print(exit)
+print("imported:", sorted(set(sys.modules) & {{"torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate"}}))
+"""
+    result = run_python(code, timeout=60)
+    assert result.stdout.splitlines() == ["error: lora_r=0 must be an integer > 0", "imported: []"], result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("override, message", [
