@@ -73,8 +73,9 @@ def check_launch(ctx: LaunchContext, cfg: Mapping[str, Any], cuda_available: boo
     if str(cfg["optim"]).startswith("paged_"):
         raise UserError(f"optim={cfg['optim']!r} under FSDP: paged optimizer state lives outside what FSDP's sharded "
                          "checkpoints save and restore; use adamw_torch")
-    if cfg["PEFT_CONFIG"] == "DoRa":
-        raise UserError("PEFT_CONFIG='DoRa' under FSDP is not supported here; use LoRa")
+    if cfg["PEFT_CONFIG"] in ("DoRa", "Full"):  # Full: the sharded model is gathered and reloaded as an adapter
+        raise UserError(f"PEFT_CONFIG={cfg['PEFT_CONFIG']!r} under FSDP is not supported here; use LoRa "
+                        "(or DDP: torchrun --nproc_per_node N Fine-tuning/01_Train.py)")
     if cfg["init_lora_weights"] == "loftq":  # never run under FSDP (bfloat16 4-bit storage, sharding)
         raise UserError("init_lora_weights='loftq' under FSDP is not supported here; use default or gaussian")
 

@@ -80,9 +80,12 @@ def peak_memory_report(devices: list[int] | None = None) -> dict[str, Any]:
     return report
 
 def describe_footprint(footprint: dict[str, int]) -> str:
-    """A `weight_footprint` in words: the stored size and how much less than bf16 it is."""
-    saved = 100 * (1 - footprint["total_bytes"] / footprint["bf16_bytes"])
-    return f"weights {format_size(footprint['total_bytes'])} ({saved:.1f}% less than bf16)"
+    """A `weight_footprint` in words: the stored size against the same model in bf16 (a 4-bit model is smaller,
+    fp32 master weights are twice it; a bf16 model's few fp32 buffers round to "as bf16")."""
+    ratio = footprint["total_bytes"] / footprint["bf16_bytes"]
+    versus = (f"{100 * (1 - ratio):.1f}% less than bf16" if ratio < 0.995 else
+              f"{ratio:.2f}x bf16" if ratio > 1.005 else "as bf16")
+    return f"weights {format_size(footprint['total_bytes'])} ({versus})"
 
 
 def describe_peak(report: dict[str, Any]) -> str:

@@ -91,7 +91,8 @@ def test_fsdp_stores_4bit_weights_in_the_model_dtype():
     ({"bnb_4bit_quant_storage": "uint8"}, "must equal the model dtype (bfloat16)"),
     ({"bnb_4bit_quant_storage": "float32"}, "must equal the model dtype (bfloat16)"),
     ({"optim": "paged_adamw_32bit"}, "paged optimizer state lives outside what FSDP's sharded checkpoints"),
-    ({"PEFT_CONFIG": "DoRa"}, "DoRa"),
+    ({"PEFT_CONFIG": "DoRa"}, "PEFT_CONFIG='DoRa' under FSDP is not supported"),
+    ({"PEFT_CONFIG": "Full"}, "PEFT_CONFIG='Full' under FSDP is not supported"),
     ({"init_lora_weights": "loftq"}, "loftq"),
 ])
 def test_fsdp_preflight_refuses_silently_broken_combinations(override, message):
