@@ -15,7 +15,7 @@ from data_utils import DATASETS, NEEDS_PATH, resolve_source
 from errors import UserError
 from quantization_utils import QuantMethod
 from run_dir import IF_EXISTS_POLICIES
-from training_setup import LORA_INITS, OPTIMIZERS, check_report_to
+from training_setup import FULL_WEIGHTS_DTYPES, LORA_INITS, OPTIMIZERS, check_report_to
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "Fine-tuning" / "01_Train.py"
 # The type of each training constant whose default is None (it then also accepts None).
@@ -143,6 +143,15 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _require(cfg["PEFT_CONFIG"] in PEFT_CHOICES,
              f"PEFT_CONFIG={cfg['PEFT_CONFIG']!r} is unknown; allowed: {', '.join(PEFT_CHOICES)}")
     _validate_lora_init(cfg)
+    _require(cfg["PEFT_CONFIG"] != "Full" or str(cfg["QUANT_METHOD"]).upper() == "NONE",
+             f"PEFT_CONFIG=Full needs QUANT_METHOD=NONE: 4-bit weights cannot be trained themselves "
+             f"(QUANT_METHOD={cfg['QUANT_METHOD']} trains LoRa or DoRa adapters on them)")
+    if "full_weights_dtype" in cfg:
+        _require(cfg["full_weights_dtype"] in FULL_WEIGHTS_DTYPES, f"full_weights_dtype={cfg['full_weights_dtype']!r} "
+                 f"is unknown; allowed: {', '.join(FULL_WEIGHTS_DTYPES)}")
+        _require(cfg["full_weights_dtype"] == "bf16" or cfg["PEFT_CONFIG"] == "Full",
+                 f"full_weights_dtype={cfg['full_weights_dtype']} needs PEFT_CONFIG=Full: it is the dtype full "
+                 "fine-tuning trains the weights in (LoRa and DoRa train adapters over a frozen base)")
     for name, (allowed, accepts) in NUMERIC_RANGES.items():
         if name in cfg:
             _require(accepts(cfg[name]), f"{name}={cfg[name]!r} must be {allowed}")

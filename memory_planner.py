@@ -47,7 +47,8 @@ TOKENIZE_BYTES_PER_TOKEN = 638
 # bitsandbytes' optimizers on CPU (backends/cpu/ops.py) update one parameter at a time through fp32
 # copies: for 8-bit AdamW the two dequantized states, the gradient, the parameter, sqrt(state2) and the
 # denominator. Six fp32 copies of the largest trainable tensor: 3.5 GiB for full fine-tuning of
-# Qwen3-0.6B (its 155.6M-parameter embedding), a few MB for LoRA. On CUDA the kernels update in place.
+# Qwen3-0.6B (its 155.6M-parameter embedding), a few MB for LoRA. An fp32 parameter is updated in place
+# (`p.data.float()` copies only a 16-bit one): five. On CUDA the kernels update in place.
 CPU_BNB_OPTIMIZER_COPIES = 6
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class TrainingSetup:
     optim: str = "paged_adamw_8bit"  # 01_Train.py's default
     fused_loss: bool = True  # TRL's chunked LM head (SFTTrainer's default); False = full fp32 logits
     quant: str = "nf4_dq"  # qlora only: nf4 | nf4_dq | fp4 | fp4_dq
+    full_weights_dtype: str = "bf16"  # full only: bf16 | fp32 (master weights; their gradients fp32 too)
     embeddings_dtype: str = "bf16"  # qlora: bf16 (prepare_kbit_model) | fp32 (peft's upcast kept)
     norms_dtype: str = "bf16"  # bf16 (prepare_kbit_model, TRL's recipe) | fp32 (peft's upcast kept)
     device: str = "cpu"  # cpu (peak RSS, with the runtime term) | cuda (max allocated)
@@ -128,8 +130,9 @@ def layer_activation_bytes(cfg: Mapping[str, Any], tokens: int, lora_targets: tu
     return tokens * per_token
 
 def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "cpu",
-                     checkpoint_mapped: bool = False) -> dict[str, Any]:
-    """Predicted peak while loading a bf16 checkpoint as bf16 (`quant` None) or 4-bit, before training.
+                     checkpoint_mapped: bool = False, dtype: str = "bf16") -> dict[str, Any]:
+    """Predicted peak while loading a bf16 checkpoint as `dtype` (bf16, or fp32 for full fine-tuning's master
+    weights; `quant` None) or 4-bit, before training.
 
     On CPU: the runtime, the converted weights (embedding, head and norms in bf16) and the bf16 tensor
     being quantized. A bf16 load maps the checkpoint and its weights are the mapped pages, read only when
@@ -144,7 +147,10 @@ def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "c
     bits = 16 if quant is None else QUANT_BITS[quant]
     weights = counts["linear"] * bits / 8 + 2 * (counts["embedding"] + counts["lm_head"] + counts["norms"])
     cpu = device == "cpu"
-    if quant is None:  # on CPU the weights are the mapped checkpoint, not yet read
+    if quant is None and dtype != "bf16":  # converted on load: allocated, on CPU too
+        parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": DTYPE_BYTES[dtype] * sum(counts.values())}
+        total = sum(parts.values())
+    elif quant is None:  # on CPU the weights are the mapped checkpoint, not yet read
         parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": 0 if cpu else int(weights)}
         total = sum(parts.values())
     elif checkpoint_mapped:
@@ -192,8 +198,8 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         weights = 2 * (counts["linear"] + plain + counts["norms"])
         trainable, trainable_bytes = lora_parameter_count(cfg, setup.lora_r, setup.target_modules), 4  # peft: fp32
     else:
-        weights = 2 * (counts["linear"] + plain + counts["norms"])
-        trainable, trainable_bytes = sum(counts.values()), 2
+        trainable, trainable_bytes = sum(counts.values()), DTYPE_BYTES[setup.full_weights_dtype]
+        weights = trainable * trainable_bytes
     adapters = trainable * trainable_bytes if setup.method != "full" else 0
     targets = setup.target_modules if setup.method != "full" else ()
     one_layer = layer_activation_bytes(cfg, tokens, targets)
@@ -207,7 +213,8 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         largest_trainable = max([vocab * h] + [i * o for i, o in _linear_shapes(cfg).values()])
     else:
         largest_trainable = setup.lora_r * max(max(i, o) for i, o in _linear_shapes(cfg).values())  # A or B
-    optimizer_step = (CPU_BNB_OPTIMIZER_COPIES * 4 * largest_trainable
+    step_copies = CPU_BNB_OPTIMIZER_COPIES - 1 if trainable_bytes == 4 else CPU_BNB_OPTIMIZER_COPIES
+    optimizer_step = (step_copies * 4 * largest_trainable
                       if setup.device == "cpu" and OPTIMIZERS[setup.optim].bitsandbytes else 0)
     head_cast = plain // (2 if counts["lm_head"] else 1) * 2 if setup.embeddings_dtype == "fp32" and setup.method == "qlora" else 0
     parts = {
@@ -229,7 +236,7 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
     train_peak = sum(v for k, v in parts.items() if k != "optimizer_paged")
     # Loading comes before kbit preparation: the weights are as loaded (see plan_load_memory).
     load = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device,
-                            setup.checkpoint_mapped)
+                            setup.checkpoint_mapped, setup.full_weights_dtype if setup.method == "full" else "bf16")
     load_peak = load["peak_bytes"]
     if setup.method == "qlora":
         # peft's prepare_model_for_kbit_training upcasts every 16-bit parameter to fp32 one at a time, and
@@ -332,7 +339,7 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
     setup = TrainingSetup(
         method=method, lora_r=train_cfg["lora_r"], target_modules=targets, seq_len=seq,
         batch_size=train_cfg["per_device_train_batch_size"], gradient_checkpointing=train_cfg["gradient_checkpointing"],
-        optim=train_cfg["optim"], device=device,
+        optim=train_cfg["optim"], device=device, full_weights_dtype=train_cfg["full_weights_dtype"],
         # model_loading.load_causal_lm reads with pread, except a model with its own code: from_pretrained maps it
         checkpoint_mapped=bool(train_cfg.get("trust_remote_code", False)),
         longest_row_tokens=tokens.longest_tokens if tokens else 0)
@@ -449,6 +456,8 @@ LEVERS: dict[str, Callable[[Mapping[str, Any]], list[dict[str, Any]]]] = {
     "gradient checkpointing": _switch("gradient_checkpointing", True),
     "batch": lambda cfg: _smaller_batches(cfg),
     "8-bit optimizer": lambda cfg: [{"optim": "paged_adamw_8bit"}] if OPTIMIZERS[cfg["optim"]].state_bytes > 2 else [],
+    "bf16 weights": lambda cfg: ([{"full_weights_dtype": "bf16"}] if cfg["PEFT_CONFIG"] == "Full"
+                                 and cfg["full_weights_dtype"] != "bf16" else []),
     "4-bit base": lambda cfg: ([{"QUANT_METHOD": "QLORA"}] if str(cfg["QUANT_METHOD"]).upper() != "QLORA"
                                and cfg["PEFT_CONFIG"] != "Full" else []),
     "no merge": _switch("merge_after_train", False),
@@ -513,7 +522,7 @@ def disk_needed_for_config(plan: Mapping[str, Any], cfg: Mapping[str, Any]) -> d
     head_copy = params["embedding"] if cfg["keep_lm_head_fp16"] else 0  # an fp16 head of its own
     writes_model = cfg["merge_after_train"] or cfg["PEFT_CONFIG"] == "Full"
     return disk_needed(plan["parts"]["gradients"], plan["trainable_params"], cfg["optim"], cfg["keep_checkpoints"],
-                       sum(params.values()) + head_copy if writes_model else 0)
+                       sum(params.values()) + head_copy if writes_model else 0, adapter=cfg["PEFT_CONFIG"] != "Full")
 
 def plan_run(model_cfg: Mapping[str, Any], cfg: Mapping[str, Any], device: str, data, tokenizer) -> dict[str, Any]:
     """01_Train.py's plan, before any weights load: token lengths of the rows (`data`: data_utils.TrainingData),
@@ -554,13 +563,14 @@ def with_measured_peak(plan: Mapping[str, Any], peak: Mapping[str, Any]) -> dict
     return out
 
 def disk_needed(trainable_bytes: int, trainable_params: int, optim: str, keep_checkpoints: int,
-                merged_params: int) -> dict[str, int]:
+                merged_params: int, adapter: bool = True) -> dict[str, int]:
     """Estimated bytes a run writes: `keep_checkpoints` + 1 checkpoints (the Trainer writes a new one before
-    rotating the oldest out), the final adapter, and a bf16 merged model of `merged_params` (0: none)."""
+    rotating the oldest out), the final adapter (none for full fine-tuning), and a bf16 model of
+    `merged_params` (0: none)."""
     checkpoint = int(trainable_bytes + trainable_params * OPTIMIZERS[optim].state_bytes) + 1_000_000
-    merged = merged_params * 2
-    return {"checkpoint": checkpoint, "adapter": trainable_bytes, "merged": merged,
-            "total": (keep_checkpoints + 1) * checkpoint + trainable_bytes + merged}
+    merged, adapter_bytes = merged_params * 2, trainable_bytes if adapter else 0
+    return {"checkpoint": checkpoint, "adapter": adapter_bytes, "merged": merged,
+            "total": (keep_checkpoints + 1) * checkpoint + adapter_bytes + merged}
 
 def disk_needed_for(model, cfg: Mapping[str, Any]) -> dict[str, int]:
     """`disk_needed` for a model ready to train under the run's constants."""
@@ -571,7 +581,7 @@ def disk_needed_for(model, cfg: Mapping[str, Any]) -> dict[str, int]:
     head_copy = model.get_output_embeddings().weight.numel() if cfg["keep_lm_head_fp16"] else 0  # untied fp16 head
     writes_model = cfg["merge_after_train"] or cfg["PEFT_CONFIG"] == "Full"
     return disk_needed(trainable_bytes, trainable, cfg["optim"], cfg["keep_checkpoints"],
-                       total + head_copy if writes_model else 0)
+                       total + head_copy if writes_model else 0, adapter=cfg["PEFT_CONFIG"] != "Full")
 
 
 def check_disk_for_run(model, cfg: Mapping[str, Any], root: Path) -> dict[str, int]:

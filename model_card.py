@@ -105,7 +105,12 @@ def base_plan_text(metadata: dict) -> str:
         return (f"4-bit {str(extras.get('base_quant_type', 'nf4')).upper()}"
                 f"{', double quantization' if extras.get('double_quant') else ''}, "
                 f"{extras.get('compute_dtype', 'bfloat16')} compute{storage} (bitsandbytes), frozen")
-    return "bf16 (no quantization)" + (", frozen" if (metadata.get("config") or {}).get("PEFT_CONFIG") != "Full" else "")
+    config = metadata.get("config") or {}
+    if config.get("PEFT_CONFIG") != "Full":
+        return "bf16 (no quantization), frozen"
+    if config.get("full_weights_dtype") == "fp32":
+        return "fp32 master weights, bf16 compute (no quantization); saved in bf16"
+    return "bf16 (no quantization)"
 
 
 def training_section(metadata: dict, heading: str = "## How it was trained") -> str:

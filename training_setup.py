@@ -78,6 +78,20 @@ def lora_config(cfg: Mapping[str, Any]):
                       init_lora_weights=LORA_INITS[cfg["init_lora_weights"]])
 
 
+# Full fine-tuning's weights as the optimizer updates them. bf16 weights: an update under half a bf16 step of its
+# weight (2^-9 to 2^-8 of it) rounds away, so at small learning rates training stalls. fp32 master weights with
+# bf16 autocast compute keep every update, at twice the memory of the weights and their gradients.
+FULL_WEIGHTS_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+def weights_dtype(cfg: Mapping[str, Any]):
+    """The torch dtype the model loads in: full_weights_dtype for full fine-tuning, else bf16 (a LoRA or DoRA run
+    trains adapters over a frozen bf16 or 4-bit base)."""
+    import torch
+
+    name = FULL_WEIGHTS_DTYPES[cfg["full_weights_dtype"]] if cfg["PEFT_CONFIG"] == "Full" else "bfloat16"
+    return getattr(torch, name)
+
+
 def lora_scaling(cfg: Mapping[str, Any]) -> float:
     """The factor peft multiplies B @ A by: lora_alpha / lora_r, or lora_alpha / sqrt(lora_r) with rsLoRA."""
     return cfg["lora_alpha"] / (cfg["lora_r"] ** 0.5 if cfg["use_rslora"] else cfg["lora_r"])
@@ -325,7 +339,10 @@ def save_adapter(trainer, directory: Path, fsdp: bool, is_main: bool, base_model
                  bnb_config=None, tokenizer=None) -> None:
     """The trained adapter into `directory`. Under FSDP every rank takes part in gathering the sharded
     adapter and rank 0 writes it; elsewhere rank 0 saves its own copy. With `base_model`, rank 0 then
-    makes the directory self-describing (`describe_adapter`)."""
+    makes the directory self-describing (`describe_adapter`). Full fine-tuning has no adapter: nothing is written
+    (write_model saves the model itself)."""
+    if getattr(trainer.model, "peft_config", None) is None:
+        return
     if fsdp:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(directory))

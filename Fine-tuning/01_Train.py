@@ -33,7 +33,8 @@ from model_loading import load_causal_lm, load_tokenizer, pick_device, read_mode
 from output_checks import check_saved_generation  # noqa: E402
 from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
 from run_log import setup_logging, step  # noqa: E402
-from training_setup import build_trainer, peft_options, prepare_for_training, save_adapter, take_trained_model, train  # noqa: E402
+from training_setup import (build_trainer, peft_options, prepare_for_training, save_adapter, take_trained_model,  # noqa: E402
+                            train, weights_dtype)
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: every name here can be overridden as --NAME=value
@@ -49,6 +50,7 @@ trust_remote_code = False  # True runs Python code shipped with the model repo: 
 QUANT_METHOD = "QLORA"  # QLORA (4-bit NF4 + double quant base, bf16 compute) | NONE (bf16 base)
 # -- adapters
 PEFT_CONFIG = "LoRa"  # LoRa | DoRa (learned per-output magnitude; on QLORA = QDoRA, slower steps) | Full (full fine-tuning)
+full_weights_dtype = "bf16"  # Full only: bf16 (small updates round away: low rates stall) | fp32 (master weights, bf16 compute; 2x weight + grad memory)
 lora_r = 256  # rank: higher = more trainable params and memory (Qwen3-0.6B, 7 projections: r=64 ~40M, r=256 ~161M)
 lora_alpha = 16  # LoRA scale is lora_alpha / lora_r (lora_alpha / sqrt(lora_r) with use_rslora)
 use_rslora = False  # False: scale alpha / r (shrinks as r grows) | True: rsLoRA, alpha / sqrt(r) (docs: which to pick)
@@ -125,7 +127,8 @@ def main(argv=None) -> Path | None:
                 return run.publish()
             resume = find_resume_point(cfg["RESUME"], run.staging / "checkpoints", cfg)
             # ---- model ------------------------------------------------------------------------------
-            model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"], for_fsdp=launch.fsdp)
+            model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"], dtype=weights_dtype(cfg),
+                                   for_fsdp=launch.fsdp)
             footprint = weight_footprint(model)
             step("model", "%s on %s: %s", cfg["MODEL_NAME"], device, describe_footprint(footprint))
             model = prepare_for_training(model, cfg, quantized=bnb_config is not None, fsdp=launch.fsdp)

@@ -72,6 +72,8 @@ def test_disk_estimate_and_check():
     assert need["checkpoint"] == 4_000 + 8_000 + 1_000_000 and need["merged"] == 20_000
     assert need["total"] == 3 * need["checkpoint"] + 4_000 + 20_000
     assert disk_needed(4_000, 1_000, "paged_adamw_8bit", 2, 0)["checkpoint"] == 4_000 + 2_000 + 1_000_000
+    full = disk_needed(4_000, 1_000, "paged_adamw_32bit", 2, 10_000, adapter=False)  # full fine-tuning: no adapter
+    assert full["adapter"] == 0 and full["total"] == need["total"] - 4_000
 
 
 def test_free_disk_check_says_what_and_how_much(tmp_path):

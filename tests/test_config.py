@@ -56,6 +56,9 @@ def _no_weights_model(tiny_model_dir, tmp_path):
     ("--RESUME=sometimes", "RESUME='sometimes' is not auto, never or an existing checkpoint directory"),
     ("--learning_rate=inf", "learning_rate=inf must be a finite number > 0"),
     ("--seed=-1", "seed=-1 must be an integer >= 0"),
+    ("--PEFT_CONFIG=Full", "PEFT_CONFIG=Full needs QUANT_METHOD=NONE: 4-bit weights cannot be trained themselves"),
+    ("--full_weights_dtype=fp16", "full_weights_dtype='fp16' is unknown; allowed: bf16, fp32"),
+    ("--full_weights_dtype=fp32", "full_weights_dtype=fp32 needs PEFT_CONFIG=Full"),
 ])
 def test_invalid_config_is_one_line_naming_what_is_allowed(override, message):
     extra = ["--merge_after_train=false"] if "keep_lm_head" in override else []

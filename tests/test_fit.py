@@ -61,6 +61,21 @@ def test_levers_are_replanned_configs_that_fit():
     assert all(peak <= budget for _, peak in levers)
 
 
+def test_full_fine_tuning_over_budget_with_fp32_weights_is_offered_bf16_weights():
+    from config_utils import training_defaults
+    from memory_planner import fitting_levers, plan_for_train_config
+    from model_fixtures import architecture
+
+    model = architecture("Qwen3-1.7B")
+    cfg = {**training_defaults(), "QUANT_METHOD": "NONE", "PEFT_CONFIG": "Full", "full_weights_dtype": "fp32",
+           "max_seq_length": 512, "merge_after_train": False}
+    fp32 = plan_for_train_config(model, cfg, "cuda")["peak_bytes"]
+    bf16 = plan_for_train_config(model, {**cfg, "full_weights_dtype": "bf16"}, "cuda")["peak_bytes"]
+    assert bf16 < fp32
+    levers = dict(fitting_levers(model, cfg, "cuda", (bf16 + fp32) // 2))
+    assert levers["full_weights_dtype fp32->bf16"] == bf16
+
+
 @pytest.mark.parametrize("value,ok", [("auto", True), ("off", True), ("7.5", True), (12, True), ("0", False),
                                       ("-1", False), ("lots", False), ("nan", False), (None, False)])
 def test_memory_limit_accepts_auto_off_or_gib(value, ok):

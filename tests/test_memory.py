@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memory_planner import CPU_LOSS_TILES, QUANT_BITS, TrainingSetup, lora_parameter_count, parameter_counts, plan_load_memory, plan_training_memory
-from memory_usage import GIB, count_parameters, weight_footprint
+from memory_usage import GIB, count_parameters, describe_footprint, weight_footprint
 from model_fixtures import build_random_model, train_bpe_tokenizer
 from model_loading import load_causal_lm, prepare_kbit_model
 
@@ -239,8 +239,8 @@ def test_planner_counts_the_merge_when_the_run_merges():
     from memory_planner import plan_for_train_config
     from model_fixtures import architecture_dimensions
 
-    cfg = {"QUANT_METHOD": "QLORA", "PEFT_CONFIG": "LoRa", "lora_r": 64, "max_seq_length": 512,
-           "per_device_train_batch_size": 1, "gradient_checkpointing": True, "optim": "paged_adamw_32bit",
+    cfg = {"QUANT_METHOD": "QLORA", "PEFT_CONFIG": "LoRa", "full_weights_dtype": "bf16", "lora_r": 64,
+           "max_seq_length": 512, "per_device_train_batch_size": 1, "gradient_checkpointing": True, "optim": "paged_adamw_32bit",
            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     arch = architecture_dimensions("Qwen3-0.6B")
     adapter_only = plan_for_train_config(arch, {**cfg, "merge_after_train": False}, "cuda")
@@ -275,3 +275,24 @@ def test_paged_optimizer_state_is_outside_cuda_max_allocated():
     assert paged["parts"]["optimizer_paged"] == plain["parts"]["optimizer"] == 8 * 40_370_176
     assert plain["train_peak_bytes"] - paged["train_peak_bytes"] == 8 * 40_370_176
     assert "optimizer" in on_cpu["parts"]  # unpaged on CPU: in the process's RSS
+
+
+@pytest.mark.parametrize("total, words", [(300, "(70.0% less than bf16)"), (1003, "(as bf16)"), (2000, "(2.00x bf16)")])
+def test_the_footprint_line_says_smaller_same_or_larger_than_bf16(total, words):
+    mib = 2**20
+    assert describe_footprint({"total_bytes": total * mib, "bf16_bytes": 1000 * mib}).endswith(words)
+
+
+def test_fp32_master_weights_double_the_weights_and_gradients_of_full_fine_tuning():
+    from model_fixtures import architecture_dimensions
+
+    arch = architecture_dimensions("Qwen3-0.6B")
+    plans = {dtype: plan_training_memory(arch, TrainingSetup(method="full", optim="paged_adamw_8bit", device="cpu",
+                                                             full_weights_dtype=dtype))["parts"]
+             for dtype in ("bf16", "fp32")}
+    params = sum(parameter_counts(arch).values())
+    assert plans["bf16"]["weights"] == plans["bf16"]["gradients"] == 2 * params
+    assert plans["fp32"]["weights"] == plans["fp32"]["gradients"] == 4 * params
+    assert plans["fp32"]["optimizer"] == plans["bf16"]["optimizer"] == 2 * params  # 8-bit state either way
+    # bitsandbytes' CPU step copies a 16-bit parameter to fp32, and updates an fp32 one in place
+    assert plans["bf16"]["optimizer_step"] * 5 == plans["fp32"]["optimizer_step"] * 6

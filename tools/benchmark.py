@@ -38,6 +38,7 @@ class Case:
     kind: str  # weights | train
     quant: str | None = None  # None (bf16) | nf4 | nf4_dq | fp4
     peft: str = "lora"  # lora | full
+    full_weights_dtype: str = "bf16"  # full only: bf16 | fp32 (01_Train.py's full_weights_dtype)
     recipe: str = "project"  # project (01_Train.py's path) | trl_docs (the recipe TRL's docs show) | unsloth
     gradient_checkpointing: bool = True
     fused_loss: bool = True  # TRL's chunked LM head + loss; False = full logits through a compute_loss_func
@@ -63,6 +64,8 @@ CASES = [
     Case("qlora_fp32_embed", "train", "nf4_dq", embeddings_bf16=False,
          note="lever: peft's fp32 upcast of embedding/head kept"),
     Case("full_bf16", "train", None, peft="full", note="full fine-tuning, bf16"),
+    Case("full_fp32", "train", None, peft="full", full_weights_dtype="fp32",
+         note="full fine-tuning, fp32 master weights, bf16 compute"),
     Case("qlora_full_logits", "train", "nf4_dq", fused_loss=False,
          note="lever: TRL chunked loss off (full fp32 logits)"),
     Case("qlora_no_gc", "train", "nf4_dq", gradient_checkpointing=False, note="lever: gradient checkpointing off"),
@@ -205,7 +208,8 @@ def case_config(case: Case, seq: int, batch: int, rank: int, steps: int) -> dict
     cfg.update(lora_r=rank, max_seq_length=seq, per_device_train_batch_size=batch,
                gradient_accumulation_steps=case.accumulation, packing=case.packing, max_steps=steps,
                gradient_checkpointing=case.gradient_checkpointing, logging_steps=1,
-               QUANT_METHOD="QLORA" if case.quant else "NONE", PEFT_CONFIG="Full" if case.peft == "full" else "LoRa")
+               QUANT_METHOD="QLORA" if case.quant else "NONE", PEFT_CONFIG="Full" if case.peft == "full" else "LoRa",
+               full_weights_dtype=case.full_weights_dtype)
     if case.optim is not None:
         cfg["optim"] = case.optim
     return cfg
@@ -225,14 +229,14 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
 
     from model_loading import load_causal_lm, load_tokenizer, pick_device
     from training_setup import build_trainer as build_project_trainer
-    from training_setup import prepare_for_training
+    from training_setup import prepare_for_training, weights_dtype
 
     device = pick_device()
     tokenizer = load_tokenizer(model_dir)
     if case.recipe == "trl_docs":
         return trl_docs_trainer(case, model_dir, tokenizer, rows, seq, batch, rank, steps, work, device)
     cfg = case_config(case, seq, batch, rank, steps)
-    model = load_causal_lm(model_dir, bnb_config_for(case.quant), device)
+    model = load_causal_lm(model_dir, bnb_config_for(case.quant), device, dtype=weights_dtype(cfg))
     model = prepare_for_training(model, cfg, quantized=case.quant is not None, keep_embeddings_bf16=case.embeddings_bf16)
     loss_func = None if case.fused_loss else full_logits_loss(model.config.get_text_config().vocab_size)
     levers = {"use_liger_kernel": case.liger, "activation_offloading": case.activation_offloading}
@@ -501,7 +505,8 @@ def setup_for(case: dict, result: dict, device: str):
         quant=case["quant"] or "nf4_dq", embeddings_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32",
         norms_dtype="bf16" if trl_docs or case["embeddings_bf16"] else "fp32", device=device,
         # runs saved before the optimizer was recorded used paged_adamw_32bit, the default then
-        optim=case.get("optim") or result.get("optim") or "paged_adamw_32bit", checkpoint_mapped=trl_docs)
+        optim=case.get("optim") or result.get("optim") or "paged_adamw_32bit", checkpoint_mapped=trl_docs,
+        full_weights_dtype=case.get("full_weights_dtype", "bf16"))  # saved before the case had it: bf16
 
 def report_model_config(report: dict) -> dict:
     """The measured model's config: saved in the report (a --model run), else the architecture it was built as."""
