@@ -63,6 +63,19 @@ def check_target_modules(model, patterns: Iterable[str]) -> list[str]:
         selected.update(hits)
     return sorted(selected)
 
+def check_target_modules_before_loading(cfg: Mapping[str, Any]) -> None:
+    """`check_target_modules` on the model built from its config.json on the meta device (no weights, no memory):
+    a target_modules pattern that matches nothing is refused in a second, not after the weights have loaded."""
+    if cfg["PEFT_CONFIG"] == "Full":
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg["MODEL_NAME"], trust_remote_code=cfg["trust_remote_code"])
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg["trust_remote_code"])
+    check_target_modules(model, cfg["target_modules"])
+
 # init_lora_weights constant -> peft's init_lora_weights. LoftQ on a 4-bit base starts from peft's default and
 # then replaces A and B (`loftq_initialise`); peft's own "loftq" would rerun LoftQ when the adapter is loaded.
 LORA_INITS = {"default": True, "gaussian": "gaussian", "loftq": True}

@@ -33,8 +33,8 @@ from model_loading import load_causal_lm, load_tokenizer, pick_device, read_mode
 from output_checks import check_saved_generation  # noqa: E402
 from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
 from run_log import setup_logging, step  # noqa: E402
-from training_setup import (build_trainer, peft_options, prepare_for_training, save_adapter, take_trained_model,  # noqa: E402
-                            train, weights_dtype)
+from training_setup import (build_trainer, check_target_modules_before_loading, peft_options,  # noqa: E402
+                            prepare_for_training, save_adapter, take_trained_model, train, weights_dtype)
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: every name here can be overridden as --NAME=value
@@ -101,6 +101,7 @@ def main(argv=None) -> Path | None:
                              sys.argv[1:] if argv is None else list(argv))
         model_config = read_model_config(cfg["MODEL_NAME"], cfg["max_seq_length"], cfg["trust_remote_code"])
         check_launch(launch, cfg)
+        check_target_modules_before_loading(cfg)
         root = Path(cfg["OUTPUT_ROOT"])
         step("config", "%s", cfg)
         # ---- data -----------------------------------------------------------------------------------

@@ -99,11 +99,13 @@ def test_invalid_input_stops_the_script_before_loading_with_one_line(override, m
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_unknown_target_module_names_the_existing_ones_and_writes_nothing(tiny_model_dir, tmp_path):
+def test_unknown_target_module_names_the_existing_ones_before_loading_and_writes_nothing(tiny_model_dir, tmp_path):
+    model = _no_weights_model(tiny_model_dir, tmp_path)  # any weight load would fail on its own
     out = tmp_path / "out"
-    result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
+    result = run_train([f"--MODEL_NAME={model}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
                         "--target_modules=q_proj,qkv_proj"])
     assert result.returncode != 0
+    assert "model.safetensors" not in result.stderr and " data " not in result.stderr  # refused before the data too
     assert result.stderr.strip().splitlines()[-1] == (
         "error: target module 'qkv_proj' matches no Linear module; this model has: "
         "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
