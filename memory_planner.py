@@ -520,9 +520,8 @@ def disk_needed_for_config(plan: Mapping[str, Any], cfg: Mapping[str, Any]) -> d
     """`disk_needed` from a plan (config.json alone, no model): the trainable bytes are its gradients'."""
     params = plan["params"]
     head_copy = params["embedding"] if cfg["keep_lm_head_fp16"] else 0  # an fp16 head of its own
-    writes_model = cfg["merge_after_train"] or cfg["PEFT_CONFIG"] == "Full"
-    return disk_needed(plan["parts"]["gradients"], plan["trainable_params"], cfg["optim"], cfg["keep_checkpoints"],
-                       sum(params.values()) + head_copy if writes_model else 0, adapter=cfg["PEFT_CONFIG"] != "Full")
+    return disk_needed_by_run(plan["parts"]["gradients"], plan["trainable_params"], sum(params.values()) + head_copy,
+                              cfg)
 
 def plan_run(model_cfg: Mapping[str, Any], cfg: Mapping[str, Any], device: str, data, tokenizer) -> dict[str, Any]:
     """01_Train.py's plan, before any weights load: token lengths of the rows (`data`: data_utils.TrainingData),
@@ -572,6 +571,14 @@ def disk_needed(trainable_bytes: int, trainable_params: int, optim: str, keep_ch
     return {"checkpoint": checkpoint, "adapter": adapter_bytes, "merged": merged,
             "total": (keep_checkpoints + 1) * checkpoint + adapter_bytes + merged}
 
+def disk_needed_by_run(trainable_bytes: int, trainable_params: int, model_params: int,
+                       cfg: Mapping[str, Any]) -> dict[str, int]:
+    """`disk_needed` for what the run's constants write: a bf16 model of `model_params` when it merges or
+    fine-tunes fully, an adapter unless it fine-tunes fully."""
+    full = cfg["PEFT_CONFIG"] == "Full"
+    return disk_needed(trainable_bytes, trainable_params, cfg["optim"], cfg["keep_checkpoints"],
+                       model_params if cfg["merge_after_train"] or full else 0, adapter=not full)
+
 def disk_needed_for(model, cfg: Mapping[str, Any]) -> dict[str, int]:
     """`disk_needed` for a model ready to train under the run's constants."""
     from memory_usage import count_parameters
@@ -579,9 +586,7 @@ def disk_needed_for(model, cfg: Mapping[str, Any]) -> dict[str, int]:
     trainable, total = count_parameters(model)
     trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     head_copy = model.get_output_embeddings().weight.numel() if cfg["keep_lm_head_fp16"] else 0  # untied fp16 head
-    writes_model = cfg["merge_after_train"] or cfg["PEFT_CONFIG"] == "Full"
-    return disk_needed(trainable_bytes, trainable, cfg["optim"], cfg["keep_checkpoints"],
-                       total + head_copy if writes_model else 0, adapter=cfg["PEFT_CONFIG"] != "Full")
+    return disk_needed_by_run(trainable_bytes, trainable, total + head_copy, cfg)
 
 
 def check_disk_for_run(model, cfg: Mapping[str, Any], root: Path) -> dict[str, int]:

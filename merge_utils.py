@@ -320,16 +320,18 @@ def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits
 
 def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_base: str, precision: str,
                     head_dtype, max_kl: float, load_trained: Callable[[], Any], load_merged: Callable[..., Any],
-                    reload: Callable[[Path], Any], report: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
+                    reload: Callable[[Path], Any],
+                    report: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge `model` (a trained PeftModel), check every candidate, write the kept one into `staging`.
 
     merge_base "dequantized" | "original" | "auto" (both, the one with the lower mean KL kept);
     precision "bf16" (plain safetensors) | "nf4" (the kept candidate re-quantized through
     `load_merged(dir)`, bitsandbytes serialization). Every candidate is saved first (to
     `staging/.merge-*`, the NF4 one to `staging`), freed, and measured as `reload(dir)` loads it back
-    (as a user loads it: plain `from_pretrained`, the saved fp16 head kept): the figures and fingerprints are those of the files, not of the object that
-    wrote them. Only one copy of the model is in memory at a time (`load_trained()` rebuilds the trained
-    model for the second candidate of "auto"). Returns (merge_check, artifact) for metadata.json.
+    (as a user loads it: plain `from_pretrained`, the saved fp16 head kept): the figures and fingerprints are
+    those of the files, not of the object that wrote them. Only one copy of the model is in memory at a time
+    (`load_trained()` rebuilds the trained model for the second candidate of "auto"). Returns (merge_check,
+    artifact) for metadata.json.
     """
     import gc
     import shutil
