@@ -10,30 +10,29 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model_loading import quiet_bitsandbytes_notices  # noqa: E402
+from qlora.model.loading import quiet_bitsandbytes_notices
 
 quiet_bitsandbytes_notices()  # before the imports below load bitsandbytes (transformers' Trainer imports peft)
 
-from artifacts import absolute_if_local, library_versions, publish_run  # noqa: E402
-from checkpoint_utils import find_resume_point, prepare_staging  # noqa: E402
-from config_utils import resolve_config  # noqa: E402
-from chat_format import ensure_chat_template  # noqa: E402
-from data_utils import dataset_tag, load_training_data  # noqa: E402
-from dist_utils import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,  # noqa: E402
+from qlora.outputs.artifacts import absolute_if_local, library_versions, publish_run
+from qlora.train.checkpoints import find_resume_point, prepare_staging
+from qlora.config import resolve_config
+from qlora.data.chat_format import ensure_chat_template
+from qlora.data.formats import dataset_tag, load_training_data
+from qlora.train.distributed import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,
                         leave_process_group, resolve_quant_storage, start_device)
-from errors import UserError  # noqa: E402
-from loss_plot import write_loss_plot  # noqa: E402
-from memory_planner import check_disk_for_run, check_free_disk, explain_disk_full, plan_run, with_measured_peak  # noqa: E402
-from memory_usage import count_parameters, describe_footprint, describe_peak, peak_memory_report, weight_footprint  # noqa: E402
-from merge_utils import write_model  # noqa: E402
-from model_card import write_model_cards  # noqa: E402
-from model_loading import load_causal_lm, load_tokenizer, pick_device, read_model_config, save_tokenizer  # noqa: E402
-from output_checks import check_saved_generation  # noqa: E402
-from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag  # noqa: E402
-from run_log import setup_logging, step  # noqa: E402
-from training_setup import (build_trainer, check_target_modules_before_loading, peft_options,  # noqa: E402
+from qlora.core.errors import UserError
+from qlora.outputs.loss_plot import write_loss_plot
+from qlora.planner.memory import check_disk_for_run, check_free_disk, explain_disk_full, plan_run, with_measured_peak
+from qlora.core.memory import count_parameters, describe_footprint, describe_peak, peak_memory_report, weight_footprint
+from qlora.merge.merge import write_model
+from qlora.outputs.model_card import write_model_cards
+from qlora.model.loading import load_causal_lm, load_tokenizer, pick_device, read_model_config, save_tokenizer
+from qlora.checks.generation import check_saved_generation
+from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag
+from qlora.core.logs import setup_logging, step
+from qlora.train.setup import (build_trainer, check_target_modules_before_loading, peft_options,
                             prepare_for_training, save_adapter, take_trained_model, train, weights_dtype)
 
 # ----------------------------------------------------------------------------------------------------

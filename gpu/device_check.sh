@@ -5,10 +5,10 @@
 # Each part runs on its own; a failure is recorded and the next part still runs.
 set -u
 FINAL=${OUT:-/tmp/gpu_out}; OUT=/tmp/gpu_res; mkdir -p "$OUT" "$FINAL"   # packed into $FINAL/results.tgz at the end
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+    && export PYTHONPATH="/tmp/site:$PWD"
 fi
 PY=python3
 part() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$(date +%s); ( timeout "$limit" "$@" ) > "$OUT/$name.log" 2>&1; local rc=$?;
@@ -19,8 +19,8 @@ part env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
 
 # A Qwen3-0.6B-architecture model with random weights (real sizes; the tokenizer is the project's small BPE).
 part build_model 90 $PY - <<'PY'
-import sys; sys.path.insert(0, ".")
-from model_fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
+import sys
+from qlora.model.fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
 from tools.make_tiny_model import tokenizer_corpus
 tok = train_bpe_tokenizer(tokenizer_corpus(), 512)
 build_random_model("/tmp/models/Qwen3-0.6B", tok, **architecture_dimensions("Qwen3-0.6B"))

@@ -7,15 +7,14 @@
 # 2. the Qwen3-8B r=64 seq 2048 plan in 8 GiB (docs/measurements.md): measured max allocated for training alone.
 set -u
 FINAL=${OUT:-/tmp/gpu_out}; mkdir -p "$FINAL"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=python3
 $PY - <<'PY' 2>&1 | tee "$FINAL/fit_check.log"
 import json, os, runpy, subprocess, sys
-sys.path.insert(0, ".")
 import torch
-from config_utils import training_defaults
-from memory_planner import plan_for_train_config
-from model_fixtures import architecture, architecture_dimensions, build_random_model, train_bpe_tokenizer
+from qlora.config import training_defaults
+from qlora.planner.memory import plan_for_train_config
+from qlora.model.fixtures import architecture, architecture_dimensions, build_random_model, train_bpe_tokenizer
 from tools.make_tiny_model import tokenizer_corpus
 
 tok = train_bpe_tokenizer(tokenizer_corpus(), 512)

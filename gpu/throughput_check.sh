@@ -15,7 +15,7 @@ OUT="${OUT:-gpu_out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 WORK="$(mktemp -d)"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1
 if [ "${1:-}" = "--dry-run" ]; then
   "$PY" tools/make_tiny_model.py "$WORK/tiny" > /dev/null || exit 1
   RUN=(--model "$WORK/tiny" --seq 128 --rank 8 --steps 1 --warmup 0 --case-timeout 300)
@@ -26,7 +26,7 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv > "$OUT/env.txt" 2>&1
   if [ -d .whl ]; then  # the project's pinned stack over the image's packages
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site
+      && export PYTHONPATH="/tmp/site:$PWD"
   fi
   UNSLOTH=()
   if [ -d .whl/unsloth ]; then  # unsloth's own versions (transformers 5.17, trl 1.15, datasets 4.8) in their own directory

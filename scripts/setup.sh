@@ -9,4 +9,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==$(sed -n 's/^torch==//p' requirements.txt)"
 .venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q --no-deps -e .  # the project's own package (qlora/) and quantization_utils
 .venv/bin/python -m pip check

@@ -10,4 +10,5 @@ fi
 .venv-ptq/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv-ptq/bin/python -m pip install -q "torch==$(sed -n 's/^torch==//p' requirements-ptq.txt)"
 .venv-ptq/bin/python -m pip install -q -r requirements-ptq.txt
+.venv-ptq/bin/python -m pip install -q --no-deps -e .  # the project's own package (qlora/) and quantization_utils
 .venv-ptq/bin/python -m pip check

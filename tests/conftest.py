@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 TRAIN_SCRIPT = ROOT / "Fine-tuning" / "01_Train.py"
 OPENMATH_SAMPLE = ROOT / "samples" / "openmath_sample.jsonl"
 SQUAD_SAMPLE = ROOT / "samples" / "squad_sample.jsonl"
@@ -56,7 +55,7 @@ def run_python(code: str, timeout=300) -> subprocess.CompletedProcess:
 
 def build_base_model(out: Path, style: str, model_type: str) -> Path:
     """A random tiny base model of `model_type` with a `style` tokenizer (llama | gemma): no chat template."""
-    from model_fixtures import base_tokenizer, build_random_model
+    from qlora.model.fixtures import base_tokenizer, build_random_model
     from tools.make_tiny_model import tokenizer_corpus
 
     build_random_model(out, base_tokenizer(tokenizer_corpus(), 512, style), model_type=model_type)

@@ -16,9 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 QUANTIZE = ROOT / "tools" / "quantize.py"
 OPENMATH_SAMPLE = ROOT / "samples" / "openmath_sample.jsonl"
-sys.path.insert(0, str(ROOT))
 
-from quantization_utils import PTQ_METHODS, QuantMethod  # noqa: E402
+from quantization_utils import PTQ_METHODS, QuantMethod
 
 
 def ptq_python() -> str | None:
@@ -45,9 +44,8 @@ def check_texts(count: int = 4) -> list[str]:
 
 _LOGITS_CODE = """
 import sys, torch
-sys.path.insert(0, {root!r})
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from merge_utils import logits_on
+from qlora.merge.merge import logits_on
 tok = AutoTokenizer.from_pretrained({models[0]!r})
 batches = [dict(tok(t, return_tensors="pt")) for t in {texts!r}]
 logits = {{}}

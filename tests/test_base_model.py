@@ -2,7 +2,7 @@
 
 import json
 
-from synthetic_data import arithmetic_pairs, generate_rows, pretraining_texts
+from qlora.data.synthetic import arithmetic_pairs, generate_rows, pretraining_texts
 from tools.make_base_model import DEFAULT_DIR, main as make_base_model
 
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from chat_format import ensure_chat_template, example_token_ids, plain_chat_template
-from data_utils import load_training_data
-from errors import UserError
-from model_fixtures import SPECIAL_TOKENS, TINY_DIMENSIONS, base_tokenizer, train_bpe_tokenizer
+from qlora.data.chat_format import ensure_chat_template, example_token_ids, plain_chat_template
+from qlora.data.formats import load_training_data
+from qlora.core.errors import UserError
+from qlora.model.fixtures import SPECIAL_TOKENS, TINY_DIMENSIONS, base_tokenizer, train_bpe_tokenizer
 
 # Modelled on Qwen3's published template (tool calls left out); the think-block logic is Qwen3's, verbatim.
 QWEN3_STYLE = """{%- if messages[0].role == 'system' %}
@@ -96,7 +96,7 @@ def trained_sequences(tokenizer, data, tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from training_setup import build_trainer
+    from qlora.train.setup import build_trainer
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "llama", **dict(TINY_DIMENSIONS, vocab_size=len(tokenizer), num_hidden_layers=1)), dtype=torch.bfloat16)

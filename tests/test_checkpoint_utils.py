@@ -2,9 +2,9 @@
 
 import pytest
 
-from checkpoint_utils import MARKER, checkpoint_problem, config_differences, find_resume_point, write_marker
-from memory_planner import check_free_disk, disk_needed
-from config_utils import ConfigError
+from qlora.train.checkpoints import MARKER, checkpoint_problem, config_differences, find_resume_point, write_marker
+from qlora.planner.memory import check_free_disk, disk_needed
+from qlora.config import ConfigError
 
 CFG = {"MODEL_NAME": "m", "learning_rate": 2e-4, "max_steps": 100, "RESUME": "auto", "save_steps": 50}
 

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from config_utils import ConfigError, validate_config
-from data_utils import (MAX_CHARS_PER_TOKEN, cut_example, dataset_tag, load_rows, load_training_data,
+from qlora.config import ConfigError, validate_config
+from qlora.data.formats import (MAX_CHARS_PER_TOKEN, cut_example, dataset_tag, load_rows, load_training_data,
                         resolve_source)
-from errors import UserError
-from model_fixtures import train_bpe_tokenizer
+from qlora.core.errors import UserError
+from qlora.model.fixtures import train_bpe_tokenizer
 
 GOOD_PC = {"prompt": "What is 2 + 3?", "completion": "5"}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -152,7 +152,7 @@ def test_generic_formats_need_a_path():
 
 
 def test_validate_config_accepts_the_formats_and_requires_their_path():
-    from config_utils import training_defaults
+    from qlora.config import training_defaults
 
     defaults = training_defaults()
     for choice in ("openmath", "squad", "messages", "prompt_completion", "text"):
@@ -164,7 +164,7 @@ def test_validate_config_accepts_the_formats_and_requires_their_path():
 
 
 def test_the_data_path_is_checked_with_the_config_before_anything_loads(tmp_path):
-    from config_utils import resolve_config, training_defaults
+    from qlora.config import resolve_config, training_defaults
 
     (tmp_path / "x.jsonl").mkdir()
     with pytest.raises(UserError, match=r"x\.jsonl is a directory, not a data file"):

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, TRAIN_SCRIPT, run_python
-from dist_utils import LaunchContext, check_launch, combine_peak_reports, launch_context, resolve_quant_storage
+from qlora.train.distributed import LaunchContext, check_launch, combine_peak_reports, launch_context, resolve_quant_storage
 from quantization_utils import build_quantization_plan
 
 NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"

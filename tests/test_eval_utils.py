@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from eval_utils import (extract_final_answer, final_number, last_boxed, math_answer_correct, normalize_math_answer,
+from qlora.checks.scoring import (extract_final_answer, final_number, last_boxed, math_answer_correct, normalize_math_answer,
                         normalize_squad_answer, perplexity, squad_exact_match, squad_f1)
 
 

@@ -78,7 +78,7 @@ def qwen2_vocab_output(tmp_path_factory):
     converter_or_skip()
     from transformers import AutoTokenizer
 
-    from model_fixtures import build_random_model
+    from qlora.model.fixtures import build_random_model
 
     tokenizer = AutoTokenizer.from_pretrained(CONVERTER_CACHE / "models", gguf_file="ggml-vocab-qwen2.gguf")
     model_dir = tmp_path_factory.mktemp("qwen2vocab") / "model"

@@ -42,9 +42,9 @@ def test_run_over_its_memory_limit_is_refused_in_one_line_before_loading(tiny_mo
 
 def test_levers_are_replanned_configs_that_fit():
     """Each lever is the planner run again on the changed constants: its peak is that plan's, under the budget."""
-    from config_utils import training_defaults
-    from memory_planner import GIB, fitting_levers, plan_for_train_config
-    from model_fixtures import architecture
+    from qlora.config import training_defaults
+    from qlora.planner.memory import GIB, fitting_levers, plan_for_train_config
+    from qlora.model.fixtures import architecture
 
     model = architecture("Qwen3-8B")
     cfg = {**training_defaults(), "lora_r": 64, "max_seq_length": 512, "per_device_train_batch_size": 4,
@@ -62,9 +62,9 @@ def test_levers_are_replanned_configs_that_fit():
 
 
 def test_full_fine_tuning_over_budget_with_fp32_weights_is_offered_bf16_weights():
-    from config_utils import training_defaults
-    from memory_planner import fitting_levers, plan_for_train_config
-    from model_fixtures import architecture
+    from qlora.config import training_defaults
+    from qlora.planner.memory import fitting_levers, plan_for_train_config
+    from qlora.model.fixtures import architecture
 
     model = architecture("Qwen3-1.7B")
     cfg = {**training_defaults(), "QUANT_METHOD": "NONE", "PEFT_CONFIG": "Full", "full_weights_dtype": "fp32",
@@ -79,8 +79,8 @@ def test_full_fine_tuning_over_budget_with_fp32_weights_is_offered_bf16_weights(
 @pytest.mark.parametrize("value,ok", [("auto", True), ("off", True), ("7.5", True), (12, True), ("0", False),
                                       ("-1", False), ("lots", False), ("nan", False), (None, False)])
 def test_memory_limit_accepts_auto_off_or_gib(value, ok):
-    from config_utils import ConfigError
-    from memory_planner import parse_memory_limit
+    from qlora.config import ConfigError
+    from qlora.planner.memory import parse_memory_limit
 
     if ok:
         parse_memory_limit(value)
@@ -90,8 +90,8 @@ def test_memory_limit_accepts_auto_off_or_gib(value, ok):
 
 
 def test_plan_tool_tabulates_what_fits_for_a_shipped_config(capsys):
-    from memory_planner import GIB, plan_for_train_config
-    from model_fixtures import architecture
+    from qlora.planner.memory import GIB, plan_for_train_config
+    from qlora.model.fixtures import architecture
     from tools.plan import BUDGETS_GIB, main, train_config
 
     text = main(["--model", "Qwen3-8B", "--seq", "2048", "--r", "64"])
@@ -117,9 +117,9 @@ def test_planner_counts_the_parameters_of_each_shipped_architecture(name):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memory_planner import parameter_counts
-    from model_fixtures import MODEL_CONFIGS_DIR, architecture
-    from model_loading import read_model_config
+    from qlora.planner.memory import parameter_counts
+    from qlora.model.fixtures import MODEL_CONFIGS_DIR, architecture
+    from qlora.model.loading import read_model_config
 
     config = architecture(name)
     with torch.device("meta"):
@@ -134,8 +134,8 @@ def test_planner_counts_the_parameters_of_each_shipped_architecture(name):
 def test_planner_on_a_gemma_config_counts_its_vocabulary_terms():
     """Gemma 3 (262k vocabulary, tied): the CPU loss tiles and the fp32 upcast of k-bit preparation scale with
     the vocabulary; the kbit preparation is the loading peak."""
-    from memory_planner import CPU_LOSS_TILES, TRL_VOCAB_CHUNK, TrainingSetup, plan_training_memory
-    from model_fixtures import architecture
+    from qlora.planner.memory import CPU_LOSS_TILES, TRL_VOCAB_CHUNK, TrainingSetup, plan_training_memory
+    from qlora.model.fixtures import architecture
 
     gemma = architecture("gemma-3-270m")
     plan = plan_training_memory(gemma, TrainingSetup(lora_r=16, seq_len=512, device="cpu"))

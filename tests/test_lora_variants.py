@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from config_utils import ConfigError, training_defaults, validate_config
+from qlora.config import ConfigError, training_defaults, validate_config
 from conftest import FAST_TRAIN_ARGS, run_python, train_on_openmath_sample
 
 QDORA_NAME = "Qwen3-0.6B-openmath_SFT_DoRa256_QLORA_w4_headbf16"
@@ -64,10 +64,9 @@ def test_qdora_merge_is_the_trained_function(qdora_run):
 def test_qdora_adapter_reloads_on_the_4bit_base_as_the_merged_model(qdora_run):
     code = f"""
 import sys, torch
-sys.path.insert(0, '.')
-from artifacts import load_adapter_model, load_merged_dir
+from qlora.outputs.artifacts import load_adapter_model, load_merged_dir
 from quantization_utils import build_quantization_plan
-from merge_utils import logits_on
+from qlora.merge.merge import logits_on
 _, bnb = build_quantization_plan('QLORA')
 import json
 base = json.load(open({str(qdora_run / 'metadata.json')!r}))['base_model']
@@ -103,7 +102,7 @@ def test_loftq_with_rslora_is_recorded_and_merges_on_the_dequantized_base(loftq_
 def _four_bit_peft(model_dir, **lora):
     from peft import LoraConfig, get_peft_model
 
-    from model_loading import load_causal_lm
+    from qlora.model.loading import load_causal_lm
     from quantization_utils import build_quantization_plan
 
     _, bnb = build_quantization_plan("QLORA")
@@ -117,8 +116,8 @@ def test_loftq_starts_at_the_best_rank_r_correction_of_the_quantization_error(ti
     the layer's smaller dimension corrects it entirely."""
     import torch
 
-    from merge_utils import checkpoint_reader, dense_weight
-    from training_setup import loftq_initialise
+    from qlora.merge.merge import checkpoint_reader, dense_weight
+    from qlora.train.setup import loftq_initialise
 
     model = _four_bit_peft(tiny_model_dir, r=rank, lora_alpha=16, use_rslora=use_rslora)
     error = loftq_initialise(model, str(tiny_model_dir))
@@ -140,7 +139,7 @@ def test_dora_merged_weight_is_what_the_layer_computes(tiny_model_dir):
     import torch
     import torch.nn.functional as F
 
-    from merge_utils import dense_weight, merged_weight
+    from qlora.merge.merge import dense_weight, merged_weight
 
     model = _four_bit_peft(tiny_model_dir, r=8, lora_alpha=16, use_dora=True)
     module = model.base_model.model.get_submodule("model.layers.1.self_attn.q_proj")
@@ -174,8 +173,8 @@ def test_lora_options_are_validated(override, message):
 def test_recorded_scaling_is_the_one_peft_applies(tiny_model_dir):
     from peft import get_peft_model
 
-    from model_loading import load_causal_lm
-    from training_setup import lora_config, peft_options
+    from qlora.model.loading import load_causal_lm
+    from qlora.train.setup import lora_config, peft_options
 
     for use_rslora, expected in ((False, 16 / 64), (True, 16 / 8)):
         cfg = {**training_defaults(), "lora_r": 64, "lora_alpha": 16, "use_rslora": use_rslora}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memory_planner import CPU_LOSS_TILES, QUANT_BITS, TrainingSetup, lora_parameter_count, parameter_counts, plan_load_memory, plan_training_memory
-from memory_usage import GIB, count_parameters, describe_footprint, weight_footprint
-from model_fixtures import build_random_model, train_bpe_tokenizer
-from model_loading import load_causal_lm, prepare_kbit_model
+from qlora.planner.memory import CPU_LOSS_TILES, QUANT_BITS, TrainingSetup, lora_parameter_count, parameter_counts, plan_load_memory, plan_training_memory
+from qlora.core.memory import GIB, count_parameters, describe_footprint, weight_footprint
+from qlora.model.fixtures import build_random_model, train_bpe_tokenizer
+from qlora.model.loading import load_causal_lm, prepare_kbit_model
 
 # Wide enough that every Linear has whole 64-blocks and 256-groups of them.
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -41,7 +41,7 @@ def expected_quantized_bytes(cfg, double_quant):
     """Everything bitsandbytes stores per 4-bit weight of n params: n/2 packed bytes, one absmax per 64
     (fp32, or uint8 plus an fp32 absmax per 256 and an fp32 offset with double quant), the 16-entry
     4-bit code (fp32) and, with double quant, the 256-entry 8-bit map (fp32) that all weights share."""
-    from memory_planner import _linear_shapes
+    from qlora.planner.memory import _linear_shapes
 
     total = 0
     for i, o in _linear_shapes(cfg).values():
@@ -142,7 +142,7 @@ def plan_setup_targets():
 
 
 def test_planner_breakdown_moves_with_each_lever():
-    from model_fixtures import architecture_dimensions
+    from qlora.model.fixtures import architecture_dimensions
 
     cfg = architecture_dimensions("Qwen3-0.6B")
     base = plan_training_memory(cfg, TrainingSetup())
@@ -190,7 +190,7 @@ def test_planner_breakdown_moves_with_each_lever():
     ("quant", "int3", "quant='int3' is unknown"),
 ])
 def test_planner_rejects_unknown_settings(field, value, message):
-    from model_fixtures import architecture_dimensions
+    from qlora.model.fixtures import architecture_dimensions
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         plan_training_memory(architecture_dimensions("Qwen3-0.6B"), TrainingSetup(**{field: value}))
@@ -204,7 +204,7 @@ def test_peak_rss_of_a_child_does_not_start_from_its_parents():
 
     held = bytearray(400 * 1024**2)  # touched: 400 MiB resident in this process
     held[::4096] = b"x" * len(held[::4096])
-    code = "import sys; sys.path.insert(0, '.'); from memory_usage import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from qlora.core.memory import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 200 * 1024**2
     del held
@@ -236,8 +236,8 @@ def test_full_benchmark_meets_the_targets(tmp_path):
 
 
 def test_planner_counts_the_merge_when_the_run_merges():
-    from memory_planner import plan_for_train_config
-    from model_fixtures import architecture_dimensions
+    from qlora.planner.memory import plan_for_train_config
+    from qlora.model.fixtures import architecture_dimensions
 
     cfg = {"QUANT_METHOD": "QLORA", "PEFT_CONFIG": "LoRa", "full_weights_dtype": "bf16", "lora_r": 64,
            "max_seq_length": 512, "per_device_train_batch_size": 1, "gradient_checkpointing": True, "optim": "paged_adamw_32bit",
@@ -254,7 +254,7 @@ def test_planner_counts_the_merge_when_the_run_merges():
     assert on_cpu["merge_peak_bytes"] == on_cpu["parts"]["runtime"] + 2 * 596_049_920 + 2 * 40_370_176
     # once the check rows are known: the trained model's fp32 logits of every row are kept, and the row
     # being compared is held in about eight fp32 copies (CPU); on CUDA only that row's logits are on the GPU
-    from memory_planner import with_merge_check
+    from qlora.planner.memory import with_merge_check
 
     checked = with_merge_check(on_cpu, [100, 300], 151936, "cpu")
     assert checked["merge_check_logits_bytes"] == 4 * 151936 * (400 + 8 * 300)
@@ -265,8 +265,8 @@ def test_planner_counts_the_merge_when_the_run_merges():
 
 
 def test_paged_optimizer_state_is_outside_cuda_max_allocated():
-    from memory_planner import TrainingSetup, plan_training_memory
-    from model_fixtures import architecture_dimensions
+    from qlora.planner.memory import TrainingSetup, plan_training_memory
+    from qlora.model.fixtures import architecture_dimensions
 
     arch = architecture_dimensions("Qwen3-0.6B")
     paged = plan_training_memory(arch, TrainingSetup(method="qlora", lora_r=64, optim="paged_adamw_32bit", device="cuda"))
@@ -284,7 +284,7 @@ def test_the_footprint_line_says_smaller_same_or_larger_than_bf16(total, words):
 
 
 def test_fp32_master_weights_double_the_weights_and_gradients_of_full_fine_tuning():
-    from model_fixtures import architecture_dimensions
+    from qlora.model.fixtures import architecture_dimensions
 
     arch = architecture_dimensions("Qwen3-0.6B")
     plans = {dtype: plan_training_memory(arch, TrainingSetup(method="full", optim="paged_adamw_8bit", device="cpu",

@@ -7,7 +7,7 @@ import math
 import pytest
 from safetensors import safe_open
 
-from config_utils import ConfigError, validate_config
+from qlora.config import ConfigError, validate_config
 from conftest import FAST_TRAIN_ARGS, run_python, train_on_openmath_sample
 
 # Fewer steps than the end-to-end test: the merge does not need a converged adapter, only a trained one.
@@ -108,8 +108,8 @@ def test_artifacts_reload_in_a_fresh_process_with_the_recorded_logits(nf4_run, a
     directory (through load_output_dir: PeftModel on the 4-bit base of the same plan)."""
     code = f"""
 import json
-from merge_utils import fingerprint_difference, logits_fingerprint
-from artifacts import load_merged_dir, load_output_dir
+from qlora.merge.merge import fingerprint_difference, logits_fingerprint
+from qlora.outputs.artifacts import load_merged_dir, load_output_dir
 def report(model, recorded):
     print("RESULT", json.dumps([type(model).__name__, str(model.get_output_embeddings().weight.dtype),
                                 fingerprint_difference(recorded, logits_fingerprint(model, recorded["input_ids"]))]))
@@ -135,7 +135,7 @@ report(model, meta["artifact"]["fingerprints"]["adapter"])
     ({"eval_samples": 0}, "merge_after_train=True needs eval_samples > 0"),
 ])
 def test_merge_settings_are_validated(override, message):
-    from config_utils import training_defaults
+    from qlora.config import training_defaults
 
     cfg = training_defaults() | override
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -145,7 +145,7 @@ def test_merge_settings_are_validated(override, message):
 def _peft_on_4bit(model_dir, targets=("q_proj", "down_proj")):
     from peft import LoraConfig, get_peft_model
 
-    from model_loading import load_causal_lm
+    from qlora.model.loading import load_causal_lm
     from quantization_utils import build_quantization_plan
 
     _, bnb = build_quantization_plan("QLORA")
@@ -163,7 +163,7 @@ def test_merge_frees_each_4bit_layer_and_keeps_no_second_copy(tiny_model_dir):
     import bitsandbytes as bnb
     import torch
 
-    from merge_utils import merge_lora
+    from qlora.merge.merge import merge_lora
 
     model = _peft_on_4bit(tiny_model_dir)
     quantized = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -184,7 +184,7 @@ def test_original_base_is_the_checkpoint_weight_plus_the_adapter(tiny_model_dir)
     import torch
     from safetensors.torch import load_file
 
-    from merge_utils import merge_lora
+    from qlora.merge.merge import merge_lora
 
     model = _peft_on_4bit(tiny_model_dir)
     name = "model.layers.1.self_attn.q_proj"
@@ -203,7 +203,7 @@ def test_merge_leaves_non_persistent_buffers_as_every_load_computes_them(tiny_mo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from merge_utils import merge_lora
+    from qlora.merge.merge import merge_lora
 
     merged = merge_lora(_peft_on_4bit(tiny_model_dir), "dequantized")
     fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))

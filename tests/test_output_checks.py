@@ -6,20 +6,20 @@ import json
 import pytest
 
 from conftest import OPENMATH_SAMPLE, run_python, run_train
-from output_checks import (MIN_NEW_TOKENS, eos_token_ids, generation_check, generation_summary, new_token_budget,
+from qlora.checks.generation import (MIN_NEW_TOKENS, eos_token_ids, generation_check, generation_summary, new_token_budget,
                            prompt_and_reference, prompt_ids)
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from model_loading import load_causal_lm, load_tokenizer
+    from qlora.model.loading import load_causal_lm, load_tokenizer
 
     return load_causal_lm(str(tiny_model_dir), None, "cpu").eval(), load_tokenizer(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
 def held_out():
-    from data_utils import load_rows, to_sft_dataset
+    from qlora.data.formats import load_rows, to_sft_dataset
 
     return to_sft_dataset(load_rows("openmath", OPENMATH_SAMPLE, 20), "openmath")
 
@@ -97,7 +97,7 @@ FAMILY_TRAIN_ARGS = ["--max_steps=4", "--per_device_train_batch_size=4", "--grad
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory):
     """Each family's tiny random model trained with QLoRA through 01_Train.py, merged (both bases checked)."""
-    from model_fixtures import build_random_model, train_bpe_tokenizer
+    from qlora.model.fixtures import build_random_model, train_bpe_tokenizer
     from tools.make_tiny_model import tokenizer_corpus
 
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(), 512)
@@ -119,7 +119,7 @@ def test_families_merge_and_reload_with_the_recorded_logits(family_runs):
     code = f"""
 import json
 from transformers import AutoModelForCausalLM
-from merge_utils import fingerprint_difference, logits_fingerprint
+from qlora.merge.merge import fingerprint_difference, logits_fingerprint
 for directory in {[str(d) for d, _, _ in family_runs.values()]!r}:
     recorded = json.load(open(directory + "/metadata.json"))["artifact"]["fingerprints"]["merged"]
     model = AutoModelForCausalLM.from_pretrained(directory).eval()

@@ -10,10 +10,10 @@ import subprocess
 import pytest
 import yaml
 
-from config_utils import ConfigError
+from qlora.config import ConfigError
 from conftest import run_python
-from loss_plot import write_loss_plot
-from model_card import adapter_card, bnb_code, bnb_arguments, training_card, write_model_cards
+from qlora.outputs.loss_plot import write_loss_plot
+from qlora.outputs.model_card import adapter_card, bnb_code, bnb_arguments, training_card, write_model_cards
 from quantization_utils import build_metadata, build_quantization_plan
 
 NAME = "Qwen3-0.6B-openmath_SFT_LoRa8_QLORA_w4_headbf16"
@@ -139,7 +139,7 @@ def test_loss_plot_is_drawn_from_metadata(tmp_path):
 def test_describe_adapter_keeps_the_base_as_given(tmp_path):
     from transformers import BitsAndBytesConfig
 
-    from training_setup import BASE_QUANTIZATION_FILE, describe_adapter
+    from qlora.train.setup import BASE_QUANTIZATION_FILE, describe_adapter
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/abs/models/Qwen3-0.6B",
                                                               "peft_type": "LORA"}))
@@ -153,7 +153,7 @@ def test_describe_adapter_keeps_the_base_as_given(tmp_path):
 def test_saved_tokenizer_names_a_class_transformers_4_and_5_load(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from model_loading import load_tokenizer, save_tokenizer
+    from qlora.model.loading import load_tokenizer, save_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     save_tokenizer(tokenizer, tmp_path)
@@ -177,7 +177,7 @@ def test_saved_tokenizer_names_a_class_transformers_4_and_5_load(tiny_model_dir,
 def test_report_to_is_checked_against_the_trainers_integrations():
     from importlib.util import find_spec
 
-    from training_setup import check_report_to, report_to_list
+    from qlora.train.setup import check_report_to, report_to_list
 
     check_report_to("none")
     assert report_to_list("none") == [] and report_to_list("tensorboard, wandb") == ["tensorboard", "wandb"]
@@ -192,7 +192,7 @@ def test_report_to_is_checked_against_the_trainers_integrations():
 def test_the_kernels_community_notice_is_dropped_and_nothing_else():
     code = """
 import logging, sys
-from model_loading import quiet_bitsandbytes_notices
+from qlora.model.loading import quiet_bitsandbytes_notices
 quiet_bitsandbytes_notices(); quiet_bitsandbytes_notices()
 import bitsandbytes
 log = logging.getLogger("bitsandbytes.backends.cpu.ops")

@@ -14,7 +14,7 @@ from ptq_support import OPENMATH_SAMPLE, check_texts, fresh_logits, ptq_python, 
 from safetensors import safe_open
 
 from conftest import SQUAD_SAMPLE
-from merge_utils import compare_logits
+from qlora.merge.merge import compare_logits
 from quantization_utils import build_metadata, build_quantization_plan
 from tools.quantize import main as quantize_main
 
@@ -168,7 +168,7 @@ def test_quality_rows_leave_out_every_calibration_row(source):
     """A calibrated method's quality rows are the source's held-out rows minus those used for calibration."""
     import argparse
 
-    from data_utils import load_rows, to_sft_dataset
+    from qlora.data.formats import load_rows, to_sft_dataset
     from quantization_utils import build_ptq_plan
     from tools.quantize import inspect_source, quality_rows
 

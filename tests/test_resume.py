@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from checkpoint_utils import MARKER, checkpoint_problem
+from qlora.train.checkpoints import MARKER, checkpoint_problem
 from conftest import OPENMATH_SAMPLE, TRAIN_SCRIPT, run_train
 
 NAME = "Qwen3-0.6B-openmath_SFT_LoRa8_QLORA_w4_headbf16"

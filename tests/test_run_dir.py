@@ -13,12 +13,11 @@ import time
 import pytest
 
 from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, ROOT, TRAIN_SCRIPT, run_train
-from run_dir import STAGED_MARKER, OutputDirError, check_output_root, claim
+from qlora.outputs.run_dir import STAGED_MARKER, OutputDirError, check_output_root, claim
 
 HOLD = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, {root!r})
-    from run_dir import claim
+    from qlora.outputs.run_dir import claim
     run = claim(__import__("pathlib").Path({out!r}), "NAME")
     print("claimed", flush=True)
     time.sleep(60)
@@ -103,10 +102,9 @@ def _merged_matches_own_adapter(directory, model_dir) -> float:
     """Max |merged q_proj of layer 0 - (dequantized NF4 base + this directory's own LoRA delta)|."""
     code = f"""
 import json, sys, torch
-sys.path.insert(0, {str(ROOT)!r})
 from safetensors.torch import load_file
-from model_loading import load_causal_lm
-from merge_utils import dense_weight
+from qlora.model.loading import load_causal_lm
+from qlora.merge.merge import dense_weight
 from quantization_utils import build_quantization_plan
 _, bnb = build_quantization_plan("QLORA")
 base = load_causal_lm({str(model_dir)!r}, bnb, "cpu")
@@ -167,8 +165,7 @@ def test_a_second_run_with_a_held_tag_stops_at_once(tiny_model_dir, tmp_path):
 
 KILL_BEFORE_RENAME = """
 import os, runpy, signal, sys
-sys.path.insert(0, {root!r})
-import run_dir
+from qlora.outputs import run_dir as run_dir
 run_dir.RunDir.publish = lambda self: os.kill(os.getpid(), signal.SIGKILL)  # dies between mark_staged and the rename
 sys.argv = [{script!r}] + sys.argv[1:]
 runpy.run_path({script!r}, run_name="__main__")

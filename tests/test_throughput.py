@@ -21,7 +21,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # ----- the FLOPs formula --------------------------------------------------------------------------------
 
 def test_training_flops_by_hand():
-    from throughput import training_flops
+    from qlora.planner.throughput import training_flops
 
     # projections (in x out): q 4x4, k 4x2, v 4x2, o 4x4, gate 4x8, up 4x8, down 8x4 -> P = 144 weights;
     # head 10x4 -> H = 40; LoRA r=1 on q_proj only: A = 1*(4+4) = 8. One row of n = 3 tokens.
@@ -71,8 +71,8 @@ def test_training_flops_match_torch_flop_counter(checkpointing):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from model_fixtures import TINY_DIMENSIONS
-    from throughput import causal_attention_flops, matmul_parameters, training_flops
+    from qlora.model.fixtures import TINY_DIMENSIONS
+    from qlora.planner.throughput import causal_attention_flops, matmul_parameters, training_flops
 
     dims = {**TINY_DIMENSIONS, "vocab_size": 96}
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def test_training_flops_match_torch_flop_counter(checkpointing):
 
 
 def test_peak_table_and_utilization():
-    from throughput import PEAK_BF16_TFLOPS, model_flops_utilization, peak_bf16_tflops
+    from qlora.planner.throughput import PEAK_BF16_TFLOPS, model_flops_utilization, peak_bf16_tflops
 
     # names as torch.cuda.get_device_name reports them
     assert peak_bf16_tflops("NVIDIA H200") == 989.5
@@ -129,7 +129,7 @@ def test_throughput_cases_configure_the_levers_they_name():
     assert (cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]) == (1, 4)
     assert (cfg["lora_r"], cfg["max_seq_length"], cfg["max_steps"], cfg["logging_steps"]) == (256, 2048, 4, 1)
     # the project's cases run 01_Train.py's constants: only the levers differ
-    from config_utils import training_defaults
+    from qlora.config import training_defaults
 
     defaults = training_defaults()
     base = case_config(cases["qlora"], 2048, 1, 256, 4)
@@ -192,7 +192,7 @@ def test_benchmark_case_groups_and_bad_model_dir(tmp_path):
 def _mixed_length_rows(count: int):
     """The first `count` sample rows as the project's SFT rows, row i's solution said 1 + i % 3 times: mixed
     lengths (the sample rows alone are all of one length with the demo's tokenizer)."""
-    from data_utils import load_rows, to_sft_dataset
+    from qlora.data.formats import load_rows, to_sft_dataset
 
     def repeat(row, i):
         (message,) = row["completion"]
@@ -252,9 +252,9 @@ def test_padding_free_training_losses_equal_the_padded_run(tmp_path):
     trained base (bf16: the 4-bit weights change nothing in how rows are batched or masked, and cost
     minutes on CPU), mixed-length rows in batches of 4, same seed: per-step losses with padding_free=True
     equal the padded run's within bf16 noise."""
-    from config_utils import training_defaults
-    from model_loading import load_causal_lm, load_tokenizer
-    from training_setup import build_trainer, prepare_for_training
+    from qlora.config import training_defaults
+    from qlora.model.loading import load_causal_lm, load_tokenizer
+    from qlora.train.setup import build_trainer, prepare_for_training
 
     cfg = {**training_defaults(), "lora_r": 8, "max_steps": 2, "per_device_train_batch_size": 4,
            "gradient_accumulation_steps": 1, "logging_steps": 1, "max_seq_length": 512, "learning_rate": 1e-3,
@@ -278,10 +278,10 @@ def test_padding_free_training_losses_equal_the_padded_run(tmp_path):
 def test_packing_constant_packs_rows_padding_free_within_max_seq_length(tiny_model_dir, tmp_path):
     """packing=True (01_Train.py's constant) through training_setup: rows packed best-fit into rows of at
     most max_seq_length tokens, each batch padding-free with positions restarting at every packed row."""
-    from config_utils import training_defaults
-    from data_utils import load_rows, to_sft_dataset
-    from model_loading import load_causal_lm, load_tokenizer
-    from training_setup import build_trainer, prepare_for_training
+    from qlora.config import training_defaults
+    from qlora.data.formats import load_rows, to_sft_dataset
+    from qlora.model.loading import load_causal_lm, load_tokenizer
+    from qlora.train.setup import build_trainer, prepare_for_training
 
     cfg = {**training_defaults(), "lora_r": 8, "max_steps": 1, "per_device_train_batch_size": 1,
            "gradient_accumulation_steps": 1, "max_seq_length": 256, "packing": True, "QUANT_METHOD": "NONE",
@@ -326,8 +326,12 @@ def test_wheel_trimming_drops_members_and_their_record_lines(tmp_path):
     wheels fit what the device tool carries; pip installs the trimmed wheel with every file RECORD lists."""
     import zipfile
 
-    sys.path.insert(0, str(ROOT / "gpu"))
-    from fetch_wheels import bitsandbytes_drop, pinned, trim_wheel
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetch_wheels", ROOT / "gpu" / "fetch_wheels.py")
+    fetch_wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch_wheels)
+    bitsandbytes_drop, pinned, trim_wheel = fetch_wheels.bitsandbytes_drop, fetch_wheels.pinned, fetch_wheels.trim_wheel
 
     wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-any.whl"
     libs = ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda118.so", "libbitsandbytes_cuda130.so"]

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from chat_format import plain_chat_template
+from qlora.data.chat_format import plain_chat_template
 from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, SQUAD_SAMPLE, run_train
-from data_utils import squad_prompt
+from qlora.data.formats import squad_prompt
 
 ARGS = [*FAST_TRAIN_ARGS, "--max_steps=4", "--lora_r=8"]
 

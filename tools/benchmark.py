@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 @dataclass(frozen=True)
 class Case:
@@ -103,7 +102,7 @@ def long_rows(count: int, min_chars: int, seed: int = 0, variable: bool = False)
     benchmark's 8 * seq, about 80 to 500 tokens with its tokenizer: under seq, so nothing is truncated)."""
     import random
 
-    from synthetic_data import generate_rows
+    from qlora.data.synthetic import generate_rows
 
     rng = random.Random(seed)
     source = generate_rows("openmath", 50 * count + 50, seed)
@@ -131,7 +130,7 @@ def bnb_config_for(quant: str | None):
 
 def proc_status_gib(field: str) -> float | None:
     """A memory field of /proc/self/status (VmRSS, VmHWM, RssFile) in GiB; None off Linux."""
-    from memory_usage import GIB, proc_status_bytes
+    from qlora.core.memory import GIB, proc_status_bytes
 
     value = proc_status_bytes(field)
     return None if value is None else value / GIB
@@ -150,8 +149,8 @@ def measure_weights(case: Case, model_dir: str) -> dict:
     for name in ("datasets", "peft", "trl"):  # the stack a training process has loaded: the planner's runtime term
         importlib.import_module(name)
 
-    from memory_usage import peak_memory_report, weight_footprint
-    from model_loading import load_causal_lm, pick_device
+    from qlora.core.memory import peak_memory_report, weight_footprint
+    from qlora.model.loading import load_causal_lm, pick_device
 
     model = load_causal_lm(model_dir, bnb_config_for(case.quant), pick_device())
     footprint = weight_footprint(model)
@@ -202,7 +201,7 @@ def step_timer():
 
 def case_config(case: Case, seq: int, batch: int, rank: int, steps: int) -> dict:
     """01_Train.py's constants as the script has them, with this case's levers and sizes applied."""
-    from config_utils import training_defaults
+    from qlora.config import training_defaults
 
     cfg = training_defaults()
     cfg.update(lora_r=rank, max_seq_length=seq, per_device_train_batch_size=batch,
@@ -227,9 +226,9 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
     if case.recipe == "unsloth":
         return unsloth_trainer(case, model_dir, rows, seq, batch, rank, steps, work)
 
-    from model_loading import load_causal_lm, load_tokenizer, pick_device
-    from training_setup import build_trainer as build_project_trainer
-    from training_setup import prepare_for_training, weights_dtype
+    from qlora.model.loading import load_causal_lm, load_tokenizer, pick_device
+    from qlora.train.setup import build_trainer as build_project_trainer
+    from qlora.train.setup import prepare_for_training, weights_dtype
 
     device = pick_device()
     tokenizer = load_tokenizer(model_dir)
@@ -272,7 +271,7 @@ def unsloth_trainer(case: Case, model_dir: str, rows, seq: int, batch: int, rank
     from unsloth import FastLanguageModel  # before trl: unsloth patches it on import
     from trl import SFTConfig, SFTTrainer
 
-    from config_utils import training_defaults
+    from qlora.config import training_defaults
 
     defaults = training_defaults()
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=seq, load_in_4bit=True,
@@ -316,8 +315,8 @@ def device_name() -> str | None:
 
 def speed_report(case: Case, model_dir: str, rows: list[list[int]], wall: list[float], rank: int) -> dict:
     """Model FLOPs of each measured step (throughput.training_flops) and the utilization they give."""
-    from throughput import model_flops_utilization, training_flops
-    from training_setup import DEFAULT_TARGET_MODULES
+    from qlora.planner.throughput import model_flops_utilization, training_flops
+    from qlora.train.setup import DEFAULT_TARGET_MODULES
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     flops = [training_flops(cfg, step, None if case.peft == "full" else rank, DEFAULT_TARGET_MODULES,
@@ -328,7 +327,7 @@ def speed_report(case: Case, model_dir: str, rows: list[list[int]], wall: list[f
 
 def measure_training(case: Case, model_dir: str, seq: int, batch: int, rank: int, steps: int, warmup: int,
                      work: Path) -> dict:
-    from memory_usage import count_parameters, peak_memory_report, weight_footprint
+    from qlora.core.memory import count_parameters, peak_memory_report, weight_footprint
 
     trainer = build_trainer(case, model_dir, seq, batch, rank, steps + warmup, work)
     footprint = weight_footprint(trainer.model)
@@ -365,10 +364,10 @@ def measure_tokenize(model_dir: str, seq: int, rank: int, work: Path) -> dict:
     the other rows just before, per token of that row."""
     from datasets import Dataset
 
-    from config_utils import training_defaults
-    from memory_planner import tokens_of_row
-    from model_loading import load_causal_lm, load_tokenizer
-    from training_setup import build_trainer, prepare_for_training
+    from qlora.config import training_defaults
+    from qlora.planner.memory import tokens_of_row
+    from qlora.model.loading import load_causal_lm, load_tokenizer
+    from qlora.train.setup import build_trainer, prepare_for_training
 
     tokenizer = load_tokenizer(model_dir)
     rows = long_rows(8, 8 * seq)
@@ -407,7 +406,7 @@ def run_worker(args) -> None:
 def benchmark_architecture(arch: str, layers: int | None = None) -> dict:
     """The config.json the benchmark builds: a shipped architecture, with `layers` decoder layers when given
     (widths, vocabulary, tying and dtypes stay the published ones)."""
-    from model_fixtures import architecture
+    from qlora.model.fixtures import architecture
 
     config = architecture(arch)
     if layers is not None:
@@ -417,7 +416,7 @@ def benchmark_architecture(arch: str, layers: int | None = None) -> dict:
 
 def build_model(config: dict, model_dir: Path) -> None:
     """A random-weight model of `config` (bf16 safetensors) with the project's small BPE tokenizer."""
-    from model_fixtures import build_random_model, model_dimensions, train_bpe_tokenizer
+    from qlora.model.fixtures import build_random_model, model_dimensions, train_bpe_tokenizer
     from tools.make_tiny_model import tokenizer_corpus
 
     dimensions = model_dimensions(config)
@@ -492,7 +491,7 @@ def peak_gib(result: dict) -> float:
 
 def setup_for(case: dict, result: dict, device: str):
     """The planner's view of a training case."""
-    from memory_planner import TrainingSetup
+    from qlora.planner.memory import TrainingSetup
 
     method = "full" if case["peft"] == "full" else ("qlora" if case["quant"] else "lora")
     trl_docs = case["recipe"] == "trl_docs"
@@ -515,7 +514,7 @@ def report_model_config(report: dict) -> dict:
 def annotate(report: dict) -> dict:
     """Add to each result: planned peak and the planner's error, peak vs the TRL-docs baseline, step time
     vs bf16 LoRA. Ratios only between results of this one report."""
-    from memory_planner import TOKENIZE_BYTES_PER_TOKEN, plan_load_memory, plan_training_memory
+    from qlora.planner.memory import TOKENIZE_BYTES_PER_TOKEN, plan_load_memory, plan_training_memory
 
     cfg = report_model_config(report)
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
@@ -550,7 +549,7 @@ def _phase(row: dict) -> str:
     measured, plan = row.get("train_phase_peak_rss_gib"), row.get("plan", {})
     if measured is None or "train_peak_bytes" not in plan:
         return ""
-    from memory_usage import GIB
+    from qlora.core.memory import GIB
 
     return f"{measured:.3f} / {plan['train_peak_bytes'] / GIB:.3f}"
 
@@ -632,9 +631,9 @@ def render_throughput(report: dict) -> str:
 def render_extrapolation(report: dict, archs=("Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B")) -> str:
     """Larger architectures, EXTRAPOLATED (not measured): weights from the measured bytes per parameter of
     each format, training peaks from the planner scaled by its measured/planned ratio on this run's model."""
-    from memory_planner import parameter_counts, plan_training_memory
-    from memory_usage import GIB
-    from model_fixtures import architecture_dimensions
+    from qlora.planner.memory import parameter_counts, plan_training_memory
+    from qlora.core.memory import GIB
+    from qlora.model.fixtures import architecture_dimensions
 
     rows = {r["case"]["name"]: r for r in report["results"] if "peak" in r}
     measured_arch = parameter_counts(report_model_config(report))

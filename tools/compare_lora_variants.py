@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from artifacts import write_json  # noqa: E402
-from config_utils import training_defaults  # noqa: E402
-from tools.evaluate import MAIN_METRIC  # noqa: E402
-from tools.evaluate import main as evaluate  # noqa: E402
-from tools.finetune_demo import build_parser as demo_parser  # noqa: E402
-from tools.finetune_demo import train_args  # noqa: E402
+from qlora.outputs.artifacts import write_json
+from qlora.config import training_defaults
+from tools.evaluate import MAIN_METRIC
+from tools.evaluate import main as evaluate
+from tools.finetune_demo import build_parser as demo_parser
+from tools.finetune_demo import train_args
 
 # cell name -> the 01_Train.py overrides that make it (on top of the demo's settings and lora_alpha)
 CELLS = {

@@ -22,17 +22,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from artifacts import (absolute_if_local, base_load_extras, check_finished, check_remote_code, metadata_fields,  # noqa: E402
+from qlora.outputs.artifacts import (absolute_if_local, base_load_extras, check_finished, check_remote_code, metadata_fields,
                        non_finite_as_null, non_finite_values, read_metadata, run_config, write_json)
-from data_utils import DATASETS, get_dataset_spec, resolve_source, squad_answers  # noqa: E402
-from errors import reading_user_file  # noqa: E402
-from loss_plot import pyplot  # noqa: E402
-from eval_utils import math_answer_correct, perplexity, squad_exact_match, squad_f1  # noqa: E402
-from model_card import write_model_cards  # noqa: E402
-from model_loading import check_safetensors_weights, quiet_bitsandbytes_notices  # noqa: E402
-from quantization_utils import QuantMethod, detect_quant_method  # noqa: E402
+from qlora.data.formats import DATASETS, get_dataset_spec, resolve_source, squad_answers
+from qlora.core.errors import reading_user_file
+from qlora.outputs.loss_plot import pyplot
+from qlora.checks.scoring import math_answer_correct, perplexity, squad_exact_match, squad_f1
+from qlora.outputs.model_card import write_model_cards
+from qlora.model.loading import check_safetensors_weights, quiet_bitsandbytes_notices
+from quantization_utils import QuantMethod, detect_quant_method
 
 # Held-out split used for a dataset no evaluated model was trained on: 01_Train.py's defaults
 # (max_train_samples=20000, eval_samples=64, seed=42), i.e. the rows a default training run holds out.
@@ -94,8 +93,8 @@ def load_for_eval(path, device=None, trust_remote_code: bool = False):
     models through their own config.json."""
     import torch
 
-    from artifacts import load_output_dir
-    from model_loading import load_causal_lm, load_tokenizer, pick_device
+    from qlora.outputs.artifacts import load_output_dir
+    from qlora.model.loading import load_causal_lm, load_tokenizer, pick_device
 
     path = Path(path)
     metadata = read_metadata(path)
@@ -145,7 +144,7 @@ def _same_path(a, b) -> bool:
 
 def held_out_rows(split: dict, limit: int | None):
     """(raw rows, prompt/completion examples) of a split's held-out part; a broken local file is one line."""
-    from data_utils import load_rows, split_rows, to_sft_dataset
+    from qlora.data.formats import load_rows, split_rows, to_sft_dataset
 
     with reading_user_file(split["path"], "dataset file") if split["path"] else nullcontext():
         rows = load_rows(split["name"], split["path"], split["max_rows"])
@@ -216,7 +215,7 @@ def score(dataset: str, predictions: list[str], rows) -> dict:
 
 
 def evaluate_dir(path: Path, split: dict, rows, examples, args) -> dict:
-    from memory_usage import weight_footprint
+    from qlora.core.memory import weight_footprint
 
     load = detect_load_kind(path, read_metadata(path))
     started = time.time()

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from artifacts import check_finished, read_metadata, write_json  # noqa: E402
-from errors import UserError  # noqa: E402
+from qlora.outputs.artifacts import check_finished, read_metadata, write_json
+from qlora.core.errors import UserError
 
 LLAMA_CPP_PYTHON = "0.3.36"  # llama-cpp-python release whose sdist vendors the converter
 LLAMA_CPP_COMMIT = "0c1e57098"  # the llama.cpp commit it vendors (its CHANGELOG: "update llama.cpp to ...@0c1e57098")
@@ -217,7 +216,7 @@ def main(argv=None) -> Path | None:
                                                               f" (llama-cpp-python {LLAMA_CPP_PYTHON} sdist)"),
               "created_unix": int(time.time())}
     if metadata is not None:  # an output directory of this project: recorded, and shown in its card
-        from model_card import write_model_cards
+        from qlora.outputs.model_card import write_model_cards
 
         metadata["exports"] = [e for e in metadata.get("exports") or [] if e.get("file") != record["file"]] + [record]
         write_json(directory / "metadata.json", metadata)

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from artifacts import write_json  # noqa: E402
-from tools.evaluate import main as evaluate  # noqa: E402
-from tools.evaluate import write_method_chart  # noqa: E402
-from tools.make_base_model import DEFAULT_DIR  # noqa: E402
+from qlora.outputs.artifacts import write_json
+from tools.evaluate import main as evaluate
+from tools.evaluate import write_method_chart
+from tools.make_base_model import DEFAULT_DIR
 
 FIRST_SEED = 42  # seed of a method's first run; run k uses FIRST_SEED + k (split, initialisation, shuffling)
 

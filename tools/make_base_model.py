@@ -12,12 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run_dir import claim, discard_staging  # noqa: E402
-from synthetic_data import pretraining_texts  # noqa: E402
-from model_fixtures import build_random_model, train_bpe_tokenizer  # noqa: E402
-from tools.make_tiny_model import tokenizer_corpus  # noqa: E402
+from qlora.outputs.run_dir import claim, discard_staging
+from qlora.data.synthetic import pretraining_texts
+from qlora.model.fixtures import build_random_model, train_bpe_tokenizer
+from tools.make_tiny_model import tokenizer_corpus
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "models" / "Qwen3-arith-1M"
 
@@ -66,7 +65,7 @@ def fact_accuracy(model, tokenizer) -> float:
     """Share of every `a op b =` the task can ask for which the model's greedy next token is the result."""
     import torch
 
-    from synthetic_data import arithmetic_pairs
+    from qlora.data.synthetic import arithmetic_pairs
 
     pairs = arithmetic_pairs()
     prompts = [tokenizer(f"{a} {op} {b} =")["input_ids"] for a, op, b, _ in pairs]

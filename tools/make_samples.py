@@ -5,10 +5,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_utils import SAMPLES_DIR  # noqa: E402
-from synthetic_data import SAMPLE_GENERATORS, generate_rows  # noqa: E402
+from qlora.data.formats import SAMPLES_DIR
+from qlora.data.synthetic import SAMPLE_GENERATORS, generate_rows
 
 
 def main(argv=None) -> None:

@@ -5,10 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synthetic_data import generate_rows  # noqa: E402
-from model_fixtures import build_random_model, train_bpe_tokenizer  # noqa: E402
+from qlora.data.synthetic import generate_rows
+from qlora.model.fixtures import build_random_model, train_bpe_tokenizer
 
 
 def tokenizer_corpus(rows_per_dataset: int = 400) -> list[str]:

@@ -24,13 +24,12 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RSS_FIELDS = ("RssAnon", "RssFile", "VmRSS")
 
 def rss_bytes() -> dict[str, int]:
     """Current resident memory of this process: anonymous (heap) and file-backed (memory-mapped) pages."""
-    from memory_usage import proc_status_bytes
+    from qlora.core.memory import proc_status_bytes
 
     return {field: proc_status_bytes(field) or 0 for field in RSS_FIELDS}
 
@@ -54,7 +53,7 @@ class PeakSampler(threading.Thread):
 
 def build_model(directory: Path) -> None:
     """Qwen3-0.6B-architecture model with random weights, bf16 safetensors, and a small tokenizer."""
-    from model_fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
+    from qlora.model.fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
     from tools.make_tiny_model import tokenizer_corpus
 
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(50), 512)
@@ -74,11 +73,11 @@ def main(argv=None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from memory_usage import weight_footprint
-    from merge_utils import merge_lora
-    from model_loading import load_causal_lm, pick_device
+    from qlora.core.memory import weight_footprint
+    from qlora.merge.merge import merge_lora
+    from qlora.model.loading import load_causal_lm, pick_device
     from quantization_utils import build_quantization_plan
-    from training_setup import DEFAULT_TARGET_MODULES
+    from qlora.train.setup import DEFAULT_TARGET_MODULES
 
     work = Path(args.work_dir) / "Qwen3-0.6B"
     if not (work / "model.safetensors").exists():

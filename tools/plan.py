@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 BUDGETS_GIB = (8, 12, 16, 24, 48, 80)
 RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -27,14 +26,14 @@ MIN_SEQ = 256
 
 def model_source(model: str) -> str:
     """A shipped architecture's config.json for its name; anything else as given (file, dir, hub id)."""
-    from model_fixtures import MODEL_CONFIGS_DIR
+    from qlora.model.fixtures import MODEL_CONFIGS_DIR
 
     shipped = MODEL_CONFIGS_DIR / f"{model}.json"
     return str(shipped) if shipped.is_file() and not Path(model).exists() else model
 
 def train_config(args) -> dict:
     """01_Train.py's constants with this command's flags applied, validated as the script validates them."""
-    from config_utils import training_defaults, validate_config
+    from qlora.config import training_defaults, validate_config
 
     cfg = training_defaults()
     cfg.update(lora_r=args.r, max_seq_length=args.seq, per_device_train_batch_size=args.batch, optim=args.optim,
@@ -45,7 +44,7 @@ def train_config(args) -> dict:
 
 def peaks(model_cfg: dict, cfg: dict, device: str) -> tuple[int, int | None]:
     """(training peak, merge peak or None) in bytes: the phases before the merge, and the merge."""
-    from memory_planner import plan_for_train_config
+    from qlora.planner.memory import plan_for_train_config
 
     plan = plan_for_train_config(model_cfg, cfg, device)
     if plan.get("peak_gib") is None:
@@ -73,7 +72,7 @@ def sequence_lengths(model_cfg: dict) -> list[int]:
 def fit_table(model_cfg: dict, cfg: dict, device: str, budgets) -> list[dict]:
     """Per budget (GiB): whether the run as given trains and merges within it, the largest rank at its
     sequence length and the largest sequence length at its rank whose training fits."""
-    from memory_usage import GIB
+    from qlora.core.memory import GIB
 
     training, merge = peaks(model_cfg, cfg, device)
     rows = []
@@ -90,8 +89,8 @@ def _cell(value) -> str:
     return "-" if value is None else str(value)
 
 def render_model(name: str, model_cfg: dict, cfg: dict, device: str, budgets) -> str:
-    from memory_planner import format_plan, parameter_counts, plan_for_train_config
-    from memory_usage import GIB
+    from qlora.planner.memory import format_plan, parameter_counts, plan_for_train_config
+    from qlora.core.memory import GIB
 
     plan = plan_for_train_config(model_cfg, cfg, device)
     training, merge = peaks(model_cfg, cfg, device)
@@ -114,7 +113,7 @@ def render_model(name: str, model_cfg: dict, cfg: dict, device: str, budgets) ->
 
 def render_summary(models: dict[str, dict], cfg: dict, device: str, budgets) -> str:
     """One row per model: for each budget, the largest rank at --seq / the largest seq at --r."""
-    from memory_usage import GIB
+    from qlora.core.memory import GIB
 
     lines = [f"{cfg['QUANT_METHOD']}, seq {cfg['max_seq_length']}, r={cfg['lora_r']}, batch "
              f"{cfg['per_device_train_batch_size']}, {cfg['optim']}, {device}; cell: largest r at seq "
@@ -130,7 +129,7 @@ def render_summary(models: dict[str, dict], cfg: dict, device: str, budgets) -> 
     return "\n".join(lines)
 
 def main(argv=None) -> str:
-    from training_setup import OPTIMIZERS
+    from qlora.train.setup import OPTIMIZERS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
@@ -149,8 +148,8 @@ def main(argv=None) -> str:
                         help="cuda plans max allocated on one GPU; cpu plans the process's peak RSS")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS_GIB)), help="GiB sizes to tabulate")
     args = parser.parse_args(argv)
-    from errors import UserError
-    from model_loading import read_model_config
+    from qlora.core.errors import UserError
+    from qlora.model.loading import read_model_config
 
     try:
         budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",") if b.strip()]

@@ -34,17 +34,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from artifacts import (absolute_if_local, check_finished, check_remote_code, library_versions,  # noqa: E402
+from qlora.outputs.artifacts import (absolute_if_local, check_finished, check_remote_code, library_versions,
                        metadata_fields, read_metadata, write_json)
-from data_utils import DATASETS, load_rows, to_sft_dataset  # noqa: E402
-from errors import reading_user_file, root_message  # noqa: E402
-from loss_plot import write_loss_plot  # noqa: E402
-from model_card import write_model_cards  # noqa: E402
-from model_loading import check_safetensors_weights, save_tokenizer  # noqa: E402
-from run_dir import claim, discard_staging  # noqa: E402
-from quantization_utils import (PTQ_METHODS, QuantSpec, build_metadata, build_ptq_plan,  # noqa: E402
+from qlora.data.formats import DATASETS, load_rows, to_sft_dataset
+from qlora.core.errors import reading_user_file, root_message
+from qlora.outputs.loss_plot import write_loss_plot
+from qlora.outputs.model_card import write_model_cards
+from qlora.model.loading import check_safetensors_weights, save_tokenizer
+from qlora.outputs.run_dir import claim, discard_staging
+from quantization_utils import (PTQ_METHODS, QuantSpec, build_metadata, build_ptq_plan,
                                 short_dtype_name, sibling_dir_name)
 
 # The library each backend's quantizer needs, and how to get it when it is missing.
@@ -226,8 +225,8 @@ def measure_quality(source: Source, sibling_dir: Path, examples, where: str, tok
     max |logit difference|, relative error) and the next-token loss of both, over every token."""
     import torch
 
-    from merge_utils import logits_on, measure_candidate, sequence_loss
-    from model_loading import load_causal_lm, pick_device
+    from qlora.merge.merge import logits_on, measure_candidate, sequence_loss
+    from qlora.model.loading import load_causal_lm, pick_device
 
     batches = [dict(tokenizer(text, return_tensors="pt", truncation=True, max_length=QUALITY_MAX_TOKENS))
                for text in calibration_texts(examples, tokenizer)]
@@ -260,7 +259,7 @@ def quantize_bitsandbytes(source: Source, spec: QuantSpec, bnb_config, texts, ar
     """bitsandbytes quantizes while loading; saved right away (no forward pass before saving)."""
     import torch
 
-    from model_loading import load_causal_lm
+    from qlora.model.loading import load_causal_lm
 
     model = load_causal_lm(str(source.dir), bnb_config, trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16)
     model.save_pretrained(out_dir)
@@ -276,7 +275,7 @@ def quantize_llmcompressor(source: Source, spec: QuantSpec, bnb_config, texts, a
     from llmcompressor.modifiers.quantization import GPTQModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
-    from model_loading import load_causal_lm, load_tokenizer
+    from qlora.model.loading import load_causal_lm, load_tokenizer
 
     extras = spec.extras
     if extras["scheme"] == "W8A8":
@@ -362,7 +361,7 @@ def main(argv=None) -> Path:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
-    from model_loading import load_tokenizer
+    from qlora.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(source.dir), args.trust_remote_code)
     texts = calibration_texts(examples, tokenizer) if calibration else None

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Iterable
+from qlora.core.files import REPO_ROOT
 
-MODEL_CONFIGS_DIR = Path(__file__).resolve().parent / "configs" / "models"
+MODEL_CONFIGS_DIR = REPO_ROOT / "configs" / "models"
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -70,7 +71,7 @@ def build_random_model(out_dir: str | Path, tokenizer, model_type: str = "qwen3"
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from model_loading import save_tokenizer
+    from qlora.model.loading import save_tokenizer
 
     config = dict(TINY_DIMENSIONS, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
@@ -98,7 +99,7 @@ def architecture(name: str) -> dict:
     return without_source(json.loads(path.read_text()))
 
 def without_source(config: dict) -> dict:
-    from model_loading import SOURCE_KEY
+    from qlora.model.loading import SOURCE_KEY
 
     return {key: value for key, value in config.items() if key != SOURCE_KEY}
 

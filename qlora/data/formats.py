@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from errors import UserError
+from qlora.core.errors import UserError
+from qlora.core.files import REPO_ROOT
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+SAMPLES_DIR = REPO_ROOT / "samples"
 MESSAGE_ROLES = ("system", "user", "assistant")
 NEEDS_PATH = f"needs DATASET_PATH: a {'/'.join(LOCAL_FORMATS)} file or a hub dataset id"
 # A row's strings are cut to this many characters per token of max_seq_length before tokenization: no
@@ -432,7 +433,7 @@ def load_training_data(cfg: Mapping[str, Any], tokenizer) -> TrainingData:
     template that refuses a row fails now, not inside the trainer."""
     from datasets import Dataset
 
-    from chat_format import check_template_renders, conversation, has_generation_markers
+    from qlora.data.chat_format import check_template_renders, conversation, has_generation_markers
 
     choice = cfg["DATASET_CHOICE"]
     spec = get_dataset_spec(choice)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from errors import UserError
+from qlora.core.errors import UserError
 
 STAGED_MARKER = ".staged_complete"
 IF_EXISTS_POLICIES = ("refuse", "suffix")

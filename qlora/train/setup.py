@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from errors import UserError
+from qlora.core.errors import UserError
 
 @dataclass(frozen=True)
 class Optimizer:
@@ -130,7 +130,7 @@ def loftq_initialise(peft_model, model_name: str, adapter: str = "default") -> d
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from merge_utils import checkpoint_reader
+    from qlora.merge.merge import checkpoint_reader
 
     read = checkpoint_reader(model_name)
     sums = {"weight": 0.0, "before": 0.0, "after": 0.0}
@@ -148,7 +148,7 @@ def _loftq_layer(module, name: str, read, adapter: str) -> dict[str, float]:
     """Set one layer's A and B by LoftQ; its squared norms of W, of the 4-bit error and of what is left of it."""
     import torch
 
-    from merge_utils import MERGE_BASE_WEIGHTS
+    from qlora.merge.merge import MERGE_BASE_WEIGHTS
 
     layer = module.get_base_layer()
     original = MERGE_BASE_WEIGHTS["original"](layer, name, read)
@@ -174,8 +174,8 @@ def prepare_for_training(model, cfg: Mapping[str, Any], quantized: bool, fsdp: b
     when asked."""
     from peft import get_peft_model
 
-    from model_loading import keep_4bit_weights_dequantizable, prepare_kbit_model
-    from run_log import step
+    from qlora.model.loading import keep_4bit_weights_dequantizable, prepare_kbit_model
+    from qlora.core.logs import step
 
     if quantized and not fsdp:
         model = prepare_kbit_model(model, cfg["gradient_checkpointing"], keep_embeddings_bf16)
@@ -201,8 +201,8 @@ def check_report_to(report_to: str) -> None:
     names = report_to_list(report_to)
     if not names:
         return
-    from config_utils import ConfigError
-    from model_loading import quiet_bitsandbytes_notices
+    from qlora.config import ConfigError
+    from qlora.model.loading import quiet_bitsandbytes_notices
 
     quiet_bitsandbytes_notices()  # transformers' integrations import bitsandbytes
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
@@ -247,8 +247,8 @@ def build_trainer(model, tokenizer, cfg: Mapping[str, Any], train_data, eval_dat
     dtype when a checkpoint is resumed."""
     from trl import SFTTrainer
 
-    from checkpoint_utils import keep_trainable_dtypes
-    from trainer_callbacks import MarkCompleteCallback, StopOnNonFiniteLossCallback, StopOnSignalCallback
+    from qlora.train.checkpoints import keep_trainable_dtypes
+    from qlora.train.callbacks import MarkCompleteCallback, StopOnNonFiniteLossCallback, StopOnSignalCallback
 
     held_out = eval_data if eval_data is not None and len(eval_data) else None
     # held-out loss at every checkpoint: eval_samples forward passes per save_steps optimizer steps
@@ -300,7 +300,7 @@ def train(trainer, resume_checkpoint: Path | None) -> TrainResult:
     without training (Trainer.train would run one step too many when max_steps ends inside an epoch)."""
     from transformers import TrainerState
 
-    from checkpoint_utils import restore_finished
+    from qlora.train.checkpoints import restore_finished
 
     resumed = TrainerState.load_from_json(str(resume_checkpoint / "trainer_state.json")) if resume_checkpoint else None
     started = time.time()
@@ -338,8 +338,8 @@ def stop_on_signal(trainer) -> None:
     """Exit (128 + the signal's number) when a signal stopped training; its checkpoint is already saved."""
     import signal
 
-    from run_log import step
-    from trainer_callbacks import StopOnSignalCallback
+    from qlora.core.logs import step
+    from qlora.train.callbacks import StopOnSignalCallback
 
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, StopOnSignalCallback) and callback.received is not None:
@@ -375,8 +375,8 @@ def describe_adapter(directory: Path, base_model: str, bnb_config=None, tokenize
     tokenizer is saved beside it (AutoPeftModelForCausalLM loads it from there)."""
     import json
 
-    from artifacts import write_json
-    from model_loading import save_tokenizer
+    from qlora.outputs.artifacts import write_json
+    from qlora.model.loading import save_tokenizer
 
     config_file = Path(directory) / "adapter_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -392,7 +392,7 @@ def take_trained_model(trainer, cfg: Mapping[str, Any], bnb_config, device: str,
     back) before the merge grows memory. FSDP cannot merge in place: the model is rebuilt from the saved adapter."""
     import gc
 
-    from heap import release_free_heap
+    from qlora.core.heap import release_free_heap
 
     model = trainer.model.eval()
     trainer.accelerator.free_memory()  # its references to the optimizer, the scheduler and the wrapped model
@@ -401,7 +401,7 @@ def take_trained_model(trainer, cfg: Mapping[str, Any], bnb_config, device: str,
     release_free_heap()  # what training freed (activations, loss tiles) leaves the process
     if not fsdp:
         return model
-    from artifacts import load_adapter_model
+    from qlora.outputs.artifacts import load_adapter_model
 
     del model
     return load_adapter_model(cfg["MODEL_NAME"], adapter_dir, bnb_config, device, cfg["trust_remote_code"])

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from artifacts import write_json
-from run_dir import fsync_path
-from config_utils import ConfigError
+from qlora.outputs.artifacts import write_json
+from qlora.outputs.run_dir import fsync_path
+from qlora.config import ConfigError
 
 MARKER = "checkpoint_complete.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -123,7 +123,7 @@ def find_resume_point(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]
 def prepare_staging(staging: Path, resume: ResumePoint, resume_setting: str) -> None:
     """The staging directory ready for training: an earlier partial run that cannot be resumed is removed,
     with a log line, and so are checkpoints found unusable."""
-    from run_log import step
+    from qlora.core.logs import step
 
     if resume.start_over and staging.exists():
         reason = "RESUME=never" if resume_setting == "never" else "no complete checkpoint in it"

@@ -138,7 +138,7 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from heap import freed_blocks_leave_the_heap
+    from qlora.core.heap import freed_blocks_leave_the_heap
 
     if base not in MERGE_BASE_WEIGHTS:
         raise ValueError(f"merge base {base!r} is unknown; allowed: {', '.join(MERGE_BASE_WEIGHTS)}")
@@ -306,7 +306,7 @@ def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits
     returning."""
     import gc
 
-    from heap import release_free_heap
+    from qlora.core.heap import release_free_heap
 
     release_free_heap()  # the model that wrote `directory` was just freed: its memory leaves before the reload
     model = reload(directory)
@@ -394,7 +394,7 @@ def tokenize_for_check(tokenizer, examples, max_length: int) -> list[dict]:
     as the trainer tokenized them."""
     import torch
 
-    from chat_format import example_token_ids
+    from qlora.data.chat_format import example_token_ids
 
     batches = []
     for example in examples:
@@ -411,10 +411,10 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
     (merge_check, artifact, memory_plan) for metadata.json; `model` is consumed."""
     import torch
 
-    from artifacts import load_adapter_model, load_merged_dir
-    from heap import release_free_heap
-    from memory_planner import with_merge_check
-    from memory_usage import GIB
+    from qlora.outputs.artifacts import load_adapter_model, load_merged_dir
+    from qlora.core.heap import release_free_heap
+    from qlora.planner.memory import with_merge_check
+    from qlora.core.memory import GIB
     from quantization_utils import QuantMethod, build_quantization_plan
 
     fingerprint_ids = tokenize_for_check(tokenizer, check_rows.select(range(1)), FINGERPRINT_TOKENS)[0]["input_ids"][0]

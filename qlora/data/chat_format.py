@@ -43,7 +43,7 @@ model's pre-training.
 
 from __future__ import annotations
 
-from errors import UserError
+from qlora.core.errors import UserError
 
 PLAIN_ROLES = ("system", "user", "assistant")
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from config_utils import ConfigError
-from errors import UserError
-from memory_usage import GIB, format_size
-from training_setup import DEFAULT_TARGET_MODULES, OPTIMIZERS
+from qlora.config import ConfigError
+from qlora.core.errors import UserError
+from qlora.core.memory import GIB, format_size
+from qlora.train.setup import DEFAULT_TARGET_MODULES, OPTIMIZERS
 
 # Bytes per stored element of the formats the planner knows.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -303,7 +303,7 @@ def row_text_chars(row: Mapping[str, Any]) -> int:
 
 def tokens_of_row(tokenizer, row: Mapping[str, Any]) -> int:
     """Tokens of a trainer row before truncation, as SFTTrainer builds them (chat_format.example_token_ids)."""
-    from chat_format import example_token_ids
+    from qlora.data.chat_format import example_token_ids
 
     return len(example_token_ids(tokenizer, row))
 
@@ -423,7 +423,7 @@ def parse_memory_limit(value: Any) -> float | str:
 
 def memory_budget(value: Any, device: str) -> tuple[int | None, str]:
     """(bytes the run may use, where that figure comes from); None when memory_limit_gb is off or unreadable."""
-    from memory_usage import available_memory
+    from qlora.core.memory import available_memory
 
     limit = parse_memory_limit(value)
     if limit == "off":
@@ -527,7 +527,7 @@ def plan_run(model_cfg: Mapping[str, Any], cfg: Mapping[str, Any], device: str, 
     """01_Train.py's plan, before any weights load: token lengths of the rows (`data`: data_utils.TrainingData),
     the planned peak by phase, and the fit check against memory_limit_gb. A run that does not fit raises
     MemoryBudgetError, a dry run (cfg dry_run) logs the plan, the merge and the disk and raises nothing."""
-    from run_log import step
+    from qlora.core.logs import step
 
     tokens = token_stats(data, tokenizer, cfg["seed"])
     plan = plan_for_train_config(model_cfg, cfg, device, tokens)
@@ -581,7 +581,7 @@ def disk_needed_by_run(trainable_bytes: int, trainable_params: int, model_params
 
 def disk_needed_for(model, cfg: Mapping[str, Any]) -> dict[str, int]:
     """`disk_needed` for a model ready to train under the run's constants."""
-    from memory_usage import count_parameters
+    from qlora.core.memory import count_parameters
 
     trainable, total = count_parameters(model)
     trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -591,7 +591,7 @@ def disk_needed_for(model, cfg: Mapping[str, Any]) -> dict[str, int]:
 
 def check_disk_for_run(model, cfg: Mapping[str, Any], root: Path) -> dict[str, int]:
     """What the run will write, checked against the free disk under `root` before training starts."""
-    from run_log import step
+    from qlora.core.logs import step
 
     disk = disk_needed_for(model, cfg)
     check_free_disk(root, disk["total"], f"{cfg['keep_checkpoints'] + 1} checkpoints and the outputs")

@@ -11,13 +11,14 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from data_utils import DATASETS, NEEDS_PATH, resolve_source
-from errors import UserError
+from qlora.data.formats import DATASETS, NEEDS_PATH, resolve_source
+from qlora.core.errors import UserError
 from quantization_utils import QuantMethod
-from run_dir import IF_EXISTS_POLICIES
-from training_setup import FULL_WEIGHTS_DTYPES, LORA_INITS, OPTIMIZERS, check_report_to
+from qlora.outputs.run_dir import IF_EXISTS_POLICIES
+from qlora.train.setup import FULL_WEIGHTS_DTYPES, LORA_INITS, OPTIMIZERS, check_report_to
+from qlora.core.files import REPO_ROOT
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent / "Fine-tuning" / "01_Train.py"
+TRAIN_SCRIPT = REPO_ROOT / "Fine-tuning" / "01_Train.py"
 # The type of each training constant whose default is None (it then also accepts None).
 OPTIONAL_TYPES = {"DATASET_PATH": str}
 
@@ -177,7 +178,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         _require(cfg["if_output_exists"] in IF_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
                  f"is unknown; allowed: {', '.join(IF_EXISTS_POLICIES)}")
     if "memory_limit_gb" in cfg:
-        from memory_planner import parse_memory_limit
+        from qlora.planner.memory import parse_memory_limit
 
         parse_memory_limit(cfg["memory_limit_gb"])
     if "report_to" in cfg:

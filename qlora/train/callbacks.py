@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
-from checkpoint_utils import write_marker
-from errors import UserError
+from qlora.train.checkpoints import write_marker
+from qlora.core.errors import UserError
 
 
 class MarkCompleteCallback(TrainerCallback):
@@ -29,7 +29,7 @@ class MarkCompleteCallback(TrainerCallback):
             write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.cfg)
 
 def _announce_stop(name: str) -> None:
-    from run_log import step
+    from qlora.core.logs import step
 
     step("signal", "%s received: saving a checkpoint after this step, then stopping (send it again to kill now)", name)
 

@@ -107,9 +107,9 @@ def check_saved_generation(directory: Path, *, primary: str, base_model: str, bn
     saved there; `generation_summary`'s lines go to `report`. The model is freed before returning."""
     import gc
 
-    from artifacts import load_adapter_model, load_merged_dir
-    from heap import release_free_heap
-    from model_loading import load_tokenizer
+    from qlora.outputs.artifacts import load_adapter_model, load_merged_dir
+    from qlora.core.heap import release_free_heap
+    from qlora.model.loading import load_tokenizer
 
     directory = Path(directory)
     if primary == "merged":

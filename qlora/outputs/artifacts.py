@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from errors import UserError
-from model_loading import keep_4bit_weights_dequantizable, load_causal_lm, load_tokenizer
-from run_dir import fsync_path
+from qlora.core.errors import UserError
+from qlora.model.loading import keep_4bit_weights_dequantizable, load_causal_lm, load_tokenizer
+from qlora.outputs.run_dir import fsync_path
 
 # The stack whose versions every output records: the seed's libraries, plus what a PTQ backend adds.
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
@@ -57,7 +57,7 @@ def quantization_plan_from_metadata(metadata: dict):
 
 def saved_lm_head(directory: str | Path):
     """lm_head.weight as saved in a model directory's safetensors (its own dtype), or None when tied."""
-    from merge_utils import checkpoint_reader
+    from qlora.merge.merge import checkpoint_reader
 
     try:
         return checkpoint_reader(str(directory))("lm_head.weight")
@@ -75,7 +75,7 @@ def load_merged_dir(directory: str | Path, quantization_config=None, device: str
     """
     import torch
 
-    from merge_utils import set_lm_head_dtype
+    from qlora.merge.merge import set_lm_head_dtype
 
     model = load_causal_lm(str(directory), quantization_config, device, trust_remote_code, dtype="auto")
     head = saved_lm_head(directory)

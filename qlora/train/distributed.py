@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from errors import UserError
+from qlora.core.errors import UserError
 
 QUANT_STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
 _TRUE = ("1", "true", "yes")
@@ -123,7 +123,7 @@ def start_device(launch: LaunchContext, seed: int) -> str:
     from accelerate import PartialState
     from transformers import set_seed
 
-    from run_log import step
+    from qlora.core.logs import step
 
     state = PartialState()  # joins the process group of a distributed launch; a no-op for a single process
     device = state.device.type if not launch.distributed else str(state.device)
@@ -140,8 +140,8 @@ def start_device(launch: LaunchContext, seed: int) -> str:
 def claim_on_main(is_main: bool, root, name: str, if_exists: str):
     """Rank 0 claims the output directory (run_dir.claim: the lock is held until publish); every rank gets its
     paths."""
-    from run_dir import RunDir, claim
-    from run_log import step
+    from qlora.outputs.run_dir import RunDir, claim
+    from qlora.core.logs import step
 
     run = claim(root, name, if_exists, log=lambda line: step("plan", "%s", line)) if is_main else None
     final, staging = from_main((run.final, run.staging) if run else None)

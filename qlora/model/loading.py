@@ -11,7 +11,7 @@ def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: b
     ConfigError line."""
     from transformers import AutoConfig
 
-    from config_utils import ConfigError
+    from qlora.config import ConfigError
 
     quiet_bitsandbytes_notices()
     try:
@@ -29,7 +29,7 @@ def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: b
 # The key the project's shipped config.json files (configs/models) carry to name the hub repo they were
 # copied from; not a model setting, so every reader drops it.
 SOURCE_KEY = "_source"
-from errors import UserError
+from qlora.core.errors import UserError
 
 # Weight files in Python's pickle format (torch.load): unpickling can run arbitrary code.
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -106,7 +106,7 @@ def load_causal_lm(model_name: str, quantization_config=None, device: str | None
     import torch
     from transformers import AutoModelForCausalLM
 
-    from heap import freed_blocks_leave_the_heap
+    from qlora.core.heap import freed_blocks_leave_the_heap
 
     quiet_bitsandbytes_notices()
     check_safetensors_weights(model_name)
@@ -220,7 +220,7 @@ def prepare_kbit_model(model, gradient_checkpointing: bool, keep_embeddings_bf16
     import torch
     from peft import prepare_model_for_kbit_training
 
-    from heap import release_free_heap
+    from qlora.core.heap import release_free_heap
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
