@@ -2,7 +2,7 @@
 
 Edit the constants below, or override any of them on the command line as --NAME=value, then run
     python Fine-tuning/01_Train.py
-Flow: config -> plan -> data -> model -> train -> save -> merge -> metadata -> publish.
+Flow: config -> data -> plan -> model -> train -> save -> merge -> metadata -> publish.
 The output is one tagged directory under OUTPUT_ROOT (see docs/QLoRA.md).
 """
 
@@ -10,30 +10,31 @@ import sys
 import time
 from pathlib import Path
 
-
 from qlora.model.loading import quiet_bitsandbytes_notices
 
 quiet_bitsandbytes_notices()  # before the imports below load bitsandbytes (transformers' Trainer imports peft)
 
-from qlora.outputs.artifacts import absolute_if_local, library_versions, publish_run
-from qlora.train.checkpoints import find_resume_point, prepare_staging
-from qlora.config import resolve_config
+from qlora.checks.generation import check_saved_generation
+from qlora.config import check_model_before_loading, resolve_config
+from qlora.core.errors import one_line_errors
+from qlora.core.files import check_free_disk, disk_full_is_a_user_error
+from qlora.core.logs import step
+from qlora.core.memory import count_parameters, describe_footprint, describe_peak, weight_footprint
 from qlora.data.chat_format import ensure_chat_template
 from qlora.data.formats import dataset_tag, load_training_data
-from qlora.train.distributed import (barrier, check_launch, claim_on_main, combine_peak_reports, gather, launch_context,
-                        leave_process_group, resolve_quant_storage, start_device)
-from qlora.core.errors import UserError
-from qlora.outputs.loss_plot import write_loss_plot
-from qlora.planner.memory import check_disk_for_run, check_free_disk, explain_disk_full, plan_run, with_measured_peak
-from qlora.core.memory import count_parameters, describe_footprint, describe_peak, peak_memory_report, weight_footprint
-from qlora.merge.merge import write_model
-from qlora.outputs.model_card import write_model_cards
-from qlora.model.loading import load_causal_lm, load_tokenizer, pick_device, read_model_config, save_tokenizer
-from qlora.checks.generation import check_saved_generation
-from quantization_utils import build_metadata, build_quantization_plan, output_dir_name, peft_tag
-from qlora.core.logs import setup_logging, step
-from qlora.train.setup import (build_trainer, check_target_modules_before_loading, peft_options,
-                            prepare_for_training, save_adapter, take_trained_model, train, weights_dtype)
+from qlora.model.loading import load_causal_lm, load_tokenizer, pick_device, save_tokenizer
+from qlora.outputs.publish import publish_run, run_metadata
+from qlora.outputs.run_dir import claim_on_main, publish_staged
+from qlora.outputs.write import write_model
+from qlora.planner.disk import check_disk_for_run
+from qlora.planner.memory import plan_run
+from qlora.train.adapter import save_adapter, take_trained_model
+from qlora.train.checkpoints import find_resume_point, prepare_staging
+from qlora.train.distributed import (barrier, combine_peak_reports, gather, launched, own_peak_memory, resolve_quant_storage,
+                                     start_device)
+from qlora.train.peft import prepare_for_training, weights_dtype
+from qlora.train.trainer import build_trainer, train
+from quantization_utils import build_quantization_plan, output_dir_name, peft_tag
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: every name here can be overridden as --NAME=value
@@ -91,16 +92,11 @@ CONFIG_NAMES = [name for name in globals() if name not in _names_before_config a
 
 
 def main(argv=None) -> Path | None:
-    launch = launch_context()  # torchrun / accelerate launch: one process per device; rank 0 logs and writes
-    setup_logging(launch.is_main)
-    started, disk = time.time(), None
-    try:
+    with launched() as launch, one_line_errors():  # torchrun / accelerate: one process per device; rank 0 writes
+        started = time.time()
         # ---- config ---------------------------------------------------------------------------------
-        cfg = resolve_config({name: globals()[name] for name in CONFIG_NAMES},
-                             sys.argv[1:] if argv is None else list(argv))
-        model_config = read_model_config(cfg["MODEL_NAME"], cfg["max_seq_length"], cfg["trust_remote_code"])
-        check_launch(launch, cfg)
-        check_target_modules_before_loading(cfg)
+        cfg = resolve_config({name: globals()[name] for name in CONFIG_NAMES}, sys.argv[1:] if argv is None else argv)
+        model_config = check_model_before_loading(cfg, launch)  # config.json only: context, launch, target modules
         root = Path(cfg["OUTPUT_ROOT"])
         step("config", "%s", cfg)
         # ---- data -----------------------------------------------------------------------------------
@@ -113,81 +109,58 @@ def main(argv=None) -> Path | None:
             cfg["QUANT_METHOD"], lm_head_dtype="fp16" if cfg["keep_lm_head_fp16"] else "bf16", lora_r=cfg["lora_r"],
             merge_after_train=cfg["merge_after_train"],
             quant_storage=resolve_quant_storage(cfg["bnb_4bit_quant_storage"], launch.fsdp))
-        peft_name = peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"])
         memory_plan = plan_run(model_config, cfg, pick_device(), data, tokenizer)  # refuses a run that cannot fit
         if cfg["dry_run"]:
             return None
         device = start_device(launch, cfg["seed"])  # joins the process group of a distributed launch
-        dataset_word = dataset_tag(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"])
-        name = output_dir_name(cfg["MODEL_NAME"], dataset_word, peft_name, spec)
+        name = output_dir_name(cfg["MODEL_NAME"], dataset_tag(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"]),
+                               peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"]), spec)
         with claim_on_main(launch.is_main, root, name, cfg["if_output_exists"]) as run:  # the lock is held to publish
-            step("plan", "%s %s -> %s (staging in %s)", spec.method.value, peft_name, run.final, run.staging)
+            step("plan", "%s -> %s (staging in %s)", spec.method.value, run.final, run.staging)
             if run.staged_complete and launch.is_main:
-                step("publish", "the staged run had finished all but its rename: publishing it without training")
-                return run.publish()
+                return publish_staged(run)  # a killed run that had finished all but its rename
             resume = find_resume_point(cfg["RESUME"], run.staging / "checkpoints", cfg)
             # ---- model ------------------------------------------------------------------------------
-            model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"], dtype=weights_dtype(cfg),
-                                   for_fsdp=launch.fsdp)
+            model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"],
+                                   dtype=weights_dtype(cfg), for_fsdp=launch.fsdp)
             footprint = weight_footprint(model)
             step("model", "%s on %s: %s", cfg["MODEL_NAME"], device, describe_footprint(footprint))
             model = prepare_for_training(model, cfg, quantized=bnb_config is not None, fsdp=launch.fsdp)
-            trainable, total = count_parameters(model)
-            step("model", "trainable params %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+            parameters = count_parameters(model)  # (trainable, total)
             disk = check_disk_for_run(model, cfg, root)
-            # ---- train ------------------------------------------------------------------------------
-            if launch.is_main:
-                prepare_staging(run.staging, resume, cfg["RESUME"])
-            barrier()
-            trainer = build_trainer(model, tokenizer, cfg, data.train, data.held_out, run.staging / "checkpoints", device,
-                                    **data.sft_options)
-            result = train(trainer, resume.checkpoint)
-            step("train", "%d steps (%d in this run) in %.1fs, %s", result.steps, result.steps - result.resumed_step,
-                 result.seconds, result.losses_text())
-            own_gpu = [launch.local_rank] if device.startswith("cuda:") else None  # one GPU per rank
-            rank_peaks, loss_curves = gather(peak_memory_report(own_gpu)), gather(result.loss_curve)
-            # ---- save -------------------------------------------------------------------------------
-            save_adapter(trainer, run.staging / "adapter", launch.fsdp, launch.is_main, cfg["MODEL_NAME"], bnb_config, tokenizer)
-            if not launch.is_main:
-                return None  # rank 0 alone merges and writes
-            check_free_disk(run.staging, disk["adapter"] + disk["merged"], "the adapter and merged model")
-            save_tokenizer(tokenizer, run.staging)
-            model = take_trained_model(trainer, cfg, bnb_config, device, run.staging / "adapter", launch.fsdp)
-            # ---- merge ------------------------------------------------------------------------------
-            merge_check, artifact, memory_plan = write_model(
-                model, cfg=cfg, staging=run.staging, tokenizer=tokenizer,
-                check_rows=data.held_out if len(data.held_out) else data.train, bnb_config=bnb_config, device=device,
-                memory_plan=memory_plan, report=lambda line: step("merge", "%s", line))
-            generation = check_saved_generation(  # the model as saved: merged, or the adapter when it is primary
-                run.staging, primary=artifact["primary"], base_model=cfg["MODEL_NAME"], bnb_config=bnb_config,
-                device=device, trust_remote_code=cfg["trust_remote_code"], rows=data.held_out,
-                report=lambda line: step("generate", "%s", line))
+            with disk_full_is_a_user_error(disk["total"], root):  # a full disk: one line, and a rerun resumes
+                # ---- train --------------------------------------------------------------------------
+                if launch.is_main:
+                    prepare_staging(run.staging, resume, cfg["RESUME"])
+                barrier()
+                trainer = build_trainer(model, tokenizer, cfg, data.train, data.held_out, run.staging / "checkpoints",
+                                        device, **data.sft_options)
+                result = train(trainer, resume.checkpoint)
+                rank_peaks, loss_curves = gather(own_peak_memory(launch, device)), gather(result.loss_curve)
+                # ---- save ---------------------------------------------------------------------------
+                save_adapter(trainer, run.staging / "adapter", launch.fsdp, launch.is_main, cfg["MODEL_NAME"], bnb_config,
+                             tokenizer)
+                if not launch.is_main:
+                    return None  # rank 0 alone merges and writes
+                check_free_disk(run.staging, disk["adapter"] + disk["merged"], "the adapter and merged model")
+                save_tokenizer(tokenizer, run.staging)
+                model = take_trained_model(trainer, cfg, bnb_config, device, run.staging / "adapter", launch.fsdp)
+                # ---- merge --------------------------------------------------------------------------
+                merge_check, artifact = write_model(model, cfg=cfg, staging=run.staging, tokenizer=tokenizer,
+                                                    check_rows=data.held_out or data.train, bnb_config=bnb_config, device=device)
+                generation = check_saved_generation(  # the model as saved: merged, or the adapter when it is primary
+                    run.staging, primary=artifact["primary"], base_model=cfg["MODEL_NAME"], bnb_config=bnb_config,
+                    device=device, trust_remote_code=cfg["trust_remote_code"], rows=data.held_out)
             # ---- metadata ---------------------------------------------------------------------------
-            peak = combine_peak_reports([peak_memory_report(own_gpu)] + rank_peaks[1:])  # rank 0's again: the merge counts
-            metadata = build_metadata(
-                spec, base_model=absolute_if_local(cfg["MODEL_NAME"]), peft=peft_name, peft_options=peft_options(cfg), config=cfg,
-                versions=library_versions(), dataset={**data.metadata(), "prompt_format": prompt_format},
-                artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None},
-                parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
-                weights_footprint=footprint, merge_check=merge_check, generation_check=generation, peak_memory=peak,
-                training=result.metadata(world_size=launch.world_size, fsdp=launch.fsdp, loss_curve_by_rank=loss_curves),
-                memory_plan=with_measured_peak(memory_plan, peak), created_unix=int(time.time()))
-            # ---- publish ----------------------------------------------------------------------------
-            write_loss_plot(run.staging, metadata)  # training_loss.png
-            write_model_cards(run.staging, metadata, run.final.name)  # README.md, adapter/README.md
-            final_dir = publish_run(run, cfg, metadata)
+            peak = combine_peak_reports([own_peak_memory(launch, device)] + rank_peaks[1:])  # rank 0's again: merge counts
+            metadata = run_metadata(
+                spec=spec, cfg=cfg, data=data, prompt_format=prompt_format, parameters=parameters, footprint=footprint,
+                artifact=artifact, merge_check=merge_check, generation=generation, peak=peak, memory_plan=memory_plan,
+                training=result.metadata(world_size=launch.world_size, fsdp=launch.fsdp, loss_curve_by_rank=loss_curves))
+            final_dir = publish_run(run, cfg, metadata)  # loss plot, model cards, metadata.json; then the rename
         step("done", "%.1fs total; peak memory %s (planned %s GiB); wrote %s", time.time() - started,
              describe_peak(peak), memory_plan.get("peak_gib"), final_dir)
         return final_dir
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
-    except (OSError, RuntimeError) as err:  # a save that filled the disk: say how much it needs, and that a rerun resumes
-        full = explain_disk_full(err, disk["total"] if disk else 0, Path(cfg["OUTPUT_ROOT"]))
-        if full is None:
-            raise
-        raise SystemExit(f"error: {full}") from None
-    finally:
-        leave_process_group()  # every rank, however it leaves: no group is left to the exit-time destructors
 
 
 if __name__ == "__main__":

@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from qlora.data.formats import DATASETS, NEEDS_PATH, resolve_source
-from qlora.core.errors import UserError
 from quantization_utils import QuantMethod
 from qlora.outputs.run_dir import IF_EXISTS_POLICIES
-from qlora.train.setup import FULL_WEIGHTS_DTYPES, LORA_INITS, OPTIMIZERS, check_report_to
+from qlora.train.peft import FULL_WEIGHTS_DTYPES, LORA_INITS
+from qlora.train.options import OPTIMIZERS, check_report_to
 from qlora.core.files import REPO_ROOT
+from qlora.planner.memory import parse_memory_limit
+from qlora.core.errors import ConfigError
+from qlora.model.loading import read_model_config
+from qlora.train.distributed import LaunchContext, check_launch
+from qlora.train.peft import check_target_modules_before_loading
 
 TRAIN_SCRIPT = REPO_ROOT / "Fine-tuning" / "01_Train.py"
 # The type of each training constant whose default is None (it then also accepts None).
@@ -26,9 +31,6 @@ PEFT_CHOICES = ("LoRa", "DoRa", "Full")
 MERGE_BASES = ("dequantized", "original", "auto")
 MERGED_PRECISIONS = ("bf16", "nf4")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-class ConfigError(UserError):
-    """A bad configuration value; its message is one line, fit to print as the run's only error."""
 
 def _parse_value(name: str, text: str, kind: type, optional: bool) -> Any:
     if optional and text in ("None", "none", ""):
@@ -178,7 +180,6 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         _require(cfg["if_output_exists"] in IF_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
                  f"is unknown; allowed: {', '.join(IF_EXISTS_POLICIES)}")
     if "memory_limit_gb" in cfg:
-        from qlora.planner.memory import parse_memory_limit
 
         parse_memory_limit(cfg["memory_limit_gb"])
     if "report_to" in cfg:
@@ -186,3 +187,13 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if "RESUME" in cfg:
         _require(cfg["RESUME"] in ("auto", "never") or Path(cfg["RESUME"]).is_dir(),
                  f"RESUME={cfg['RESUME']!r} is not auto, never or an existing checkpoint directory")
+
+
+def check_model_before_loading(cfg: Mapping[str, Any], launch: LaunchContext) -> dict[str, Any]:
+    """The checks that need the model's config.json (no weights): the sequence length fits its context, the
+    launch suits the config, target_modules match its layers (built on the meta device). Returns the model's
+    text config, which the memory plan reads."""
+    model_config = read_model_config(cfg["MODEL_NAME"], cfg["max_seq_length"], cfg["trust_remote_code"])
+    check_launch(launch, cfg)
+    check_target_modules_before_loading(cfg)
+    return model_config

@@ -45,7 +45,7 @@ def check_texts(count: int = 4) -> list[str]:
 _LOGITS_CODE = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from qlora.merge.merge import logits_on
+from qlora.checks.logits import logits_on
 tok = AutoTokenizer.from_pretrained({models[0]!r})
 batches = [dict(tok(t, return_tensors="pt")) for t in {texts!r}]
 logits = {{}}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ptq_support import OPENMATH_SAMPLE, check_texts, dir_bytes, fresh_logits, python_for, run_quantize
 
-from qlora.merge.merge import compare_logits
+from qlora.checks.logits import compare_logits
 from quantization_utils import PTQ_METHODS, QuantMethod
 
 

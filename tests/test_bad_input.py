@@ -15,12 +15,14 @@ import sys
 import pytest
 import torch
 
-from qlora.outputs.artifacts import load_output_dir, write_json
+from qlora.outputs.read import load_output_dir
+from qlora.core.files import write_json
 from qlora.train.checkpoints import MARKER, checkpoint_problem, write_marker
-from qlora.config import ConfigError, training_defaults, validate_config
+from qlora.core.errors import ConfigError
+from qlora.config import training_defaults, validate_config
 from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, ROOT, run_train
 from qlora.core.errors import UserError
-from qlora.planner.memory import explain_disk_full
+from qlora.core.files import explain_disk_full
 from qlora.model.loading import load_causal_lm
 from quantization_utils import base_model_name, build_metadata, build_quantization_plan, output_dir_name, safe_name_part
 from tools.evaluate import main as evaluate
@@ -87,7 +89,7 @@ def test_the_flag_does_run_the_shipped_code(tiny_model_dir, tmp_path):
     """The control: the crafted directory really carries code that runs when trusted (in a fresh process,
     with transformers' module cache under tmp_path)."""
     directory, marker = remote_code_dir(tiny_model_dir, tmp_path, trusted_in_metadata=True)
-    code = (f"from qlora.outputs.artifacts import load_output_dir; "
+    code = (f"from qlora.outputs.read import load_output_dir; "
             f"model, _, _ = load_output_dir({str(directory)!r}, 'cpu', trust_remote_code=True); "
             "print(type(model).__name__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -176,7 +178,8 @@ def test_non_finite_loss_stops_training_before_saving_that_step(tiny_model_dir, 
     nan (as a diverged model does): the run stops at step 3, checkpoints 1 and 2 stay complete."""
     from qlora.data.formats import load_rows, to_sft_dataset
     from qlora.model.loading import load_tokenizer
-    from qlora.train.setup import build_trainer, prepare_for_training
+    from qlora.train.trainer import build_trainer
+    from qlora.train.peft import prepare_for_training
 
     cfg = {**training_defaults(), "lora_r": 8, "max_steps": 5, "save_steps": 1, "keep_checkpoints": 5,
            "logging_steps": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,

@@ -96,7 +96,7 @@ def trained_sequences(tokenizer, data, tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora.train.setup import build_trainer
+    from qlora.train.trainer import build_trainer
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "llama", **dict(TINY_DIMENSIONS, vocab_size=len(tokenizer), num_hidden_layers=1)), dtype=torch.bfloat16)

@@ -3,8 +3,9 @@
 import pytest
 
 from qlora.train.checkpoints import MARKER, checkpoint_problem, config_differences, find_resume_point, write_marker
-from qlora.planner.memory import check_free_disk, disk_needed
-from qlora.config import ConfigError
+from qlora.core.files import check_free_disk
+from qlora.planner.disk import disk_needed
+from qlora.core.errors import ConfigError
 
 CFG = {"MODEL_NAME": "m", "learning_rate": 2e-4, "max_steps": 100, "RESUME": "auto", "save_steps": 50}
 

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from qlora.config import ConfigError, apply_overrides, resolve_config, training_defaults, validate_config
+from qlora.core.errors import ConfigError
+from qlora.config import apply_overrides, resolve_config, training_defaults, validate_config
 from conftest import OPENMATH_SAMPLE, TRAIN_SCRIPT, run_python, run_train
 
 DEFAULTS = {"lora_r": 256, "learning_rate": 2e-4, "merge_after_train": True, "target_modules": ["q_proj"],

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from qlora.config import ConfigError, validate_config
+from qlora.core.errors import ConfigError
+from qlora.config import validate_config
 from qlora.data.formats import (MAX_CHARS_PER_TOKEN, cut_example, dataset_tag, load_rows, load_training_data,
                         resolve_source)
 from qlora.core.errors import UserError

@@ -43,7 +43,8 @@ def test_run_over_its_memory_limit_is_refused_in_one_line_before_loading(tiny_mo
 def test_levers_are_replanned_configs_that_fit():
     """Each lever is the planner run again on the changed constants: its peak is that plan's, under the budget."""
     from qlora.config import training_defaults
-    from qlora.planner.memory import GIB, fitting_levers, plan_for_train_config
+    from qlora.core.memory import GIB
+    from qlora.planner.memory import fitting_levers, plan_for_train_config
     from qlora.model.fixtures import architecture
 
     model = architecture("Qwen3-8B")
@@ -79,7 +80,7 @@ def test_full_fine_tuning_over_budget_with_fp32_weights_is_offered_bf16_weights(
 @pytest.mark.parametrize("value,ok", [("auto", True), ("off", True), ("7.5", True), (12, True), ("0", False),
                                       ("-1", False), ("lots", False), ("nan", False), (None, False)])
 def test_memory_limit_accepts_auto_off_or_gib(value, ok):
-    from qlora.config import ConfigError
+    from qlora.core.errors import ConfigError
     from qlora.planner.memory import parse_memory_limit
 
     if ok:
@@ -90,7 +91,8 @@ def test_memory_limit_accepts_auto_off_or_gib(value, ok):
 
 
 def test_plan_tool_tabulates_what_fits_for_a_shipped_config(capsys):
-    from qlora.planner.memory import GIB, plan_for_train_config
+    from qlora.core.memory import GIB
+    from qlora.planner.memory import plan_for_train_config
     from qlora.model.fixtures import architecture
     from tools.plan import BUDGETS_GIB, main, train_config
 

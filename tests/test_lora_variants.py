@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from qlora.config import ConfigError, training_defaults, validate_config
+from qlora.core.errors import ConfigError
+from qlora.config import training_defaults, validate_config
 from conftest import FAST_TRAIN_ARGS, run_python, train_on_openmath_sample
 
 QDORA_NAME = "Qwen3-0.6B-openmath_SFT_DoRa256_QLORA_w4_headbf16"
@@ -64,9 +65,9 @@ def test_qdora_merge_is_the_trained_function(qdora_run):
 def test_qdora_adapter_reloads_on_the_4bit_base_as_the_merged_model(qdora_run):
     code = f"""
 import sys, torch
-from qlora.outputs.artifacts import load_adapter_model, load_merged_dir
+from qlora.model.loading import load_adapter_model, load_merged_dir
 from quantization_utils import build_quantization_plan
-from qlora.merge.merge import logits_on
+from qlora.checks.logits import logits_on
 _, bnb = build_quantization_plan('QLORA')
 import json
 base = json.load(open({str(qdora_run / 'metadata.json')!r}))['base_model']
@@ -116,8 +117,9 @@ def test_loftq_starts_at_the_best_rank_r_correction_of_the_quantization_error(ti
     the layer's smaller dimension corrects it entirely."""
     import torch
 
-    from qlora.merge.merge import checkpoint_reader, dense_weight
-    from qlora.train.setup import loftq_initialise
+    from qlora.model.checkpoint import checkpoint_reader
+    from qlora.model.base_weights import dense_weight
+    from qlora.train.peft import loftq_initialise
 
     model = _four_bit_peft(tiny_model_dir, r=rank, lora_alpha=16, use_rslora=use_rslora)
     error = loftq_initialise(model, str(tiny_model_dir))
@@ -139,7 +141,8 @@ def test_dora_merged_weight_is_what_the_layer_computes(tiny_model_dir):
     import torch
     import torch.nn.functional as F
 
-    from qlora.merge.merge import dense_weight, merged_weight
+    from qlora.model.base_weights import dense_weight
+    from qlora.merge.weights import merged_weight
 
     model = _four_bit_peft(tiny_model_dir, r=8, lora_alpha=16, use_dora=True)
     module = model.base_model.model.get_submodule("model.layers.1.self_attn.q_proj")
@@ -174,7 +177,7 @@ def test_recorded_scaling_is_the_one_peft_applies(tiny_model_dir):
     from peft import get_peft_model
 
     from qlora.model.loading import load_causal_lm
-    from qlora.train.setup import lora_config, peft_options
+    from qlora.train.peft import lora_config, peft_options
 
     for use_rslora, expected in ((False, 16 / 64), (True, 16 / 8)):
         cfg = {**training_defaults(), "lora_r": 64, "lora_alpha": 16, "use_rslora": use_rslora}

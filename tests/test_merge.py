@@ -7,7 +7,8 @@ import math
 import pytest
 from safetensors import safe_open
 
-from qlora.config import ConfigError, validate_config
+from qlora.core.errors import ConfigError
+from qlora.config import validate_config
 from conftest import FAST_TRAIN_ARGS, run_python, train_on_openmath_sample
 
 # Fewer steps than the end-to-end test: the merge does not need a converged adapter, only a trained one.
@@ -108,8 +109,8 @@ def test_artifacts_reload_in_a_fresh_process_with_the_recorded_logits(nf4_run, a
     directory (through load_output_dir: PeftModel on the 4-bit base of the same plan)."""
     code = f"""
 import json
-from qlora.merge.merge import fingerprint_difference, logits_fingerprint
-from qlora.outputs.artifacts import load_merged_dir, load_output_dir
+from qlora.checks.logits import fingerprint_difference, logits_fingerprint
+from qlora.model.loading import load_merged_dir; from qlora.outputs.read import load_output_dir
 def report(model, recorded):
     print("RESULT", json.dumps([type(model).__name__, str(model.get_output_embeddings().weight.dtype),
                                 fingerprint_difference(recorded, logits_fingerprint(model, recorded["input_ids"]))]))
@@ -163,7 +164,7 @@ def test_merge_frees_each_4bit_layer_and_keeps_no_second_copy(tiny_model_dir):
     import bitsandbytes as bnb
     import torch
 
-    from qlora.merge.merge import merge_lora
+    from qlora.merge.weights import merge_lora
 
     model = _peft_on_4bit(tiny_model_dir)
     quantized = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -184,7 +185,7 @@ def test_original_base_is_the_checkpoint_weight_plus_the_adapter(tiny_model_dir)
     import torch
     from safetensors.torch import load_file
 
-    from qlora.merge.merge import merge_lora
+    from qlora.merge.weights import merge_lora
 
     model = _peft_on_4bit(tiny_model_dir)
     name = "model.layers.1.self_attn.q_proj"
@@ -203,7 +204,7 @@ def test_merge_leaves_non_persistent_buffers_as_every_load_computes_them(tiny_mo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora.merge.merge import merge_lora
+    from qlora.merge.weights import merge_lora
 
     merged = merge_lora(_peft_on_4bit(tiny_model_dir), "dequantized")
     fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))

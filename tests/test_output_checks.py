@@ -119,7 +119,7 @@ def test_families_merge_and_reload_with_the_recorded_logits(family_runs):
     code = f"""
 import json
 from transformers import AutoModelForCausalLM
-from qlora.merge.merge import fingerprint_difference, logits_fingerprint
+from qlora.checks.logits import fingerprint_difference, logits_fingerprint
 for directory in {[str(d) for d, _, _ in family_runs.values()]!r}:
     recorded = json.load(open(directory + "/metadata.json"))["artifact"]["fingerprints"]["merged"]
     model = AutoModelForCausalLM.from_pretrained(directory).eval()

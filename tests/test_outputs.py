@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from qlora.config import ConfigError
+from qlora.core.errors import ConfigError
 from conftest import run_python
 from qlora.outputs.loss_plot import write_loss_plot
 from qlora.outputs.model_card import adapter_card, bnb_code, bnb_arguments, training_card, write_model_cards
@@ -139,7 +139,7 @@ def test_loss_plot_is_drawn_from_metadata(tmp_path):
 def test_describe_adapter_keeps_the_base_as_given(tmp_path):
     from transformers import BitsAndBytesConfig
 
-    from qlora.train.setup import BASE_QUANTIZATION_FILE, describe_adapter
+    from qlora.train.adapter import BASE_QUANTIZATION_FILE, describe_adapter
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/abs/models/Qwen3-0.6B",
                                                               "peft_type": "LORA"}))
@@ -177,7 +177,7 @@ def test_saved_tokenizer_names_a_class_transformers_4_and_5_load(tiny_model_dir,
 def test_report_to_is_checked_against_the_trainers_integrations():
     from importlib.util import find_spec
 
-    from qlora.train.setup import check_report_to, report_to_list
+    from qlora.train.options import check_report_to, report_to_list
 
     check_report_to("none")
     assert report_to_list("none") == [] and report_to_list("tensorboard, wandb") == ["tensorboard", "wandb"]

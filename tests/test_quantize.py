@@ -14,7 +14,7 @@ from ptq_support import OPENMATH_SAMPLE, check_texts, fresh_logits, ptq_python, 
 from safetensors import safe_open
 
 from conftest import SQUAD_SAMPLE
-from qlora.merge.merge import compare_logits
+from qlora.checks.logits import compare_logits
 from quantization_utils import build_metadata, build_quantization_plan
 from tools.quantize import main as quantize_main
 

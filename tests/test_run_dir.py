@@ -104,7 +104,7 @@ def _merged_matches_own_adapter(directory, model_dir) -> float:
 import json, sys, torch
 from safetensors.torch import load_file
 from qlora.model.loading import load_causal_lm
-from qlora.merge.merge import dense_weight
+from qlora.model.base_weights import dense_weight
 from quantization_utils import build_quantization_plan
 _, bnb = build_quantization_plan("QLORA")
 base = load_causal_lm({str(model_dir)!r}, bnb, "cpu")

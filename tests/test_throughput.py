@@ -254,7 +254,8 @@ def test_padding_free_training_losses_equal_the_padded_run(tmp_path):
     equal the padded run's within bf16 noise."""
     from qlora.config import training_defaults
     from qlora.model.loading import load_causal_lm, load_tokenizer
-    from qlora.train.setup import build_trainer, prepare_for_training
+    from qlora.train.trainer import build_trainer
+    from qlora.train.peft import prepare_for_training
 
     cfg = {**training_defaults(), "lora_r": 8, "max_steps": 2, "per_device_train_batch_size": 4,
            "gradient_accumulation_steps": 1, "logging_steps": 1, "max_seq_length": 512, "learning_rate": 1e-3,
@@ -281,7 +282,8 @@ def test_packing_constant_packs_rows_padding_free_within_max_seq_length(tiny_mod
     from qlora.config import training_defaults
     from qlora.data.formats import load_rows, to_sft_dataset
     from qlora.model.loading import load_causal_lm, load_tokenizer
-    from qlora.train.setup import build_trainer, prepare_for_training
+    from qlora.train.trainer import build_trainer
+    from qlora.train.peft import prepare_for_training
 
     cfg = {**training_defaults(), "lora_r": 8, "max_steps": 1, "per_device_train_batch_size": 1,
            "gradient_accumulation_steps": 1, "max_seq_length": 256, "packing": True, "QUANT_METHOD": "NONE",

@@ -72,7 +72,7 @@ ids = tok.apply_chat_template([{{'role': 'user', 'content': 'Ada has 3 apples.'}
 out = model.generate(**ids, max_new_tokens=4, do_sample=False)
 print('OK', model.dtype, out.shape[1] > ids['input_ids'].shape[1])
 import json
-from qlora.merge.merge import fingerprint_difference, logits_fingerprint
+from qlora.checks.logits import fingerprint_difference, logits_fingerprint
 recorded = json.load(open({str(directory / "metadata.json")!r}))['artifact']['fingerprints']['merged']
 print('FINGERPRINT DIFF', fingerprint_difference(recorded, logits_fingerprint(model.eval(), recorded['input_ids'])))
 """

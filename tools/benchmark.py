@@ -227,8 +227,8 @@ def build_trainer(case: Case, model_dir: str, seq: int, batch: int, rank: int, s
         return unsloth_trainer(case, model_dir, rows, seq, batch, rank, steps, work)
 
     from qlora.model.loading import load_causal_lm, load_tokenizer, pick_device
-    from qlora.train.setup import build_trainer as build_project_trainer
-    from qlora.train.setup import prepare_for_training, weights_dtype
+    from qlora.train.trainer import build_trainer as build_project_trainer
+    from qlora.train.peft import prepare_for_training, weights_dtype
 
     device = pick_device()
     tokenizer = load_tokenizer(model_dir)
@@ -316,7 +316,7 @@ def device_name() -> str | None:
 def speed_report(case: Case, model_dir: str, rows: list[list[int]], wall: list[float], rank: int) -> dict:
     """Model FLOPs of each measured step (throughput.training_flops) and the utilization they give."""
     from qlora.planner.throughput import model_flops_utilization, training_flops
-    from qlora.train.setup import DEFAULT_TARGET_MODULES
+    from qlora.train.peft import DEFAULT_TARGET_MODULES
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     flops = [training_flops(cfg, step, None if case.peft == "full" else rank, DEFAULT_TARGET_MODULES,
@@ -367,7 +367,8 @@ def measure_tokenize(model_dir: str, seq: int, rank: int, work: Path) -> dict:
     from qlora.config import training_defaults
     from qlora.planner.memory import tokens_of_row
     from qlora.model.loading import load_causal_lm, load_tokenizer
-    from qlora.train.setup import build_trainer, prepare_for_training
+    from qlora.train.trainer import build_trainer
+    from qlora.train.peft import prepare_for_training
 
     tokenizer = load_tokenizer(model_dir)
     rows = long_rows(8, 8 * seq)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from qlora.outputs.artifacts import write_json
+from qlora.core.files import write_json
 from qlora.config import training_defaults
 from tools.evaluate import MAIN_METRIC
 from tools.evaluate import main as evaluate

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from qlora.outputs.artifacts import (absolute_if_local, base_load_extras, check_finished, check_remote_code, metadata_fields,
-                       non_finite_as_null, non_finite_values, read_metadata, run_config, write_json)
+from qlora.outputs.publish import absolute_if_local
+from qlora.outputs.read import base_load_extras, check_finished, check_remote_code, metadata_fields, read_metadata, run_config
+from qlora.core.files import non_finite_as_null, non_finite_values, write_json
 from qlora.data.formats import DATASETS, get_dataset_spec, resolve_source, squad_answers
 from qlora.core.errors import reading_user_file
 from qlora.outputs.loss_plot import pyplot
@@ -93,7 +94,7 @@ def load_for_eval(path, device=None, trust_remote_code: bool = False):
     models through their own config.json."""
     import torch
 
-    from qlora.outputs.artifacts import load_output_dir
+    from qlora.outputs.read import load_output_dir
     from qlora.model.loading import load_causal_lm, load_tokenizer, pick_device
 
     path = Path(path)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from qlora.outputs.artifacts import check_finished, read_metadata, write_json
+from qlora.outputs.read import check_finished, read_metadata
+from qlora.core.files import write_json
 from qlora.core.errors import UserError
 
 LLAMA_CPP_PYTHON = "0.3.36"  # llama-cpp-python release whose sdist vendors the converter

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from qlora.outputs.artifacts import write_json
+from qlora.core.files import write_json
 from tools.evaluate import main as evaluate
 from tools.evaluate import write_method_chart
 from tools.make_base_model import DEFAULT_DIR

@@ -74,10 +74,10 @@ def main(argv=None) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from qlora.core.memory import weight_footprint
-    from qlora.merge.merge import merge_lora
+    from qlora.merge.weights import merge_lora
     from qlora.model.loading import load_causal_lm, pick_device
     from quantization_utils import build_quantization_plan
-    from qlora.train.setup import DEFAULT_TARGET_MODULES
+    from qlora.train.peft import DEFAULT_TARGET_MODULES
 
     work = Path(args.work_dir) / "Qwen3-0.6B"
     if not (work / "model.safetensors").exists():

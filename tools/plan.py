@@ -129,7 +129,7 @@ def render_summary(models: dict[str, dict], cfg: dict, device: str, budgets) -> 
     return "\n".join(lines)
 
 def main(argv=None) -> str:
-    from qlora.train.setup import OPTIMIZERS
+    from qlora.train.options import OPTIMIZERS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,

@@ -35,8 +35,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from qlora.outputs.artifacts import (absolute_if_local, check_finished, check_remote_code, library_versions,
-                       metadata_fields, read_metadata, write_json)
+from qlora.outputs.publish import absolute_if_local, library_versions
+from qlora.outputs.read import check_finished, check_remote_code, metadata_fields, read_metadata
+from qlora.core.files import write_json
 from qlora.data.formats import DATASETS, load_rows, to_sft_dataset
 from qlora.core.errors import reading_user_file, root_message
 from qlora.outputs.loss_plot import write_loss_plot
@@ -225,7 +226,7 @@ def measure_quality(source: Source, sibling_dir: Path, examples, where: str, tok
     max |logit difference|, relative error) and the next-token loss of both, over every token."""
     import torch
 
-    from qlora.merge.merge import logits_on, measure_candidate, sequence_loss
+    from qlora.checks.logits import logits_on, measure_candidate, sequence_loss
     from qlora.model.loading import load_causal_lm, pick_device
 
     batches = [dict(tokenizer(text, return_tensors="pt", truncation=True, max_length=QUALITY_MAX_TOKENS))

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
+from qlora.core.logs import step
+from qlora.core.heap import release_free_heap
+from qlora.model.loading import load_adapter_model, load_merged_dir, load_tokenizer
 
 GENERATION_PROMPTS = 16  # held-out prompts generated from
 GENERATION_SAMPLES = 3  # {prompt, output} pairs kept for metadata.json
@@ -101,15 +104,12 @@ def generation_check(model, tokenizer, rows, max_prompts: int = GENERATION_PROMP
     }
 
 def check_saved_generation(directory: Path, *, primary: str, base_model: str, bnb_config, device: str,
-                           trust_remote_code: bool, rows, report: Callable[[str], None] = print) -> dict[str, Any] | None:
+                           trust_remote_code: bool, rows,
+                           report: Callable[[str], None] = lambda line: step("generate", "%s", line)) -> dict[str, Any] | None:
     """`generation_check` on an output directory as a user loads it: the merged model (primary "merged") or
     the adapter on its base loaded by the run's plan (`bnb_config`: 4-bit for QLoRA), with the tokenizer
     saved there; `generation_summary`'s lines go to `report`. The model is freed before returning."""
     import gc
-
-    from qlora.outputs.artifacts import load_adapter_model, load_merged_dir
-    from qlora.core.heap import release_free_heap
-    from qlora.model.loading import load_tokenizer
 
     directory = Path(directory)
     if primary == "merged":

@@ -37,3 +37,16 @@ def reading_user_file(path, what: str):
             raise
         empty = Path(path).is_file() and Path(path).stat().st_size == 0
         raise UserError(f"{what} {path} cannot be read: {'it is empty' if empty else root_message(err)}") from err
+
+
+class ConfigError(UserError):
+    """A bad configuration value; its message is one line, fit to print as the run's only error."""
+
+
+@contextmanager
+def one_line_errors():
+    """The entry point's error boundary: a UserError leaves the process as its one `error: ...` line."""
+    try:
+        yield
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from qlora.core.errors import UserError
 from qlora.core.files import REPO_ROOT
+from qlora.data.chat_format import check_template_renders, conversation, has_generation_markers
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SAMPLES_DIR = REPO_ROOT / "samples"
@@ -432,8 +433,6 @@ def load_training_data(cfg: Mapping[str, Any], tokenizer) -> TrainingData:
     chat_format.ensure_chat_template): one conversation per distinct sequence of roles is rendered here, so a
     template that refuses a row fails now, not inside the trainer."""
     from datasets import Dataset
-
-    from qlora.data.chat_format import check_template_renders, conversation, has_generation_markers
 
     choice = cfg["DATASET_CHOICE"]
     spec = get_dataset_spec(choice)

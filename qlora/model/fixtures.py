@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 from qlora.core.files import REPO_ROOT
+from qlora.model.loading import SOURCE_KEY, save_tokenizer
 
 MODEL_CONFIGS_DIR = REPO_ROOT / "configs" / "models"
 CHAT_TEMPLATE = (
@@ -71,8 +72,6 @@ def build_random_model(out_dir: str | Path, tokenizer, model_type: str = "qwen3"
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from qlora.model.loading import save_tokenizer
-
     config = dict(TINY_DIMENSIONS, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     config.update(config_overrides)
@@ -99,7 +98,6 @@ def architecture(name: str) -> dict:
     return without_source(json.loads(path.read_text()))
 
 def without_source(config: dict) -> dict:
-    from qlora.model.loading import SOURCE_KEY
 
     return {key: value for key, value in config.items() if key != SOURCE_KEY}
 

@@ -4,14 +4,15 @@ and preparing a 4-bit model for k-bit training. Shared by the training script an
 from __future__ import annotations
 
 from pathlib import Path
+from qlora.core.errors import ConfigError
+from qlora.core.heap import freed_blocks_leave_the_heap, release_free_heap
+from qlora.model.checkpoint import checkpoint_reader
 
 def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: bool = False) -> dict:
     """The model's (text) config as a dict, from config.json alone (hub id, local dir or a config.json file;
     no weights), after checking that the sequence length fits the model's context. Bad input is one
     ConfigError line."""
     from transformers import AutoConfig
-
-    from qlora.config import ConfigError
 
     quiet_bitsandbytes_notices()
     try:
@@ -105,8 +106,6 @@ def load_causal_lm(model_name: str, quantization_config=None, device: str | None
     """
     import torch
     from transformers import AutoModelForCausalLM
-
-    from qlora.core.heap import freed_blocks_leave_the_heap
 
     quiet_bitsandbytes_notices()
     check_safetensors_weights(model_name)
@@ -220,8 +219,6 @@ def prepare_kbit_model(model, gradient_checkpointing: bool, keep_embeddings_bf16
     import torch
     from peft import prepare_model_for_kbit_training
 
-    from qlora.core.heap import release_free_heap
-
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     if keep_embeddings_bf16:
@@ -247,3 +244,66 @@ def keep_4bit_weights_dequantizable(peft_model) -> None:
     for module in peft_model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def _cast_input_to_head_dtype(module, args):
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def set_lm_head_dtype(model, dtype, weight=None) -> None:
+    """Give lm_head its own weight in `dtype` (untied from the embedding when they were tied).
+
+    `weight` (optional) is the head's saved tensor, used as is: a head loaded through a model-wide
+    dtype cast would lose the bits the fp16 head keeps. When the head's dtype differs from the model's,
+    its input is cast to it, so the model runs and the logits come out in `dtype`.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    source = head.weight if weight is None else weight
+    head.weight = torch.nn.Parameter(source.detach().to(device=head.weight.device, dtype=dtype).clone(),
+                                     requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    if dtype != model.get_input_embeddings().weight.dtype and not getattr(head, "_casts_input", False):
+        head.register_forward_pre_hook(_cast_input_to_head_dtype)
+        head._casts_input = True
+
+
+def saved_lm_head(directory: str | Path):
+    """lm_head.weight as saved in a model directory's safetensors (its own dtype), or None when tied."""
+
+    try:
+        return checkpoint_reader(str(directory))("lm_head.weight")
+    except KeyError:
+        return None
+
+
+def load_merged_dir(directory: str | Path, quantization_config=None, device: str | None = None,
+                    trust_remote_code: bool = False):
+    """A merged model directory as `AutoModelForCausalLM.from_pretrained(directory)` loads it (the dtype
+    its config names), placed on `device`, with one addition: an lm_head saved in another dtype than the
+    model's (fp16) is kept in it, where plain `from_pretrained` casts it to the model's dtype.
+
+    `quantization_config` re-quantizes the 16-bit weights on load (the NF4 artifact is made this way);
+    a directory saved re-quantized carries its own quantization config and needs none.
+    """
+    import torch
+
+    model = load_causal_lm(str(directory), quantization_config, device, trust_remote_code, dtype="auto")
+    head = saved_lm_head(directory)
+    if head is not None and head.dtype != torch.bfloat16:
+        set_lm_head_dtype(model, head.dtype, head)
+    return model.eval()
+
+
+def load_adapter_model(base_model: str, adapter_dir: str | Path, quantization_config=None, device: str | None = None,
+                       trust_remote_code: bool = False):
+    """The trained model: the adapter in `adapter_dir` on the base loaded by the same plan (4-bit for QLORA)."""
+    from peft import PeftModel
+
+    base = load_causal_lm(base_model, quantization_config, device, trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    keep_4bit_weights_dequantizable(model)
+    return model

@@ -13,6 +13,9 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from qlora.data.formats import DATASETS
+from qlora.outputs.read import quantization_plan_from_metadata, read_metadata
+from qlora.train.adapter import BASE_QUANTIZATION_FILE
 
 CARD_FILE = "README.md"
 EVAL_FILE = "eval_results.json"
@@ -33,7 +36,6 @@ def hub_id(name: str | None) -> str | None:
 def dataset_hub_id(metadata: dict) -> str | None:
     """The hub id of the training data: the registry's dataset when no local file was given, else the path
     when it is a hub id."""
-    from qlora.data.formats import DATASETS
 
     dataset = metadata.get("dataset") or {}
     if dataset.get("path"):
@@ -45,7 +47,6 @@ def dataset_hub_id(metadata: dict) -> str | None:
 def bnb_arguments(metadata: dict) -> dict[str, Any] | None:
     """The BitsAndBytesConfig arguments that differ from the defaults, of the 4-bit base the run trained on
     (rebuilt from the metadata's quantization block by the same builder the run used); None for a 16-bit base."""
-    from qlora.outputs.artifacts import quantization_plan_from_metadata
 
     if (metadata.get("quantization") or {}).get("method") != "QLORA":
         return None
@@ -243,7 +244,6 @@ def exports_section(metadata: dict) -> str | None:
 
 def adapter_loading(metadata: dict, adapter_path: str) -> str:
     """How to load the adapter on the base it was trained on (the 4-bit one, with its exact config)."""
-    from qlora.train.setup import BASE_QUANTIZATION_FILE
 
     base = metadata.get("base_model")
     arguments = bnb_arguments(metadata)
@@ -379,7 +379,6 @@ def write_model_cards(directory: str | Path, metadata: dict | None = None, name:
     """Render README.md into `directory` (and adapter/README.md when it has an adapter) from its metadata
     (`metadata`, or its metadata.json) and its eval_results.json. `name` is the directory's published name
     (default: its own). Returns the files written."""
-    from qlora.outputs.artifacts import read_metadata
 
     directory = Path(directory)
     metadata = metadata if metadata is not None else read_metadata(directory)

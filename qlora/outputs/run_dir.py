@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from qlora.core.errors import UserError
+from qlora.core.logs import step
+from qlora.core.files import fsync_path
+from qlora.train.distributed import from_main
 
 STAGED_MARKER = ".staged_complete"
 IF_EXISTS_POLICIES = ("refuse", "suffix")
@@ -47,14 +50,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-def fsync_path(path: Path) -> None:
-    """Make a file's content, or a directory's entries, durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 @dataclass
 class RunDir:
@@ -183,3 +178,18 @@ def claim(root: Path, name: str, if_exists: str = "refuse", log: Callable[[str],
 def discard_staging(run: RunDir) -> None:
     """Remove a staging directory this process holds the claim on (a fresh start)."""
     shutil.rmtree(run.staging, ignore_errors=True)
+
+
+def claim_on_main(is_main: bool, root, name: str, if_exists: str):
+    """Rank 0 claims the output directory (run_dir.claim: the lock is held until publish); every rank gets its
+    paths."""
+
+    run = claim(root, name, if_exists, log=lambda line: step("plan", "%s", line)) if is_main else None
+    final, staging = from_main((run.final, run.staging) if run else None)
+    return run or RunDir(final, staging, lock_path=final.parent / f".{final.name}.lock", lock_fd=None)
+
+
+def publish_staged(run: RunDir) -> Path:
+    """Publish a staging directory that a killed run had finished all but renaming: no training again."""
+    step("publish", "the staged run had finished all but its rename: publishing it without training")
+    return run.publish()

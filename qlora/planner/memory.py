@@ -6,16 +6,22 @@ prints the planner's error beside each measurement.
 
 from __future__ import annotations
 
-import errno
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from qlora.config import ConfigError
+from qlora.core.errors import ConfigError
 from qlora.core.errors import UserError
 from qlora.core.memory import GIB, format_size
-from qlora.train.setup import DEFAULT_TARGET_MODULES, OPTIMIZERS
+from qlora.train.peft import DEFAULT_TARGET_MODULES
+from qlora.train.options import OPTIMIZERS
+from qlora.core.logs import step
+from qlora.core.memory import available_memory
+from qlora.checks.logits import MERGE_CHECK_ROWS
+from qlora.data.chat_format import example_token_ids
+from qlora.core.files import _existing_ancestor
+from qlora.planner.disk import disk_needed_for_config
 
 # Bytes per stored element of the formats the planner knows.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -280,7 +286,7 @@ class TokenStats:
     longest_tokens: int  # the longest training row: tokenized, or estimated from its characters
     longest_chars: int
     estimated: bool  # longest_tokens estimated (the row was too long to tokenize for a plan)
-    held_out_tokens: tuple[int, ...] = ()  # every held-out row (the merge check's rows)
+    held_out_tokens: tuple[int, ...] = ()  # the merge check's held-out rows
 
     def describe(self, seq_len: int) -> str:
         longest = f"{self.longest_tokens:,} ({'estimated from its ' if self.estimated else ''}" \
@@ -303,13 +309,12 @@ def row_text_chars(row: Mapping[str, Any]) -> int:
 
 def tokens_of_row(tokenizer, row: Mapping[str, Any]) -> int:
     """Tokens of a trainer row before truncation, as SFTTrainer builds them (chat_format.example_token_ids)."""
-    from qlora.data.chat_format import example_token_ids
 
     return len(example_token_ids(tokenizer, row))
 
 def token_stats(data, tokenizer, seed: int = 0) -> TokenStats:
     """Token lengths of `data` (data_utils.TrainingData) for the plan, without tokenizing every row: a seeded
-    sample and the longest rows (by characters) are tokenized; every held-out row is."""
+    sample and the longest rows (by characters) are tokenized, and the merge check's held-out rows."""
     import random
 
     chars = [row_text_chars(row) for row in data.train]
@@ -322,7 +327,7 @@ def token_stats(data, tokenizer, seed: int = 0) -> TokenStats:
     density = max(counted[i] / max(chars[i], 1) for i in counted)
     estimated = chars[order[0]] > PLAN_MAX_TOKENIZED_CHARS
     top = int(chars[order[0]] * density) + 1 if estimated else max(counted.values())
-    held_out = tuple(tokens_of_row(tokenizer, row) for row in data.held_out)
+    held_out = tuple(tokens_of_row(tokenizer, data.held_out[i]) for i in range(min(MERGE_CHECK_ROWS, len(data.held_out))))
     return TokenStats(len(chars), len(counted), sum(counted[i] for i in sample) / len(sample), top, chars[order[0]],
                       estimated, held_out)
 
@@ -423,7 +428,6 @@ def parse_memory_limit(value: Any) -> float | str:
 
 def memory_budget(value: Any, device: str) -> tuple[int | None, str]:
     """(bytes the run may use, where that figure comes from); None when memory_limit_gb is off or unreadable."""
-    from qlora.core.memory import available_memory
 
     limit = parse_memory_limit(value)
     if limit == "off":
@@ -516,18 +520,10 @@ def fit_verdict(plan: Mapping[str, Any], model_cfg: Mapping[str, Any], train_cfg
     return False, (f"{peak} exceeds {budget / GIB:.2f} GiB ({source}); {advice}; "
                    "set memory_limit_gb to a number of GiB, or off, to run anyway")
 
-def disk_needed_for_config(plan: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, int]:
-    """`disk_needed` from a plan (config.json alone, no model): the trainable bytes are its gradients'."""
-    params = plan["params"]
-    head_copy = params["embedding"] if cfg["keep_lm_head_fp16"] else 0  # an fp16 head of its own
-    return disk_needed_by_run(plan["parts"]["gradients"], plan["trainable_params"], sum(params.values()) + head_copy,
-                              cfg)
-
 def plan_run(model_cfg: Mapping[str, Any], cfg: Mapping[str, Any], device: str, data, tokenizer) -> dict[str, Any]:
     """01_Train.py's plan, before any weights load: token lengths of the rows (`data`: data_utils.TrainingData),
     the planned peak by phase, and the fit check against memory_limit_gb. A run that does not fit raises
     MemoryBudgetError, a dry run (cfg dry_run) logs the plan, the merge and the disk and raises nothing."""
-    from qlora.core.logs import step
 
     tokens = token_stats(data, tokenizer, cfg["seed"])
     plan = plan_for_train_config(model_cfg, cfg, device, tokens)
@@ -552,88 +548,3 @@ def plan_run(model_cfg: Mapping[str, Any], cfg: Mapping[str, Any], device: str, 
     step("dry run", "%s", verdict if fits else f"would refuse: {verdict}")
     step("dry run", "no weights loaded, nothing written; set dry_run=False to train")
     return plan
-
-def with_measured_peak(plan: Mapping[str, Any], peak: Mapping[str, Any]) -> dict[str, Any]:
-    """The plan with the measured peak (max allocated on CUDA, else peak RSS) and the planner's relative error."""
-    measured = peak["overall_max_allocated_gib"] if peak["device"] == "cuda" else peak["peak_rss_gib"]
-    out = dict(plan, measured_gib=measured)
-    if plan.get("peak_gib") is not None and measured:
-        out["relative_error"] = round((plan["peak_gib"] - measured) / measured, 4)
-    return out
-
-def disk_needed(trainable_bytes: int, trainable_params: int, optim: str, keep_checkpoints: int,
-                merged_params: int, adapter: bool = True) -> dict[str, int]:
-    """Estimated bytes a run writes: `keep_checkpoints` + 1 checkpoints (the Trainer writes a new one before
-    rotating the oldest out), the final adapter (none for full fine-tuning), and a bf16 model of
-    `merged_params` (0: none)."""
-    checkpoint = int(trainable_bytes + trainable_params * OPTIMIZERS[optim].state_bytes) + 1_000_000
-    merged, adapter_bytes = merged_params * 2, trainable_bytes if adapter else 0
-    return {"checkpoint": checkpoint, "adapter": adapter_bytes, "merged": merged,
-            "total": (keep_checkpoints + 1) * checkpoint + adapter_bytes + merged}
-
-def disk_needed_by_run(trainable_bytes: int, trainable_params: int, model_params: int,
-                       cfg: Mapping[str, Any]) -> dict[str, int]:
-    """`disk_needed` for what the run's constants write: a bf16 model of `model_params` when it merges or
-    fine-tunes fully, an adapter unless it fine-tunes fully."""
-    full = cfg["PEFT_CONFIG"] == "Full"
-    return disk_needed(trainable_bytes, trainable_params, cfg["optim"], cfg["keep_checkpoints"],
-                       model_params if cfg["merge_after_train"] or full else 0, adapter=not full)
-
-def disk_needed_for(model, cfg: Mapping[str, Any]) -> dict[str, int]:
-    """`disk_needed` for a model ready to train under the run's constants."""
-    from qlora.core.memory import count_parameters
-
-    trainable, total = count_parameters(model)
-    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    head_copy = model.get_output_embeddings().weight.numel() if cfg["keep_lm_head_fp16"] else 0  # untied fp16 head
-    return disk_needed_by_run(trainable_bytes, trainable, total + head_copy, cfg)
-
-
-def check_disk_for_run(model, cfg: Mapping[str, Any], root: Path) -> dict[str, int]:
-    """What the run will write, checked against the free disk under `root` before training starts."""
-    from qlora.core.logs import step
-
-    disk = disk_needed_for(model, cfg)
-    check_free_disk(root, disk["total"], f"{cfg['keep_checkpoints'] + 1} checkpoints and the outputs")
-    step("disk", "%s per checkpoint, %s merged model, %s in all", format_size(disk["checkpoint"]),
-         format_size(disk["merged"]), format_size(disk["total"]))
-    return disk
-
-
-def _existing_ancestor(path: Path) -> Path:
-    probe = Path(path)
-    while not probe.exists():
-        probe = probe.parent
-    return probe
-
-def check_free_disk(path: Path, needed: int, what: str) -> None:
-    """ConfigError when the filesystem holding `path` has less than `needed` bytes free."""
-    free = shutil.disk_usage(_existing_ancestor(path)).free
-    if free < needed:
-        raise ConfigError(f"not enough free disk under {path} for {what}: need ~{format_size(needed)}, "
-                          f"{format_size(free)} free")
-
-DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded")  # safetensors' Rust I/O errors
-TORCH_WRITE_FAILED = ("inline_container.cc", "PytorchStreamWriter")  # torch.save's zip writer, errno not kept
-
-def explain_disk_full(err: BaseException, needed_bytes: int, directory: Path) -> UserError | None:
-    """The one-line error for a save that failed because the disk filled up, or None when `err` is something else.
-
-    ENOSPC / EDQUOT (Python's OSError, safetensors' message) count always. torch.save reports a full disk
-    only as a failed write of its zip stream ('[enforce fail at inline_container.cc] . unexpected pos'):
-    that counts when the filesystem now has less than `needed_bytes` free.
-    """
-    chain, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    free = shutil.disk_usage(_existing_ancestor(directory)).free
-    full = any(getattr(e, "errno", None) in DISK_FULL_ERRNOS or any(t in str(e) for t in DISK_FULL_TEXTS) for e in chain)
-    torch_write = any(t in str(e) for e in chain for t in TORCH_WRITE_FAILED)
-    if not (full or (torch_write and free < needed_bytes)):
-        return None
-    return UserError(f"the disk under {directory} is full: saving needs ~{format_size(needed_bytes)} free there, "
-                     f"{format_size(free)} is; free some space, then rerun the same command: it resumes from the "
-                     "last complete checkpoint")

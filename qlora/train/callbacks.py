@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from qlora.train.checkpoints import write_marker
 from qlora.core.errors import UserError
+from qlora.core.logs import step
 
 
 class MarkCompleteCallback(TrainerCallback):
@@ -29,7 +30,6 @@ class MarkCompleteCallback(TrainerCallback):
             write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.cfg)
 
 def _announce_stop(name: str) -> None:
-    from qlora.core.logs import step
 
     step("signal", "%s received: saving a checkpoint after this step, then stopping (send it again to kill now)", name)
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from qlora.outputs.artifacts import write_json
-from qlora.outputs.run_dir import fsync_path
-from qlora.config import ConfigError
+from qlora.core.files import write_json
+from qlora.core.files import fsync_path
+from qlora.core.errors import ConfigError
+from qlora.core.logs import step
 
 MARKER = "checkpoint_complete.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -123,7 +124,6 @@ def find_resume_point(resume: str, checkpoints_dir: Path, cfg: Mapping[str, Any]
 def prepare_staging(staging: Path, resume: ResumePoint, resume_setting: str) -> None:
     """The staging directory ready for training: an earlier partial run that cannot be resumed is removed,
     with a log line, and so are checkpoints found unusable."""
-    from qlora.core.logs import step
 
     if resume.start_over and staging.exists():
         reason = "RESUME=never" if resume_setting == "never" else "no complete checkpoint in it"

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from qlora.core.errors import UserError
+from qlora.core.logs import setup_logging, step
+from qlora.core.memory import peak_memory_report
 
 QUANT_STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
 _TRUE = ("1", "true", "yes")
@@ -123,8 +126,6 @@ def start_device(launch: LaunchContext, seed: int) -> str:
     from accelerate import PartialState
     from transformers import set_seed
 
-    from qlora.core.logs import step
-
     state = PartialState()  # joins the process group of a distributed launch; a no-op for a single process
     device = state.device.type if not launch.distributed else str(state.device)
     set_seed(seed)
@@ -137,16 +138,6 @@ def start_device(launch: LaunchContext, seed: int) -> str:
         torch.cuda.reset_peak_memory_stats()
     return device
 
-def claim_on_main(is_main: bool, root, name: str, if_exists: str):
-    """Rank 0 claims the output directory (run_dir.claim: the lock is held until publish); every rank gets its
-    paths."""
-    from qlora.outputs.run_dir import RunDir, claim
-    from qlora.core.logs import step
-
-    run = claim(root, name, if_exists, log=lambda line: step("plan", "%s", line)) if is_main else None
-    final, staging = from_main((run.final, run.staging) if run else None)
-    return run or RunDir(final, staging, lock_path=final.parent / f".{final.name}.lock", lock_fd=None)
-
 def combine_peak_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One peak-memory report from each rank's `peak_memory_report()`: every GPU listed with its rank."""
     per_gpu = [dict(gpu, rank=rank) for rank, report in enumerate(reports) for gpu in report["per_gpu"]]
@@ -156,3 +147,21 @@ def combine_peak_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
         combined["overall_max_allocated_gib"] = max(g["peak_allocated_gib"] for g in per_gpu)
         combined["overall_max_reserved_gib"] = max(g["peak_reserved_gib"] for g in per_gpu)
     return combined
+
+
+@contextmanager
+def launched(env: Mapping[str, str] | None = None):
+    """This process's place in the launch (one process per device under torchrun / accelerate launch; rank 0
+    logs and writes), with the log set up for it. However the block is left, this rank's process group is
+    destroyed: none is left to the exit-time destructors."""
+    launch = launch_context(env)
+    setup_logging(launch.is_main)
+    try:
+        yield launch
+    finally:
+        leave_process_group()
+
+
+def own_peak_memory(launch: LaunchContext, device: str) -> dict[str, Any]:
+    """This rank's peak memory report: its own GPU under a launch with one GPU per rank, else the process's."""
+    return peak_memory_report([launch.local_rank] if device.startswith("cuda:") else None)

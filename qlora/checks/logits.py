@@ -1,0 +1,140 @@
+""""""
+
+from __future__ import annotations
+from qlora.core.heap import release_free_heap
+from qlora.data.chat_format import example_token_ids
+from quantization_utils import short_dtype_name
+from pathlib import Path
+from typing import Any
+from typing import Callable
+
+
+def head_dtype_name(model) -> str:
+    """Short name of the dtype lm_head really has: 'bf16' | 'fp16' | 'fp32'."""
+
+    return short_dtype_name(str(model.get_output_embeddings().weight.dtype))
+
+
+def logits_on(model, batches) -> list:
+    """fp32 logits of `model` on each batch (dicts of input_ids / attention_mask), on CPU."""
+    import torch
+
+    device = next(model.parameters()).device
+    outputs = []
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            outputs.append(model(**batch).logits.float().cpu())
+    return outputs
+
+
+def _comparison_sums(ref, cand, batch) -> dict[str, float]:
+    """One batch's share of `compare_logits`: sums and maxima over its non-padding tokens."""
+    import torch
+
+    mask = batch["attention_mask"].bool()
+    ref, cand = ref[mask], cand[mask]
+    diff = ref - cand
+    ref_logp, cand_logp = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
+    return {"max_abs": diff.abs().max().item(), "max_logit": ref.abs().max().item(),
+            "diff_sq": diff.pow(2).sum().item(), "ref_sq": ref.pow(2).sum().item(),
+            "kl_sum": (ref_logp.exp() * (ref_logp - cand_logp)).sum().item(), "tokens": int(mask.sum())}
+
+
+def _comparison(parts: list[dict[str, float]]) -> dict[str, Any]:
+    tokens = sum(p["tokens"] for p in parts)
+    return {"max_abs_logit_diff": max(p["max_abs"] for p in parts), "max_abs_logit": max(p["max_logit"] for p in parts),
+            "relative_error": (sum(p["diff_sq"] for p in parts) / max(sum(p["ref_sq"] for p in parts), 1e-30)) ** 0.5,
+            "mean_kl": sum(p["kl_sum"] for p in parts) / max(tokens, 1), "tokens": tokens}
+
+
+def compare_logits(reference: list, candidate: list, batches) -> dict[str, Any]:
+    """Max |logit difference|, relative error ||candidate - reference|| / ||reference|| and mean per-token
+    KL(reference || candidate) over non-padding tokens; `max_abs_logit` (the reference's largest |logit|)
+    sets the scale of bf16 rounding (2**-8 relative)."""
+    return _comparison([_comparison_sums(r, c, b) for r, c, b in zip(reference, candidate, batches)])
+
+
+def _loss_sum(out, batch) -> tuple[float, int]:
+    """Summed next-token cross-entropy of one batch over its non-padding tokens, and their count."""
+    import torch
+
+    labels = batch["input_ids"][:, 1:].clone()
+    labels[~batch["attention_mask"][:, 1:].bool()] = -100
+    total = torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum",
+                                              ignore_index=-100).item()
+    return total, int((labels != -100).sum())
+
+
+def sequence_loss(logits: list, batches) -> float:
+    """Mean next-token cross-entropy over the non-padding tokens of `batches`."""
+    sums = [_loss_sum(out, batch) for out, batch in zip(logits, batches)]
+    return sum(t for t, _ in sums) / max(sum(c for _, c in sums), 1)
+
+
+FINGERPRINT_TOKENS, FINGERPRINT_VOCAB = 16, 8
+
+
+def logits_fingerprint(model, input_ids: list[int]) -> dict[str, Any]:
+    """A small record of `model`'s logits on `input_ids`: the first few vocabulary entries per position,
+    the argmax per position and the sum of |logits|; saved at save time, compared after reloading."""
+    import torch
+
+    logits = logits_on(model, [{"input_ids": torch.tensor([input_ids]),
+                                "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long)}])[0][0]
+    return {"input_ids": list(input_ids), "logits_head": logits[:, :FINGERPRINT_VOCAB].tolist(),
+            "argmax": logits.argmax(-1).tolist(), "abs_sum": logits.abs().sum().item()}
+
+
+def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> float:
+    """Max |difference| between two fingerprints' logits (inf when they were taken on other inputs)."""
+    import torch
+
+    if recorded["input_ids"] != actual["input_ids"]:
+        return float("inf")
+    return (torch.tensor(recorded["logits_head"]) - torch.tensor(actual["logits_head"])).abs().max().item()
+
+
+def measure_candidate(model, trained_logits: list, batches) -> dict[str, Any]:
+    """Merge-check figures of one candidate against the trained model's logits, one batch at a time (only
+    the trained model's logits are kept: at a 152k vocabulary each token's fp32 logits take 0.6 MB)."""
+    parts, losses = [], []
+    for ref, batch in zip(trained_logits, batches):
+        (cand,) = logits_on(model, [batch])
+        parts.append(_comparison_sums(ref, cand, batch))
+        losses.append(_loss_sum(cand, batch))
+        del cand
+    return {**_comparison(parts), "loss": sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1)}
+
+
+def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits: list, batches,
+                  fingerprint_ids: list[int]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A saved model directory, reloaded by `reload` as a user loads it, measured against the trained model:
+    (merge-check figures, logits fingerprint, lm_head dtype name). The reloaded model is freed before
+    returning."""
+    import gc
+
+    release_free_heap()  # the model that wrote `directory` was just freed: its memory leaves before the reload
+    model = reload(directory)
+    figures = measure_candidate(model, trained_logits, batches)
+    fingerprint = logits_fingerprint(model, fingerprint_ids)
+    head = head_dtype_name(model)
+    del model
+    gc.collect()
+    release_free_heap()
+    return figures, fingerprint, head
+
+
+def tokenize_for_check(tokenizer, examples, max_length: int) -> list[dict]:
+    """Held-out rows (conversations or text) as single-sequence batches for the merge check, tokenized exactly
+    as the trainer tokenized them."""
+    import torch
+
+    batches = []
+    for example in examples:
+        ids = torch.tensor([example_token_ids(tokenizer, example)[:max_length]])
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
+MERGE_CHECK_ROWS = 8  # held-out rows the merge check compares the merged model with the trained one on

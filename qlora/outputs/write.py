@@ -1,0 +1,143 @@
+""""""
+
+from __future__ import annotations
+from qlora.core.logs import step
+from qlora.core.heap import release_free_heap
+from qlora.model.loading import load_adapter_model, load_merged_dir
+from quantization_utils import QuantMethod, build_quantization_plan
+from pathlib import Path
+from typing import Any
+from typing import Callable
+from qlora.checks.logits import FINGERPRINT_TOKENS, MERGE_CHECK_ROWS, logits_fingerprint, logits_on, measure_saved, sequence_loss, tokenize_for_check
+from qlora.merge.weights import _release_model, cast_weights, merge_lora
+from qlora.model.loading import set_lm_head_dtype
+
+
+def _move_contents(source: Path, target: Path) -> None:
+    import os
+    import shutil
+
+    for item in source.iterdir():
+        os.replace(item, target / item.name)
+    shutil.rmtree(source)
+
+
+def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_base: str, precision: str,
+                    head_dtype, max_kl: float, load_trained: Callable[[], Any], load_merged: Callable[..., Any],
+                    reload: Callable[[Path], Any],
+                    report: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Merge `model` (a trained PeftModel), check every candidate, write the kept one into `staging`.
+
+    merge_base "dequantized" | "original" | "auto" (both, the one with the lower mean KL kept);
+    precision "bf16" (plain safetensors) | "nf4" (the kept candidate re-quantized through
+    `load_merged(dir)`, bitsandbytes serialization). Every candidate is saved first (to
+    `staging/.merge-*`, the NF4 one to `staging`), freed, and measured as `reload(dir)` loads it back
+    (as a user loads it: plain `from_pretrained`, the saved fp16 head kept): the figures and fingerprints are
+    those of the files, not of the object that wrote them. Only one copy of the model is in memory at a time
+    (`load_trained()` rebuilds the trained model for the second candidate of "auto"). Returns (merge_check,
+    artifact) for metadata.json.
+    """
+    import gc
+    import shutil
+
+    import torch
+
+    trained = logits_on(model, batches)
+    fingerprint_ids = batches[0]["input_ids"][0, :FINGERPRINT_TOKENS].tolist()
+    candidates, fingerprints, head_names = {}, {}, {}
+    bases = ("dequantized", "original") if merge_base == "auto" else (merge_base,)
+    for i, base in enumerate(bases):
+        if i > 0:
+            model = load_trained()
+        merged = merge_lora(model, base, model_name)
+        del model
+        if head_dtype != torch.bfloat16:
+            set_lm_head_dtype(merged, head_dtype)
+        merged.save_pretrained(staging / f".merge-{base}")
+        del merged
+        gc.collect()
+        candidates[base], fingerprints[base], head_names[base] = measure_saved(
+            staging / f".merge-{base}", reload, trained, batches, fingerprint_ids)
+        report(f"{base}: " + _figures(candidates[base]))
+    chosen = min(bases, key=lambda b: candidates[b]["mean_kl"])
+    final = chosen
+    if precision == "nf4":
+        quantized = load_merged(staging / f".merge-{chosen}")
+        # Saved before any forward: on CPU, bitsandbytes repacks 4-bit weights on the first inference
+        # forward with bf16 absmax, and re-quantizes them on save, so a model saved after a forward is
+        # not the one a forward ran on.
+        quantized.save_pretrained(staging)
+        del quantized
+        gc.collect()
+        candidates["nf4"], fingerprints["nf4"], head_names["nf4"] = measure_saved(
+            staging, reload, trained, batches, fingerprint_ids)
+        report(f"nf4 (re-quantized {chosen}): " + _figures(candidates["nf4"]))
+        final = "nf4"
+    else:
+        _move_contents(staging / f".merge-{chosen}", staging)
+    for base in bases:
+        shutil.rmtree(staging / f".merge-{base}", ignore_errors=True)
+    passed = candidates[final]["mean_kl"] <= max_kl
+    merge_check = {
+        "trained_loss": sequence_loss(trained, batches), "candidates": candidates, "chosen_base": chosen,
+        "artifact_candidate": final, "max_kl": max_kl, "passed": passed,
+        "primary_artifact": "merged" if passed else "adapter",
+        **{k: candidates[final][k] for k in ("max_abs_logit_diff", "mean_kl", "tokens", "loss")},
+    }
+    artifact = {"kind": f"merged_{precision}", "weights_bits": 4 if precision == "nf4" else 16,
+                "merge_base": chosen, "primary": "merged" if passed else "adapter", "lm_head_dtype": head_names[final],
+                "fingerprints": {"merged": fingerprints[final]}}
+    return merge_check, artifact
+
+
+def _figures(figures: dict[str, Any]) -> str:
+    return (f"max |logit diff| {figures['max_abs_logit_diff']:.4g}, mean KL {figures['mean_kl']:.3g}, "
+            f"loss {figures['loss']:.4f} over {figures['tokens']} held-out tokens")
+
+
+def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_config, device: str,
+                report: Callable[[str], None] = lambda line: step("merge", "%s", line)) -> tuple[dict | None, dict]:
+    """Write the run's model into `staging` beside its adapter: the fully fine-tuned model, or the merged one
+    (checked against the trained model first), or nothing more for an adapter-only run. Returns
+    (merge_check, artifact) for metadata.json; `model` is consumed."""
+    import torch
+
+    fingerprint_ids = tokenize_for_check(tokenizer, check_rows.select(range(1)), FINGERPRINT_TOKENS)[0]["input_ids"][0]
+    load_trained = lambda: load_adapter_model(cfg["MODEL_NAME"], staging / "adapter", bnb_config, device,  # noqa: E731
+                                              cfg["trust_remote_code"])
+    reload = lambda path: load_merged_dir(path, None, device, cfg["trust_remote_code"])  # noqa: E731
+    if cfg["PEFT_CONFIG"] == "Full":
+        cast_weights(model, torch.bfloat16)
+        model.save_pretrained(staging)
+        # the weights leave memory before the reload (the trainer's callbacks still hold the model object)
+        model.to("meta")
+        release_free_heap()
+        return None, {"kind": "full_bf16", "weights_bits": 16, "merge_base": None, "primary": "merged",
+                      "fingerprints": {"merged": logits_fingerprint(reload(staging), fingerprint_ids.tolist())}}
+    if not cfg["merge_after_train"]:  # what the adapter gives when reloaded on the 4-bit base by the same plan
+        _release_model(model)  # the trained weights go before the reload: one copy in memory at a time
+        return None, {"kind": "adapter_only", "weights_bits": None, "merge_base": None, "primary": "adapter",
+                      "fingerprints": {"adapter": logits_fingerprint(load_trained(), fingerprint_ids.tolist())}}
+    batches = tokenize_for_check(tokenizer, check_rows.select(range(min(MERGE_CHECK_ROWS, len(check_rows)))),
+                                 cfg["max_seq_length"])
+    _, nf4_config = build_quantization_plan(QuantMethod.QLORA)
+    head_dtype = torch.float16 if cfg["keep_lm_head_fp16"] else torch.bfloat16
+    merge_check, artifact = merge_and_check(
+        model, staging=staging, model_name=cfg["MODEL_NAME"], batches=batches, merge_base=cfg["merge_base"],
+        precision=cfg["merged_precision"], head_dtype=head_dtype, max_kl=cfg["merge_check_max_kl"],
+        load_trained=load_trained, load_merged=lambda path: load_merged_dir(path, nf4_config, device,
+                                                                            cfg["trust_remote_code"]),
+        reload=reload, report=report)
+    planned_head = "fp16" if cfg["keep_lm_head_fp16"] else "bf16"
+    if artifact["lm_head_dtype"] != planned_head:  # the tag names the head's dtype: it must be true on disk
+        raise RuntimeError(f"saved lm_head is {artifact['lm_head_dtype']}, but the plan says {planned_head}")
+    if merge_check["passed"]:
+        report(f"kept the {merge_check['chosen_base']} merge ({cfg['merged_precision']}): mean KL "
+               f"{merge_check['mean_kl']:.3g} <= merge_check_max_kl {cfg['merge_check_max_kl']:.3g}")
+    else:
+        report(f"!!! MERGE CHECK FAILED: mean KL {merge_check['mean_kl']:.3g} > merge_check_max_kl "
+               f"{cfg['merge_check_max_kl']:.3g}; the merged model differs from the trained one. The adapter "
+               "(adapter/, on the 4-bit base) is the primary artifact !!!")
+        # what the primary artifact gives when reloaded on the 4-bit base by the same plan
+        artifact["fingerprints"]["adapter"] = logits_fingerprint(load_trained(), fingerprint_ids.tolist())
+    return merge_check, artifact
