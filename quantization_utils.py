@@ -91,6 +91,19 @@ def _plan_none(lm_head_dtype: str, **_: Any):
     return spec, None
 
 
+def nf4_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "bfloat16",
+               quant_storage: str | None = None):
+    """The one BitsAndBytesConfig of a 4-bit base: NF4, double quant, bf16 compute (QLoRA's, and BNB_NF4's)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    bnb_kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                      bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+    if quant_storage is not None:  # FSDP needs the packed storage dtype to equal the model dtype
+        bnb_kwargs["bnb_4bit_quant_storage"] = getattr(torch, quant_storage)
+    return BitsAndBytesConfig(**bnb_kwargs)
+
+
 def _plan_qlora(
     lm_head_dtype: str,
     lora_r: int | None = None,
@@ -101,9 +114,6 @@ def _plan_qlora(
     quant_storage: str | None = None,
     **_: Any,
 ):
-    import torch
-    from transformers import BitsAndBytesConfig
-
     extras = {
         "double_quant": double_quant,
         "base_quant_type": quant_type,
@@ -111,17 +121,10 @@ def _plan_qlora(
         "lora_r": lora_r,
         "merge_after_train": merge_after_train,
     }
-    bnb_kwargs = dict(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-    )
-    if quant_storage is not None:  # FSDP needs the packed storage dtype to equal the model dtype
-        bnb_kwargs["bnb_4bit_quant_storage"] = getattr(torch, quant_storage)
+    if quant_storage is not None:
         extras["quant_storage"] = quant_storage
     spec = QuantSpec(QuantMethod.QLORA, 4, lm_head_dtype, "bitsandbytes", extras)
-    return spec, BitsAndBytesConfig(**bnb_kwargs)
+    return spec, nf4_config(quant_type, double_quant, compute_dtype, quant_storage)
 
 
 _PLAN_BUILDERS: dict[QuantMethod, Callable[..., tuple[QuantSpec, Any]]] = {
@@ -175,15 +178,10 @@ def _ptq_bnb_int8(bits: int, group_size: int | None):
 
 
 def _ptq_bnb_nf4(bits: int, group_size: int | None):
-    import torch
-    from transformers import BitsAndBytesConfig
-
     # Double quant is not only smaller: on CPUs with AVX512-BF16, 4-bit weights saved after a forward pass
     # without it reload corrupted (bitsandbytes repacks them for its CPU kernel).
     extras = {"quantizer": "bitsandbytes", "double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16"}
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16)
-    return extras, "", config
+    return extras, "", nf4_config()
 
 
 def _ptq_gptq(bits: int, group_size: int | None):

@@ -32,7 +32,7 @@ from qlora.train.adapter import save_adapter, take_trained_model
 from qlora.train.checkpoints import find_resume_point, prepare_staging
 from qlora.train.distributed import (barrier, combine_peak_reports, gather, launched, own_peak_memory, resolve_quant_storage,
                                      start_device)
-from qlora.train.peft import prepare_for_training, weights_dtype
+from qlora.train.peft import DEFAULT_TARGET_MODULES, prepare_for_training, weights_dtype
 from qlora.train.trainer import build_trainer, train
 from quantization_utils import build_quantization_plan, output_dir_name, peft_tag
 
@@ -56,7 +56,7 @@ lora_alpha = 16  # LoRA scale is lora_alpha / lora_r (lora_alpha / sqrt(lora_r) 
 use_rslora = False  # False: scale alpha / r (shrinks as r grows) | True: rsLoRA, alpha / sqrt(r) (docs: which to pick)
 init_lora_weights = "default"  # default (B = 0) | gaussian (B = 0, A normal) | loftq (QLORA: adapter starts at the rank-r 4-bit error; reads the 16-bit checkpoint)
 lora_dropout = 0.05  # dropout on the adapter input, [0, 1)
-target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # names or globs
+target_modules = list(DEFAULT_TARGET_MODULES)  # names or globs; default: q,k,v,o and gate,up,down projections
 # -- training
 per_device_train_batch_size = 1  # sequences per step per device; memory grows with it
 gradient_accumulation_steps = 16  # effective batch = batch size * this

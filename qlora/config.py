@@ -11,25 +11,24 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from qlora.data.formats import DATASETS, NEEDS_PATH, resolve_source
-from quantization_utils import QuantMethod
-from qlora.outputs.run_dir import IF_EXISTS_POLICIES
-from qlora.train.peft import FULL_WEIGHTS_DTYPES, LORA_INITS
-from qlora.train.options import OPTIMIZERS, check_report_to
-from qlora.core.files import REPO_ROOT
-from qlora.planner.memory import parse_memory_limit
 from qlora.core.errors import ConfigError
+from qlora.core.files import REPO_ROOT
+from qlora.data.formats import DATASETS, NEEDS_PATH, resolve_source
+from qlora.merge.weights import MergeBase
 from qlora.model.loading import read_model_config
-from qlora.train.distributed import LaunchContext, check_launch
-from qlora.train.peft import check_target_modules_before_loading
+from qlora.outputs.run_dir import IF_EXISTS_POLICIES
+from qlora.outputs.write import MergedPrecision
+from qlora.planner.memory import parse_memory_limit
+from qlora.train.distributed import LaunchContext, QUANT_STORAGE_CHOICES, check_launch
+from qlora.train.options import OPTIMIZERS, check_report_to
+from qlora.train.peft import FullWeightsDtype, LORA_INITS, PeftKind, check_target_modules_before_loading
+from quantization_utils import QuantMethod
+
 
 TRAIN_SCRIPT = REPO_ROOT / "Fine-tuning" / "01_Train.py"
 # The type of each training constant whose default is None (it then also accepts None).
 OPTIONAL_TYPES = {"DATASET_PATH": str}
 
-PEFT_CHOICES = ("LoRa", "DoRa", "Full")
-MERGE_BASES = ("dequantized", "original", "auto")
-MERGED_PRECISIONS = ("bf16", "nf4")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 def _parse_value(name: str, text: str, kind: type, optional: bool) -> Any:
@@ -84,6 +83,7 @@ def resolve_config(defaults: Mapping[str, Any], argv: list[str]) -> dict[str, An
     """The run's config: defaults with the command line's overrides, validated."""
     cfg = apply_overrides(defaults, argv, OPTIONAL_TYPES)
     validate_config(cfg)
+    cfg["QUANT_METHOD"] = QuantMethod.parse(cfg["QUANT_METHOD"]).value  # one spelling from here on: QLORA | NONE
     resolve_source(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"])  # a data file that exists, or a hub id; not read yet
     return cfg
 
@@ -116,12 +116,18 @@ def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
+def _one_of(cfg: Mapping[str, Any], name: str, allowed) -> None:
+    """`cfg[name]` is one of `allowed` (an enum or a collection of words), when the config has that constant."""
+    if name in cfg:
+        words = [str(value) for value in allowed]
+        _require(cfg[name] in words, f"{name}={cfg[name]!r} is unknown; allowed: {', '.join(words)}")
+
+
 def _validate_lora_init(cfg: Mapping[str, Any]) -> None:
-    _require(cfg["init_lora_weights"] in LORA_INITS,
-             f"init_lora_weights={cfg['init_lora_weights']!r} is unknown; allowed: {', '.join(LORA_INITS)}")
+    _one_of(cfg, "init_lora_weights", LORA_INITS)
     if cfg["init_lora_weights"] != "loftq":
         return
-    _require(str(cfg["QUANT_METHOD"]).upper() == "QLORA" and cfg["PEFT_CONFIG"] == "LoRa",
+    _require(cfg["QUANT_METHOD"] == QuantMethod.QLORA and cfg["PEFT_CONFIG"] == "LoRa",
              "init_lora_weights=loftq needs QUANT_METHOD=QLORA and PEFT_CONFIG=LoRa: it starts the LoRA adapter at "
              "the 4-bit base's quantization error")
     _require(cfg["merge_base"] != "original",
@@ -143,16 +149,14 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
              f"DATASET_CHOICE={cfg['DATASET_CHOICE']!r} is unknown; allowed: {', '.join(DATASETS)}")
     _require(not DATASETS[cfg["DATASET_CHOICE"]].needs_path or cfg.get("DATASET_PATH") is not None,
              f"DATASET_CHOICE={cfg['DATASET_CHOICE']} {NEEDS_PATH}")
-    _require(cfg["PEFT_CONFIG"] in PEFT_CHOICES,
-             f"PEFT_CONFIG={cfg['PEFT_CONFIG']!r} is unknown; allowed: {', '.join(PEFT_CHOICES)}")
+    _one_of(cfg, "PEFT_CONFIG", PeftKind)
     _validate_lora_init(cfg)
-    _require(cfg["PEFT_CONFIG"] != "Full" or str(cfg["QUANT_METHOD"]).upper() == "NONE",
+    _require(cfg["PEFT_CONFIG"] != PeftKind.FULL or cfg["QUANT_METHOD"] == QuantMethod.NONE,
              f"PEFT_CONFIG=Full needs QUANT_METHOD=NONE: 4-bit weights cannot be trained themselves "
              f"(QUANT_METHOD={cfg['QUANT_METHOD']} trains LoRa or DoRa adapters on them)")
     if "full_weights_dtype" in cfg:
-        _require(cfg["full_weights_dtype"] in FULL_WEIGHTS_DTYPES, f"full_weights_dtype={cfg['full_weights_dtype']!r} "
-                 f"is unknown; allowed: {', '.join(FULL_WEIGHTS_DTYPES)}")
-        _require(cfg["full_weights_dtype"] == "bf16" or cfg["PEFT_CONFIG"] == "Full",
+        _one_of(cfg, "full_weights_dtype", FullWeightsDtype)
+        _require(cfg["full_weights_dtype"] == "bf16" or cfg["PEFT_CONFIG"] == PeftKind.FULL,
                  f"full_weights_dtype={cfg['full_weights_dtype']} needs PEFT_CONFIG=Full: it is the dtype full "
                  "fine-tuning trains the weights in (LoRa and DoRa train adapters over a frozen base)")
     for name, (allowed, accepts) in NUMERIC_RANGES.items():
@@ -164,21 +168,19 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
              f"num_train_epochs={cfg['num_train_epochs']!r} must be > 0 when max_steps is -1")
     _require(len(cfg["target_modules"]) > 0, "target_modules is empty; give module names such as q_proj,v_proj")
     _require(cfg["optim"] in OPTIMIZERS, f"optim={cfg['optim']!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
-    _require(cfg["merge_base"] in MERGE_BASES,
-             f"merge_base={cfg['merge_base']!r} is unknown; allowed: {', '.join(MERGE_BASES)}")
+    _one_of(cfg, "merge_base", MergeBase)
     _require(not cfg["merge_after_train"] or cfg["eval_samples"] > 0,
              "merge_after_train=True needs eval_samples > 0: the merge check runs on held-out rows")
-    _require(cfg["merged_precision"] in MERGED_PRECISIONS,
-             f"merged_precision={cfg['merged_precision']!r} is unknown; allowed: {', '.join(MERGED_PRECISIONS)}")
-    _require(cfg["merged_precision"] == "bf16" or (cfg["merge_after_train"] and str(cfg["QUANT_METHOD"]).upper() == "QLORA"
-                                                   and cfg["PEFT_CONFIG"] != "Full"),
+    _one_of(cfg, "merged_precision", MergedPrecision)
+    _one_of(cfg, "bnb_4bit_quant_storage", QUANT_STORAGE_CHOICES)
+    _require(cfg["merged_precision"] == "bf16" or (cfg["merge_after_train"] and cfg["QUANT_METHOD"] == QuantMethod.QLORA
+                                                   and cfg["PEFT_CONFIG"] != PeftKind.FULL),
              "merged_precision=nf4 needs merge_after_train=True and QUANT_METHOD=QLORA (a 4-bit artifact under a w4 tag)")
     _require(not (cfg["keep_lm_head_fp16"] and not cfg["merge_after_train"]),
              "keep_lm_head_fp16=True needs merge_after_train=True: an adapter-only output has no head of its own")
     _require(cfg["OUTPUT_ROOT"] != "", "OUTPUT_ROOT is empty; give a directory")
     if "if_output_exists" in cfg:
-        _require(cfg["if_output_exists"] in IF_EXISTS_POLICIES, f"if_output_exists={cfg['if_output_exists']!r} "
-                 f"is unknown; allowed: {', '.join(IF_EXISTS_POLICIES)}")
+        _one_of(cfg, "if_output_exists", IF_EXISTS_POLICIES)
     if "memory_limit_gb" in cfg:
 
         parse_memory_limit(cfg["memory_limit_gb"])

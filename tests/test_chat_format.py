@@ -85,7 +85,7 @@ def tokenizer_for(style: str):
     if style == "llama3":
         tokenizer = train_bpe_tokenizer(CORPUS, 400, chat_template=LLAMA3_STYLE, special_tokens=LLAMA3_TOKENS,
                                         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token=None)
-        tokenizer.pad_token = tokenizer.eos_token  # as model_loading.load_tokenizer does
+        tokenizer.pad_token = tokenizer.eos_token  # as qlora.model.loading.load_tokenizer does
         return tokenizer
     return base_tokenizer(CORPUS, 400, style)
 

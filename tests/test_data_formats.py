@@ -299,7 +299,7 @@ def test_an_unreachable_hub_dataset_is_one_line():
 
     from conftest import ROOT
 
-    code = ("from data_utils import load_rows\n"
+    code = ("from qlora.data.formats import load_rows\n"
             "try:\n    load_rows('text', 'nobody/nothing', 5)\nexcept Exception as err:\n"
             "    print(type(err).__name__, err)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,

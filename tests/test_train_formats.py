@@ -62,7 +62,7 @@ def trained(llama_base_dir, data_files, tmp_path_factory):
     return train
 
 
-# merge_utils.tokenize_for_check builds the merge check's inputs from prompt + completion, which text rows do not
+# qlora.checks.logits.tokenize_for_check builds the merge check's inputs from prompt + completion, which text rows do not
 # have; it should take chat_format.example_token_ids(tokenizer, example)[:max_length] (the sequence trained on).
 @pytest.mark.parametrize("choice, word", [("messages", "math-chats"), ("prompt_completion", "squad-pairs"),
                                           ("text", "math-text")])

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
-from qlora.core.logs import step
+
 from qlora.core.heap import release_free_heap
+from qlora.core.logs import step
 from qlora.model.loading import load_adapter_model, load_merged_dir, load_tokenizer
+
 
 GENERATION_PROMPTS = 16  # held-out prompts generated from
 GENERATION_SAMPLES = 3  # {prompt, output} pairs kept for metadata.json

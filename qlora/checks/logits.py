@@ -1,12 +1,14 @@
-""""""
+"""The merge check's measures: logits of a model on held-out rows, their comparison with the trained model's
+(max |logit diff|, mean KL, loss), and the logits fingerprints recorded in metadata.json."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
 from qlora.core.heap import release_free_heap
 from qlora.data.chat_format import example_token_ids
 from quantization_utils import short_dtype_name
-from pathlib import Path
-from typing import Any
-from typing import Callable
 
 
 def head_dtype_name(model) -> str:

@@ -16,6 +16,7 @@ from collections import Counter
 from fractions import Fraction
 from typing import Iterable
 
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 _FRAC = re.compile(r"\\d?frac\{([^{}]+)\}\{([^{}]+)\}")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 import errno
 import json
 import math
 import os
 import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
 from qlora.core.errors import ConfigError, UserError
 from qlora.core.memory import format_size
+
 
 # The repository checkout this package is installed from (editable install): shipped samples, model configs.
 REPO_ROOT = Path(__file__).resolve().parents[2]

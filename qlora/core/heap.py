@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 from functools import lru_cache
 
+
 @lru_cache(maxsize=1)
 def _glibc():
     """The C library when it is glibc on Linux (mallopt, malloc_trim), else None."""

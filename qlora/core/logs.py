@@ -2,6 +2,7 @@
 
 import logging
 
+
 log = logging.getLogger("train")
 
 def setup_logging(is_main: bool) -> None:

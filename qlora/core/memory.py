@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+
 GIB = 1024**3
 MIB = 1024**2
 

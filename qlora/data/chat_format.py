@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from qlora.core.errors import UserError
 
+
 PLAIN_ROLES = ("system", "user", "assistant")
 
 _PLAIN_BODY = (

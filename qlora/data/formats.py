@@ -15,11 +15,11 @@ DATASET_CHOICE names one of:
 - `text`: rows with `text`; trained as plain text, loss on every token, the tokenizer's EOS appended.
 These three need DATASET_PATH: a local .jsonl/.json/.parquet/.csv file or a Hub dataset id (streamed).
 Conversations are rendered by the model's chat template, or the plain prompt format for a model without
-one (chat_format.py), which is saved with the output so inference renders prompts as training did.
+one (qlora/data/chat_format.py), which is saved with the output so inference renders prompts as training did.
 
 Every row read is checked before any weights load: required columns present, strings non-empty, messages
 well formed; the first bad row is one line naming the file, the row, the column and what was found.
-The project's own sample files (`samples/`) are generated (synthetic_data.py), not copied from the real datasets.
+The project's own sample files (`samples/`) are generated (qlora/data/synthetic.py), not copied from the real datasets.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from __future__ import annotations
 import csv
 import json
 import re
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from qlora.core.errors import UserError
 from qlora.core.files import REPO_ROOT
 from qlora.data.chat_format import check_template_renders, conversation, has_generation_markers
+
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SAMPLES_DIR = REPO_ROOT / "samples"

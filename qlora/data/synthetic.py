@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
+
 _NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
 
 _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "shells", "stamps", "stickers"]
@@ -92,3 +93,20 @@ def pretraining_texts(count: int, seed: int = 0, dense_share: float = 0.6, facts
         else:
             texts.append(f"{a} {op} {b} = {r}, written in a box as \\boxed{{{r}}}.")
     return texts
+
+def long_rows(count: int, min_chars: int, seed: int = 0, variable: bool = False) -> list[dict]:
+    """Prompt/completion rows whose completion is at least `min_chars` long, built from the project's
+    generated openmath rows. With `variable`, completions of 1/64 to 1/3 of `min_chars` (for the
+    benchmark's 8 * seq, about 80 to 500 tokens with its tokenizer: under seq, so nothing is truncated)."""
+    rng = random.Random(seed)
+    source = generate_rows("openmath", 50 * count + 50, seed)
+    rows = []
+    for i in range(count):
+        target = rng.randint(min_chars // 64, min_chars // 3) if variable else min_chars
+        text, j = "", 0
+        while len(text) < target:
+            text += source[(i * 50 + j) % len(source)]["generated_solution"] + " "
+            j += 1
+        rows.append({"prompt": [{"role": "user", "content": source[i]["problem"]}],
+                     "completion": [{"role": "assistant", "content": text.strip()}]})
+    return rows

@@ -1,4 +1,4 @@
-"""Merging LoRA adapters into a plain 16-bit model, and checking the merge before it is written.
+"""Merging LoRA / DoRA adapters into a plain 16-bit model, layer by layer.
 
 peft's `merge_and_unload` on a 4-bit base re-quantizes the merged weight to NF4, which changes the
 model's outputs. Here each base layer is replaced, one at a time, by a plain bf16 `nn.Linear` holding
@@ -8,16 +8,27 @@ merge never holds two copies of the model. W is either
     rounding), or
   - "original": the 16-bit weight read from the base checkpoint's safetensors, tensor by tensor (not for a
     LoftQ adapter: it starts at W - dequant(NF4(W)), so on W it would add the quantization error twice).
-`merge_and_check` runs the candidates, saves each and measures it as a user reloads it against the
+qlora.outputs.write.merge_and_check runs the candidates, saves each and measures it as a user reloads it against the
 trained model on held-out examples (max |logit diff|, mean KL(trained || merged), loss), keeps the
 closest, optionally re-quantizes it to NF4, and returns the figures for metadata.json.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from qlora.core.heap import freed_blocks_leave_the_heap
-from qlora.model.checkpoint import checkpoint_reader
 from qlora.model.base_weights import MERGE_BASE_WEIGHTS
+from qlora.model.checkpoint import checkpoint_reader
+
+
+class MergeBase(StrEnum):
+    """merge_base: which base weight the adapter is folded into."""
+
+    DEQUANTIZED = "dequantized"  # dequant(NF4(W)): what the adapter was trained against
+    ORIGINAL = "original"  # the checkpoint's 16-bit W
+    AUTO = "auto"  # both merged and checked; the closer one kept
+
 
 def _plain_linear(layer, weight, dtype):
     import torch
@@ -56,7 +67,7 @@ def cast_weights(model, dtype) -> None:
     for module, name, buffer in kept:
         module._buffers[name] = buffer
 
-def _release_model(peft_model) -> None:
+def release_wrapped_model(peft_model) -> None:
     """Drop every reference a PeftModel holds to the transformers model it wraps: the submodule, and the
     bound `prepare_inputs_for_generation` that peft keeps for causal LMs (it alone kept a merged
     Qwen3-0.6B, 1.2 GB, alive while the caller held the PeftModel)."""
@@ -97,7 +108,7 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     read = checkpoint_reader(model_name) if base == "original" else None
     base_weight = MERGE_BASE_WEIGHTS[base]
     model = peft_model.base_model.model
-    _release_model(peft_model)
+    release_wrapped_model(peft_model)
     # Every layer's fp32 working copies are freed at once; without this the heap kept them resident
     # (Qwen3-0.6B on CPU: RSS grew ~0.8 GiB beyond the merged weights during the merge).
     with freed_blocks_leave_the_heap():

@@ -1,6 +1,8 @@
-""""""
+"""A base layer's weight as an fp32 tensor, two ways: dequantized from its NF4 form (what the adapter was
+trained against), or the original 16-bit tensor read from the checkpoint. The merge and LoftQ use both."""
 
 from __future__ import annotations
+
 from typing import Callable
 
 

@@ -1,9 +1,10 @@
-""""""
+"""Reading a model's safetensors checkpoint one tensor at a time (hub id or local directory), without
+loading the model."""
 
 from __future__ import annotations
+
 from pathlib import Path
-from typing import Any
-from typing import Callable
+from typing import Any, Callable
 
 
 def checkpoint_reader(model_name: str) -> Callable[[str], Any]:

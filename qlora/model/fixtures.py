@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Iterable
+
 from qlora.core.files import REPO_ROOT
+from qlora.data.synthetic import generate_rows
 from qlora.model.loading import SOURCE_KEY, save_tokenizer
+
 
 MODEL_CONFIGS_DIR = REPO_ROOT / "configs" / "models"
 CHAT_TEMPLATE = (
@@ -21,7 +24,7 @@ TINY_DIMENSIONS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=
                        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True)
 
 # Special tokens of base-model tokenizer families (no chat template): BOS opens every encoded text, as in
-# the real checkpoints; Llama's has no pad token (model_loading.load_tokenizer pads with EOS).
+# the real checkpoints; Llama's has no pad token (qlora.model.loading.load_tokenizer pads with EOS).
 BASE_TOKENIZER_STYLES = {
     "llama": dict(special_tokens=["<unk>", "<s>", "</s>"], bos_token="<s>", eos_token="</s>", pad_token=None),
     "gemma": dict(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"], bos_token="<bos>", eos_token="<eos>",
@@ -112,3 +115,21 @@ def model_dimensions(config: dict) -> dict:
         "architectures", "model_type", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id")}
     dimensions.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     return dimensions
+
+
+def tokenizer_corpus(rows_per_dataset: int = 400) -> list[str]:
+    """Texts of the project's generated openmath and squad rows: what its small BPE tokenizers are trained on."""
+    texts = []
+    for row in generate_rows("openmath", rows_per_dataset):
+        texts += [row["problem"], row["generated_solution"]]
+    for row in generate_rows("squad", rows_per_dataset):
+        texts += [row["context"], row["question"]]
+    return texts
+
+
+def build_tiny_model(out_dir: str | Path, vocab_size: int = 512, hidden_size: int = 64, layers: int = 2, seed: int = 0):
+    """A tiny randomly initialised Qwen3 with a BPE tokenizer trained on `tokenizer_corpus`, saved into `out_dir`
+    (tools/make_tiny_model.py, the tests' fixtures)."""
+    tokenizer = train_bpe_tokenizer(tokenizer_corpus(), vocab_size)
+    return build_random_model(out_dir, tokenizer, seed=seed, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                              num_hidden_layers=layers)

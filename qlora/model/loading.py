@@ -4,9 +4,11 @@ and preparing a 4-bit model for k-bit training. Shared by the training script an
 from __future__ import annotations
 
 from pathlib import Path
-from qlora.core.errors import ConfigError
+
+from qlora.core.errors import ConfigError, UserError
 from qlora.core.heap import freed_blocks_leave_the_heap, release_free_heap
 from qlora.model.checkpoint import checkpoint_reader
+
 
 def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: bool = False) -> dict:
     """The model's (text) config as a dict, from config.json alone (hub id, local dir or a config.json file;
@@ -30,7 +32,6 @@ def read_model_config(model_name: str, max_seq_length: int, trust_remote_code: b
 # The key the project's shipped config.json files (configs/models) carry to name the hub repo they were
 # copied from; not a model setting, so every reader drops it.
 SOURCE_KEY = "_source"
-from qlora.core.errors import UserError
 
 # Weight files in Python's pickle format (torch.load): unpickling can run arbitrary code.
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

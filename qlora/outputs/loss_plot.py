@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+
 PLOT_FILE = "training_loss.png"
 
 

@@ -13,9 +13,11 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
 from qlora.data.formats import DATASETS
 from qlora.outputs.read import quantization_plan_from_metadata, read_metadata
 from qlora.train.adapter import BASE_QUANTIZATION_FILE
+
 
 CARD_FILE = "README.md"
 EVAL_FILE = "eval_results.json"
@@ -286,7 +288,7 @@ def ptq_loading(metadata: dict, path: str) -> str:
 
 
 def project_loading(path: str) -> str:
-    return ("With this project: `artifacts.load_output_dir(path)` loads whatever metadata.json names as the primary "
+    return ("With this project: `qlora.outputs.read.load_output_dir(path)` loads whatever metadata.json names as the primary "
             f"artifact, and `python tools/evaluate.py {path}` scores it.\n")
 
 

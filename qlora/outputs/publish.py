@@ -1,15 +1,17 @@
-""""""
+"""The end of a training run: its metadata.json assembled from what the run measured, the loss plot and
+model cards written, and the staging directory published under its final name."""
 
 from __future__ import annotations
+
+import shutil
 import time
 from pathlib import Path
-import shutil
+from typing import Any, Mapping
+
 from qlora.core.files import write_json
-from typing import Any
-from typing import Mapping
 from qlora.outputs.loss_plot import write_loss_plot
 from qlora.outputs.model_card import write_model_cards
-from qlora.train.peft import peft_options
+from qlora.train.peft import PeftKind, peft_options
 from quantization_utils import build_metadata, peft_tag
 
 
@@ -47,7 +49,7 @@ def run_metadata(*, spec, cfg: dict, data, prompt_format: str, parameters: tuple
         spec, base_model=absolute_if_local(cfg["MODEL_NAME"]), peft=peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"]),
         peft_options=peft_options(cfg), config=cfg, versions=library_versions(),
         dataset={**data.metadata(), "prompt_format": prompt_format},
-        artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != "Full" else None},
+        artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != PeftKind.FULL else None},
         parameters={"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
         weights_footprint=footprint, merge_check=merge_check, generation_check=generation, peak_memory=peak,
         training=training, memory_plan=with_measured_peak(memory_plan, peak), created_unix=int(time.time()))

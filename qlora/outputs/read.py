@@ -1,5 +1,5 @@
-"""Output directories as artifacts: reading a finished run back (merged model, adapter on its 4-bit base),
-rebuilding the quantization plan it used, and the facts recorded about it (library versions)."""
+"""Reading an output directory back, as untrusted input: its metadata.json, the quantization plan its base
+was loaded with, whether it is finished and whether it needs remote code, and its primary artifact loaded."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qlora.core.errors import UserError
-from qlora.model.loading import load_tokenizer
-from quantization_utils import build_quantization_plan
 from qlora.core.files import read_json_file
-from qlora.model.loading import load_adapter_model, load_merged_dir
+from qlora.model.loading import load_adapter_model, load_merged_dir, load_tokenizer
+from quantization_utils import build_quantization_plan
+
 
 # metadata["quantization"]["extras"] key -> build_quantization_plan option: how the 4-bit base was loaded
 BASE_LOAD_EXTRAS = {"double_quant": "double_quant", "base_quant_type": "quant_type",

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Callable
 
 from qlora.core.errors import UserError
-from qlora.core.logs import step
 from qlora.core.files import fsync_path
+from qlora.core.logs import step
 from qlora.train.distributed import from_main
+
 
 STAGED_MARKER = ".staged_complete"
 IF_EXISTS_POLICIES = ("refuse", "suffix")

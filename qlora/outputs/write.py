@@ -1,16 +1,27 @@
-""""""
+"""Writing a run's model beside its adapter: the merged model, checked against the trained model before it
+is kept (merge_and_check), the fully fine-tuned model, or nothing more for an adapter-only run."""
 
 from __future__ import annotations
-from qlora.core.logs import step
-from qlora.core.heap import release_free_heap
-from qlora.model.loading import load_adapter_model, load_merged_dir
-from quantization_utils import QuantMethod, build_quantization_plan
+
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
-from typing import Callable
-from qlora.checks.logits import FINGERPRINT_TOKENS, MERGE_CHECK_ROWS, logits_fingerprint, logits_on, measure_saved, sequence_loss, tokenize_for_check
-from qlora.merge.weights import _release_model, cast_weights, merge_lora
-from qlora.model.loading import set_lm_head_dtype
+from typing import Any, Callable
+
+from qlora.checks.logits import (FINGERPRINT_TOKENS, MERGE_CHECK_ROWS, logits_fingerprint, logits_on, measure_saved,
+                                 sequence_loss, tokenize_for_check)
+from qlora.core.heap import release_free_heap
+from qlora.core.logs import step
+from qlora.merge.weights import cast_weights, merge_lora, release_wrapped_model
+from qlora.model.loading import load_adapter_model, load_merged_dir, set_lm_head_dtype
+from qlora.train.peft import PeftKind
+from quantization_utils import QuantMethod, build_quantization_plan
+
+
+class MergedPrecision(StrEnum):
+    """merged_precision: how the merged model is stored."""
+
+    BF16 = "bf16"  # plain transformers, no bitsandbytes needed
+    NF4 = "nf4"  # re-quantized with bitsandbytes: smaller, further from the trained model
 
 
 def _move_contents(source: Path, target: Path) -> None:
@@ -106,7 +117,7 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
     load_trained = lambda: load_adapter_model(cfg["MODEL_NAME"], staging / "adapter", bnb_config, device,  # noqa: E731
                                               cfg["trust_remote_code"])
     reload = lambda path: load_merged_dir(path, None, device, cfg["trust_remote_code"])  # noqa: E731
-    if cfg["PEFT_CONFIG"] == "Full":
+    if cfg["PEFT_CONFIG"] == PeftKind.FULL:
         cast_weights(model, torch.bfloat16)
         model.save_pretrained(staging)
         # the weights leave memory before the reload (the trainer's callbacks still hold the model object)
@@ -115,7 +126,7 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
         return None, {"kind": "full_bf16", "weights_bits": 16, "merge_base": None, "primary": "merged",
                       "fingerprints": {"merged": logits_fingerprint(reload(staging), fingerprint_ids.tolist())}}
     if not cfg["merge_after_train"]:  # what the adapter gives when reloaded on the 4-bit base by the same plan
-        _release_model(model)  # the trained weights go before the reload: one copy in memory at a time
+        release_wrapped_model(model)  # the trained weights go before the reload: one copy in memory at a time
         return None, {"kind": "adapter_only", "weights_bits": None, "merge_base": None, "primary": "adapter",
                       "fingerprints": {"adapter": logits_fingerprint(load_trained(), fingerprint_ids.tolist())}}
     batches = tokenize_for_check(tokenizer, check_rows.select(range(min(MERGE_CHECK_ROWS, len(check_rows)))),

@@ -1,14 +1,16 @@
-""""""
+"""Predicted disk use of a run (checkpoints, adapter, merged model), checked against the free disk before
+training starts."""
 
 from __future__ import annotations
-from qlora.core.logs import step
-from qlora.core.memory import count_parameters
+
 from pathlib import Path
-from typing import Any
-from typing import Mapping
+from typing import Any, Mapping
+
 from qlora.core.files import check_free_disk
-from qlora.core.memory import format_size
+from qlora.core.logs import step
+from qlora.core.memory import count_parameters, format_size
 from qlora.train.options import OPTIMIZERS
+from qlora.train.peft import PeftKind
 
 
 def disk_needed_for_config(plan: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, int]:
@@ -34,7 +36,7 @@ def disk_needed_by_run(trainable_bytes: int, trainable_params: int, model_params
                        cfg: Mapping[str, Any]) -> dict[str, int]:
     """`disk_needed` for what the run's constants write: a bf16 model of `model_params` when it merges or
     fine-tunes fully, an adapter unless it fine-tunes fully."""
-    full = cfg["PEFT_CONFIG"] == "Full"
+    full = cfg["PEFT_CONFIG"] == PeftKind.FULL
     return disk_needed(trainable_bytes, trainable_params, cfg["optim"], cfg["keep_checkpoints"],
                        model_params if cfg["merge_after_train"] or full else 0, adapter=not full)
 

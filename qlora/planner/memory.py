@@ -11,17 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from qlora.core.errors import ConfigError
-from qlora.core.errors import UserError
-from qlora.core.memory import GIB, format_size
-from qlora.train.peft import DEFAULT_TARGET_MODULES
-from qlora.train.options import OPTIMIZERS
-from qlora.core.logs import step
-from qlora.core.memory import available_memory
 from qlora.checks.logits import MERGE_CHECK_ROWS
-from qlora.data.chat_format import example_token_ids
+from qlora.core.errors import ConfigError, UserError
 from qlora.core.files import _existing_ancestor
+from qlora.core.logs import step
+from qlora.core.memory import GIB, available_memory, format_size
+from qlora.data.chat_format import example_token_ids
 from qlora.planner.disk import disk_needed_for_config
+from qlora.train.options import OPTIMIZERS
+from qlora.train.peft import DEFAULT_TARGET_MODULES, PeftKind
+from quantization_utils import QuantMethod
+
 
 # Bytes per stored element of the formats the planner knows.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -142,7 +142,7 @@ def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "c
 
     On CPU: the runtime, the converted weights (embedding, head and norms in bf16) and the bf16 tensor
     being quantized. A bf16 load maps the checkpoint and its weights are the mapped pages, read only when
-    first used (so they count in training, not here). A 4-bit load by the project (model_loading: pread,
+    first used (so they count in training, not here). A 4-bit load by the project (qlora.model.loading: pread,
     freed buffers leave the heap) holds one tensor at a time, twice while it is read: with a large
     vocabulary the peak is the embedding's read; one by plain from_pretrained (`checkpoint_mapped`) keeps
     every page it read mapped: the bf16 bytes of all quantized weights.
@@ -176,6 +176,21 @@ def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "c
         total = max(sum(parts.values()), parts["runtime"] + head + 2 * embedding, parts["runtime"] + 2 * head)
         parts["embedding_read"] = max(0, total - sum(parts.values()))  # while the head and embedding are read
     return {"parts": parts, "peak_bytes": total, "peak_gib": round(total / GIB, 3)}
+
+def _loading_peak(cfg: Mapping[str, Any], setup: TrainingSetup, counts: dict[str, int]) -> tuple[dict[str, Any], int]:
+    """`plan_load_memory` for the setup, and the loading phase's peak including k-bit preparation."""
+    # Loading comes before kbit preparation: the weights are as loaded (see plan_load_memory).
+    load = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device,
+                            setup.checkpoint_mapped, setup.full_weights_dtype if setup.method == "full" else "bf16")
+    if setup.method != "qlora":
+        return load, load["peak_bytes"]
+    # peft's prepare_model_for_kbit_training upcasts every 16-bit parameter to fp32 one at a time, and
+    # prepare_kbit_model casts the frozen ones back: at the first cast back the largest one (the embedding)
+    # is there in bf16 beside the whole fp32 set (Qwen3-0.6B: 0.87 GiB; a 262k vocabulary: 0.94).
+    plain_params = counts["embedding"] + counts["lm_head"] + counts["norms"]
+    return load, max(load["peak_bytes"], load["parts"]["runtime"] + int(counts["linear"] * QUANT_BITS[setup.quant] / 8)
+                     + load["parts"].get("checkpoint_pages", 0) + 4 * plain_params + 2 * counts["embedding"])
+
 
 def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[str, Any]:
     """Predicted peak training memory, by component, in bytes (and the total in GiB).
@@ -240,17 +255,7 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
         # it does not count in max_allocated (measured on an H200: r=256 planned +81..92% with it counted).
         parts["optimizer_paged"] = parts.pop("optimizer")
     train_peak = sum(v for k, v in parts.items() if k != "optimizer_paged")
-    # Loading comes before kbit preparation: the weights are as loaded (see plan_load_memory).
-    load = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device,
-                            setup.checkpoint_mapped, setup.full_weights_dtype if setup.method == "full" else "bf16")
-    load_peak = load["peak_bytes"]
-    if setup.method == "qlora":
-        # peft's prepare_model_for_kbit_training upcasts every 16-bit parameter to fp32 one at a time, and
-        # prepare_kbit_model casts the frozen ones back: at the first cast back the largest one (the embedding)
-        # is there in bf16 beside the whole fp32 set (Qwen3-0.6B: 0.87 GiB; a 262k vocabulary: 0.94).
-        plain_params = counts["embedding"] + counts["lm_head"] + counts["norms"]
-        load_peak = max(load_peak, load["parts"]["runtime"] + int(counts["linear"] * QUANT_BITS[setup.quant] / 8)
-                        + load["parts"].get("checkpoint_pages", 0) + 4 * plain_params + 2 * counts["embedding"])
+    load, load_peak = _loading_peak(cfg, setup, counts)
     # TRL tokenizes every row at its full length before it truncates to max_seq_length (the model loaded)
     data_peak = (load["parts"]["runtime"] + parts["weights"] + parts["adapters"] + parts["checkpoint_pages"]
                  + TOKENIZE_BYTES_PER_TOKEN * setup.longest_row_tokens) if setup.longest_row_tokens else 0
@@ -313,7 +318,7 @@ def tokens_of_row(tokenizer, row: Mapping[str, Any]) -> int:
     return len(example_token_ids(tokenizer, row))
 
 def token_stats(data, tokenizer, seed: int = 0) -> TokenStats:
-    """Token lengths of `data` (data_utils.TrainingData) for the plan, without tokenizing every row: a seeded
+    """Token lengths of `data` (qlora.data.formats.TrainingData) for the plan, without tokenizing every row: a seeded
     sample and the longest rows (by characters) are tokenized, and the merge check's held-out rows."""
     import random
 
@@ -338,14 +343,14 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
     batches are as long as the longest row allows (up to max_seq_length), the tokenization of the longest
     row is a phase of its own, and the merge check's logits count from the held-out rows."""
     targets = tuple(str(t).rsplit(".", 1)[-1] for t in train_cfg["target_modules"])
-    method = "qlora" if str(train_cfg["QUANT_METHOD"]).upper() == "QLORA" else (
-        "full" if train_cfg["PEFT_CONFIG"] == "Full" else "lora")
+    method = "qlora" if train_cfg["QUANT_METHOD"] == QuantMethod.QLORA else (
+        "full" if train_cfg["PEFT_CONFIG"] == PeftKind.FULL else "lora")
     seq = train_cfg["max_seq_length"] if tokens is None else max(1, min(train_cfg["max_seq_length"], tokens.longest_tokens))
     setup = TrainingSetup(
         method=method, lora_r=train_cfg["lora_r"], target_modules=targets, seq_len=seq,
         batch_size=train_cfg["per_device_train_batch_size"], gradient_checkpointing=train_cfg["gradient_checkpointing"],
         optim=train_cfg["optim"], device=device, full_weights_dtype=train_cfg["full_weights_dtype"],
-        # model_loading.load_causal_lm reads with pread, except a model with its own code: from_pretrained maps it
+        # qlora.model.loading.load_causal_lm reads with pread, except a model with its own code: from_pretrained maps it
         checkpoint_mapped=bool(train_cfg.get("trust_remote_code", False)),
         longest_row_tokens=tokens.longest_tokens if tokens else 0)
     try:
@@ -363,7 +368,7 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
             plan = with_merge_check(plan, check_rows, model_cfg["vocab_size"], device)
     return plan
 
-# The merge check (merge_utils.measure_candidate) keeps the trained model's fp32 logits of every check
+# The merge check (qlora.checks.logits.measure_candidate) keeps the trained model's fp32 logits of every check
 # row and, for the row being compared, holds about eight fp32 copies of the candidate's: its logits, the
 # masked reference and candidate, their difference and its square, two log-softmaxes and the KL product.
 MERGE_CHECK_ROW_COPIES = 8
@@ -460,13 +465,13 @@ LEVERS: dict[str, Callable[[Mapping[str, Any]], list[dict[str, Any]]]] = {
     "gradient checkpointing": _switch("gradient_checkpointing", True),
     "batch": lambda cfg: _smaller_batches(cfg),
     "8-bit optimizer": lambda cfg: [{"optim": "paged_adamw_8bit"}] if OPTIMIZERS[cfg["optim"]].state_bytes > 2 else [],
-    "bf16 weights": lambda cfg: ([{"full_weights_dtype": "bf16"}] if cfg["PEFT_CONFIG"] == "Full"
+    "bf16 weights": lambda cfg: ([{"full_weights_dtype": "bf16"}] if cfg["PEFT_CONFIG"] == PeftKind.FULL
                                  and cfg["full_weights_dtype"] != "bf16" else []),
     "4-bit base": lambda cfg: ([{"QUANT_METHOD": "QLORA"}] if str(cfg["QUANT_METHOD"]).upper() != "QLORA"
-                               and cfg["PEFT_CONFIG"] != "Full" else []),
+                               and cfg["PEFT_CONFIG"] != PeftKind.FULL else []),
     "no merge": _switch("merge_after_train", False),
     "shorter rows": lambda cfg: [{"max_seq_length": s} for s in _halvings(cfg["max_seq_length"], 64)],
-    "lower rank": lambda cfg: ([{"lora_r": r} for r in _halvings(cfg["lora_r"], 4)] if cfg["PEFT_CONFIG"] != "Full" else []),
+    "lower rank": lambda cfg: ([{"lora_r": r} for r in _halvings(cfg["lora_r"], 4)] if cfg["PEFT_CONFIG"] != PeftKind.FULL else []),
 }
 
 def _describe_change(cfg: Mapping[str, Any], change: Mapping[str, Any]) -> str:
@@ -521,7 +526,7 @@ def fit_verdict(plan: Mapping[str, Any], model_cfg: Mapping[str, Any], train_cfg
                    "set memory_limit_gb to a number of GiB, or off, to run anyway")
 
 def plan_run(model_cfg: Mapping[str, Any], cfg: Mapping[str, Any], device: str, data, tokenizer) -> dict[str, Any]:
-    """01_Train.py's plan, before any weights load: token lengths of the rows (`data`: data_utils.TrainingData),
+    """01_Train.py's plan, before any weights load: token lengths of the rows (`data`: qlora.data.formats.TrainingData),
     the planned peak by phase, and the fit check against memory_limit_gb. A run that does not fit raises
     MemoryBudgetError, a dry run (cfg dry_run) logs the plan, the merge and the disk and raises nothing."""
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from qlora.planner.memory import _linear_shapes as linear_shapes  # (in, out) of each projection: the planner's one table
+from qlora.planner.memory import _linear_shapes as linear_shapes
+
 
 # Dense bf16 tensor-core peak in TFLOP/s, by the name torch.cuda.get_device_name reports; the first
 # pattern contained in the name wins, so variants come before their family. NVIDIA's datasheets give

@@ -1,13 +1,14 @@
-""""""
+"""The trained adapter: saved with what a client needs to load it on its base, and the trained model taken
+back from the trainer for the merge."""
 
 from __future__ import annotations
-from qlora.core.heap import release_free_heap
-from qlora.model.loading import save_tokenizer
-from qlora.model.loading import load_adapter_model
-from qlora.core.files import write_json
+
 from pathlib import Path
-from typing import Any
-from typing import Mapping
+from typing import Any, Mapping
+
+from qlora.core.files import write_json
+from qlora.core.heap import release_free_heap
+from qlora.model.loading import load_adapter_model, save_tokenizer
 
 
 def save_adapter(trainer, directory: Path, fsdp: bool, is_main: bool, base_model: str | None = None,

@@ -1,8 +1,8 @@
 """The run's hooks into the Trainer: mark each checkpoint complete once written, stop cleanly on SIGINT/SIGTERM,
 stop before saving a step whose loss is not finite.
 
-Its own module because subclassing `TrainerCallback` imports transformers (seconds): `checkpoint_utils`, which
-01_Train imports before it has checked the config, stays light.
+Its own module because subclassing `TrainerCallback` imports transformers (seconds): qlora.train.trainer imports it
+only when it builds the trainer, so a bad constant is refused before the training stack loads.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
-from qlora.train.checkpoints import write_marker
 from qlora.core.errors import UserError
 from qlora.core.logs import step
+from qlora.train.checkpoints import write_marker
 
 
 class MarkCompleteCallback(TrainerCallback):
@@ -71,7 +71,7 @@ class StopOnNonFiniteLossCallback(TrainerCallback):
 
     The callback API passes no loss, so `watch(trainer)` records each micro-batch's loss as
     `trainer.training_step` returns it (a device tensor, summed; one host sync per optimizer step).
-    `training_setup.build_trainer` calls `watch` for this callback.
+    `qlora.train.trainer.build_trainer` calls `watch` for this callback.
     """
 
     def __init__(self):
@@ -91,7 +91,7 @@ class StopOnNonFiniteLossCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self._watching:  # a programming error: without the losses this callback would check nothing
-            raise RuntimeError("StopOnNonFiniteLossCallback needs watch(trainer) (training_setup.build_trainer calls it)")
+            raise RuntimeError("StopOnNonFiniteLossCallback needs watch(trainer) (qlora.train.trainer.build_trainer calls it)")
 
     def on_step_end(self, args, state, control, **kwargs):
         loss, self._step_loss = self._step_loss, None

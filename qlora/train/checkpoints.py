@@ -1,7 +1,7 @@
 """Resumable training: complete checkpoints, which one to resume from, stopping on a signal or a non-finite loss.
 
 A Trainer checkpoint (`checkpoint-N/`: adapter, optimizer, scheduler, RNG states, trainer state with
-the step and loss history) counts as complete only once `trainer_callbacks.MarkCompleteCallback` has written
+the step and loss history) counts as complete only once `qlora.train.callbacks.MarkCompleteCallback` has written
 `checkpoint_complete.json` into it, after everything else is on disk (each file fsynced first): the
 marker lists every file with its size and sha256, and the config that affects results. A checkpoint
 without the marker, or whose files no longer match it (truncated, deleted, overwritten with zeros), is
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from qlora.core.files import write_json
-from qlora.core.files import fsync_path
 from qlora.core.errors import ConfigError
+from qlora.core.files import fsync_path, write_json
 from qlora.core.logs import step
+
 
 MARKER = "checkpoint_complete.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")

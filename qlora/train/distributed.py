@@ -17,6 +17,7 @@ from qlora.core.errors import UserError
 from qlora.core.logs import setup_logging, step
 from qlora.core.memory import peak_memory_report
 
+
 QUANT_STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
 _TRUE = ("1", "true", "yes")
 

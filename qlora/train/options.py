@@ -1,9 +1,12 @@
-""""""
+"""The trainer's allowed values, light to import (the config layer validates against them): the optimizers
+with their state size, and the experiment trackers."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
 from qlora.core.errors import ConfigError
 from qlora.model.loading import quiet_bitsandbytes_notices
-from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from enum import StrEnum
 from typing import Any, Iterable, Mapping
 
 from qlora.core.errors import UserError
@@ -14,6 +15,7 @@ from qlora.core.memory import count_parameters
 from qlora.model.base_weights import MERGE_BASE_WEIGHTS
 from qlora.model.checkpoint import checkpoint_reader
 from qlora.model.loading import keep_4bit_weights_dequantizable, prepare_kbit_model
+
 
 # Every projection of a Llama/Qwen/Gemma/Mistral decoder layer (attention and MLP), as the QLoRA paper trains.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,7 +54,7 @@ def check_target_modules(model, patterns: Iterable[str]) -> list[str]:
 def check_target_modules_before_loading(cfg: Mapping[str, Any]) -> None:
     """`check_target_modules` on the model built from its config.json on the meta device (no weights, no memory):
     a target_modules pattern that matches nothing is refused in a second, not after the weights have loaded."""
-    if cfg["PEFT_CONFIG"] == "Full":
+    if cfg["PEFT_CONFIG"] == PeftKind.FULL:
         return
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -80,14 +82,29 @@ def lora_config(cfg: Mapping[str, Any]):
 # Full fine-tuning's weights as the optimizer updates them. bf16 weights: an update under half a bf16 step of its
 # weight (2^-9 to 2^-8 of it) rounds away, so at small learning rates training stalls. fp32 master weights with
 # bf16 autocast compute keep every update, at twice the memory of the weights and their gradients.
-FULL_WEIGHTS_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+class PeftKind(StrEnum):
+    """PEFT_CONFIG: what trains."""
+
+    LORA = "LoRa"
+    DORA = "DoRa"  # learned per-output magnitude (QDoRA on a 4-bit base)
+    FULL = "Full"  # every weight (no adapter)
+
+
+class FullWeightsDtype(StrEnum):
+    """full_weights_dtype: the dtype full fine-tuning keeps the weights in."""
+
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+FULL_WEIGHTS_DTYPES = {FullWeightsDtype.BF16: "bfloat16", FullWeightsDtype.FP32: "float32"}  # torch names
 
 def weights_dtype(cfg: Mapping[str, Any]):
     """The torch dtype the model loads in: full_weights_dtype for full fine-tuning, else bf16 (a LoRA or DoRA run
     trains adapters over a frozen bf16 or 4-bit base)."""
     import torch
 
-    name = FULL_WEIGHTS_DTYPES[cfg["full_weights_dtype"]] if cfg["PEFT_CONFIG"] == "Full" else "bfloat16"
+    name = FULL_WEIGHTS_DTYPES[cfg["full_weights_dtype"]] if cfg["PEFT_CONFIG"] == PeftKind.FULL else "bfloat16"
     return getattr(torch, name)
 
 
@@ -99,7 +116,7 @@ def lora_scaling(cfg: Mapping[str, Any]) -> float:
 def peft_options(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     """metadata.json's `peft_options`: how the adapter was built (None for full fine-tuning). adapter_config.json
     holds the same except LoftQ, which it records as peft's default init (see LORA_INITS)."""
-    if cfg["PEFT_CONFIG"] == "Full":
+    if cfg["PEFT_CONFIG"] == PeftKind.FULL:
         return None
     return {"type": cfg["PEFT_CONFIG"], "use_dora": cfg["PEFT_CONFIG"] == "DoRa", "use_rslora": cfg["use_rslora"],
             "init_lora_weights": cfg["init_lora_weights"], "lora_r": cfg["lora_r"], "lora_alpha": cfg["lora_alpha"],
@@ -158,7 +175,7 @@ def prepare_for_training(model, cfg: Mapping[str, Any], quantized: bool, fsdp: b
 
     if quantized and not fsdp:
         model = prepare_kbit_model(model, cfg["gradient_checkpointing"], keep_embeddings_bf16)
-    if cfg["PEFT_CONFIG"] != "Full":
+    if cfg["PEFT_CONFIG"] != PeftKind.FULL:
         check_target_modules(model, cfg["target_modules"])
         model = get_peft_model(model, lora_config(cfg))
         keep_4bit_weights_dequantizable(model)

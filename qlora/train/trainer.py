@@ -1,15 +1,16 @@
-""""""
+"""The trainer: TRL's SFTConfig and SFTTrainer built from the run's constants, training (or resuming), and
+what it measured (TrainResult)."""
 
 from __future__ import annotations
-from qlora.core.logs import step
-from qlora.train.callbacks import MarkCompleteCallback, StopOnNonFiniteLossCallback, StopOnSignalCallback
-from qlora.train.checkpoints import keep_trainable_dtypes, restore_finished
+
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from typing import Mapping
-import time
+from typing import Any, Mapping
+
+from qlora.core.logs import step
+from qlora.train.checkpoints import keep_trainable_dtypes, restore_finished
 from qlora.train.options import report_to_list
 
 
@@ -42,6 +43,9 @@ def build_trainer(model, tokenizer, cfg: Mapping[str, Any], train_data, eval_dat
     one error line (and no checkpoint of it) on a non-finite loss, and trainable parameters that keep their
     dtype when a checkpoint is resumed."""
     from trl import SFTTrainer
+
+    # subclasses of transformers' TrainerCallback: imported here, so that a bad constant is refused before torch loads
+    from qlora.train.callbacks import MarkCompleteCallback, StopOnNonFiniteLossCallback, StopOnSignalCallback
 
     held_out = eval_data if eval_data is not None and len(eval_data) else None
     # held-out loss at every checkpoint: eval_samples forward passes per save_steps optimizer steps
@@ -137,6 +141,8 @@ def weights_kept_as_trained(model):
 def stop_on_signal(trainer) -> None:
     """Exit (128 + the signal's number) when a signal stopped training; its checkpoint is already saved."""
     import signal
+
+    from qlora.train.callbacks import StopOnSignalCallback
 
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, StopOnSignalCallback) and callback.received is not None:
