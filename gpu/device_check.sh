@@ -20,8 +20,7 @@ part env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
 # A Qwen3-0.6B-architecture model with random weights (real sizes; the tokenizer is the project's small BPE).
 part build_model 90 $PY - <<'PY'
 import sys
-from qlora.model.fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
-from tools.make_tiny_model import tokenizer_corpus
+from qlora.model.fixtures import architecture_dimensions, build_random_model, tokenizer_corpus, train_bpe_tokenizer
 tok = train_bpe_tokenizer(tokenizer_corpus(), 512)
 build_random_model("/tmp/models/Qwen3-0.6B", tok, **architecture_dimensions("Qwen3-0.6B"))
 build_random_model("/tmp/models/Qwen3-tiny", tok)

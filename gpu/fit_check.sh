@@ -14,8 +14,8 @@ import json, os, runpy, subprocess, sys
 import torch
 from qlora.config import training_defaults
 from qlora.planner.memory import plan_for_train_config
-from qlora.model.fixtures import architecture, architecture_dimensions, build_random_model, train_bpe_tokenizer
-from tools.make_tiny_model import tokenizer_corpus
+from qlora.model.fixtures import (architecture, architecture_dimensions, build_random_model, tokenizer_corpus,
+                                  train_bpe_tokenizer)
 
 tok = train_bpe_tokenizer(tokenizer_corpus(), 512)
 results = {}

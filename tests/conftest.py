@@ -55,8 +55,7 @@ def run_python(code: str, timeout=300) -> subprocess.CompletedProcess:
 
 def build_base_model(out: Path, style: str, model_type: str) -> Path:
     """A random tiny base model of `model_type` with a `style` tokenizer (llama | gemma): no chat template."""
-    from qlora.model.fixtures import base_tokenizer, build_random_model
-    from tools.make_tiny_model import tokenizer_corpus
+    from qlora.model.fixtures import base_tokenizer, build_random_model, tokenizer_corpus
 
     build_random_model(out, base_tokenizer(tokenizer_corpus(), 512, style), model_type=model_type)
     return out

@@ -3,7 +3,8 @@
 import json
 
 from qlora.data.synthetic import arithmetic_pairs, generate_rows, pretraining_texts
-from tools.make_base_model import DEFAULT_DIR, main as make_base_model
+from qlora.demo import DEFAULT_DIR
+from tools.make_base_model import main as make_base_model
 
 
 def test_pretraining_text_is_deterministic_and_never_the_task_format():

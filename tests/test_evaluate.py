@@ -6,7 +6,8 @@ import json
 import pytest
 
 from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_train
-from tools.evaluate import DEFAULT_SPLIT, LoadKind, choose_splits, detect_load_kind, main as evaluate, markdown_table
+from qlora.evaluation import DEFAULT_SPLIT, LoadKind, choose_splits, detect_load_kind, markdown_table
+from tools.evaluate import main as evaluate
 
 QLORA_BLOCK = {"method": "QLORA", "weights_bits": 4, "lm_head_dtype": "bf16", "backend": "bitsandbytes",
                "extras": {"double_quant": True, "base_quant_type": "nf4", "compute_dtype": "bfloat16", "lora_r": 8,

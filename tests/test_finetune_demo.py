@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT
 
-from tools.finetune_demo import METHODS, binomial_se, build_parser, main, parse_rates, summarize, train_args
+from qlora.demo import METHODS, binomial_se, parse_rates, summarize, train_args
+from tools.finetune_demo import build_parser, main
 
 
 def test_each_method_trains_at_its_own_rate_and_lr_overrides_one():
@@ -51,7 +52,7 @@ def test_summary_is_mean_sample_std_range_and_one_run_noise():
 
 
 def test_chart_of_means_with_error_bars_is_written(tmp_path):
-    from tools.evaluate import write_method_chart
+    from qlora.demo import write_method_chart
 
     runs = [{"method": "qlora", "seed": s, "learning_rate": 4e-3, "accuracy": a, "heldout_loss": 0.7, "rows": 100}
             for s, a in ((42, 60.0), (43, 70.0))]

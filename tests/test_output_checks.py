@@ -97,8 +97,7 @@ FAMILY_TRAIN_ARGS = ["--max_steps=4", "--per_device_train_batch_size=4", "--grad
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory):
     """Each family's tiny random model trained with QLoRA through 01_Train.py, merged (both bases checked)."""
-    from qlora.model.fixtures import build_random_model, train_bpe_tokenizer
-    from tools.make_tiny_model import tokenizer_corpus
+    from qlora.model.fixtures import build_random_model, tokenizer_corpus, train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(), 512)
     root = tmp_path_factory.mktemp("families")

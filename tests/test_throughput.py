@@ -117,7 +117,7 @@ def test_peak_table_and_utilization():
 # ----- the benchmark's throughput cases -----------------------------------------------------------------
 
 def test_throughput_cases_configure_the_levers_they_name():
-    from tools.benchmark import CASE_GROUPS, CASES_BY_NAME, case_config, row_count
+    from qlora.bench.cases import CASE_GROUPS, CASES_BY_NAME, case_config, row_count
 
     cases = {name: CASES_BY_NAME[name] for name in CASE_GROUPS["throughput"]}
     assert set(cases) >= {"trl_docs_qlora", "qlora", "qlora_b4_padding_free", "qlora_packed", "qlora_liger",
@@ -143,7 +143,7 @@ def test_throughput_cases_configure_the_levers_they_name():
 def test_cases_that_cannot_run_here_are_skipped_with_the_reason(tmp_path):
     import torch
 
-    from tools.benchmark import CASES_BY_NAME, skip_reason
+    from qlora.bench.cases import CASES_BY_NAME, skip_reason
 
     if torch.cuda.is_available():
         pytest.skip("the reasons below are the CPU ones")
@@ -168,7 +168,7 @@ def test_row_lengths_of_padded_padding_free_and_packed_batches():
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tools.benchmark import row_lengths
+    from qlora.bench.worker import row_lengths
 
     examples = [{"input_ids": list(range(1, 6))}, {"input_ids": [7, 8]}, {"input_ids": [9, 10, 11]}]
     padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
@@ -248,7 +248,7 @@ def test_padding_free_rows_do_not_attend_to_each_other(attention):
 
 
 def test_padding_free_training_losses_equal_the_padded_run(tmp_path):
-    """The project's trainer (training_setup.build_trainer as 01_Train.py calls it), LoRA on the demo's
+    """The project's trainer (qlora.train.trainer.build_trainer as 01_Train.py calls it), LoRA on the demo's
     trained base (bf16: the 4-bit weights change nothing in how rows are batched or masked, and cost
     minutes on CPU), mixed-length rows in batches of 4, same seed: per-step losses with padding_free=True
     equal the padded run's within bf16 noise."""
@@ -277,7 +277,7 @@ def test_padding_free_training_losses_equal_the_padded_run(tmp_path):
 
 
 def test_packing_constant_packs_rows_padding_free_within_max_seq_length(tiny_model_dir, tmp_path):
-    """packing=True (01_Train.py's constant) through training_setup: rows packed best-fit into rows of at
+    """packing=True (01_Train.py's constant) through qlora.train.trainer: rows packed best-fit into rows of at
     most max_seq_length tokens, each batch padding-free with positions restarting at every packed row."""
     from qlora.config import training_defaults
     from qlora.data.formats import load_rows, to_sft_dataset
@@ -311,7 +311,7 @@ def test_gpu_throughput_script_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "throughput.json").read_text())
-    from tools.benchmark import THROUGHPUT_CASES
+    from qlora.bench.cases import THROUGHPUT_CASES
 
     rows = {r["case"]["name"]: r for r in report["results"]}
     assert list(rows) == list(THROUGHPUT_CASES)

@@ -21,14 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from qlora.core.files import write_json
 from qlora.config import training_defaults
-from tools.evaluate import MAIN_METRIC
-from tools.evaluate import main as evaluate
-from tools.finetune_demo import build_parser as demo_parser
-from tools.finetune_demo import train_args
+from qlora.core.files import write_json
+from qlora.demo import DemoSettings, train_args
+from qlora.evaluation import MAIN_METRIC, EvalOptions, evaluate_dirs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # cell name -> the 01_Train.py overrides that make it (on top of the demo's settings and lora_alpha)
 CELLS = {
@@ -43,8 +41,7 @@ LEARNING_RATE = 4e-3  # every cell's default rate, whatever the demo's QLoRA def
 
 def cell_args(args, task: str, cell: str, seed: int, out_root: Path) -> list[str]:
     """01_Train.py's arguments for one run: the demo's, then this comparison's (later overrides win)."""
-    demo = demo_parser().parse_args(["--data", str(args.data), "--steps", str(args.steps),
-                                     "--lr", f"qlora={args.learning_rate}"])
+    demo = DemoSettings(data=str(args.data), steps=args.steps, lr=f"qlora={args.learning_rate}")
     dataset = [] if task == "demo" else [f"--DATASET_CHOICE={task}", f"--DATASET_PATH={args.data}"]
     return [*train_args(demo, "qlora", out_root, seed), *dataset, f"--lora_alpha={args.lora_alpha}", *CELLS[cell]]
 
@@ -71,8 +68,8 @@ def run_cell(args, task: str, cell: str, seed: int) -> dict:
     wall, cpu = time.time() - started, _children_cpu_seconds() - cpu_before
     (directory,) = [p for p in out_root.iterdir() if not p.name.startswith(".")]
     meta = json.loads((directory / "metadata.json").read_text())
-    scores = evaluate([str(directory), f"--dataset={'openmath' if task == 'demo' else task}",
-                       f"--dataset-path={args.data}", f"--max-new-tokens={args.max_new_tokens}"])[0]
+    scores = evaluate_dirs([str(directory)], EvalOptions(dataset="openmath" if task == "demo" else task,
+                                                         dataset_path=args.data, max_new_tokens=args.max_new_tokens))[0]
     training = meta["training"]
     return {
         "task": task, "cell": cell, "seed": seed, "command": ["python", "Fine-tuning/01_Train.py", *argv],
@@ -117,12 +114,12 @@ def parse_args(argv):
     parser.add_argument("--data", help="the task's .jsonl (tools/make_samples.py --rows 1600 --seed 1 writes both)")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, from: {', '.join(CELLS)}")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds (split, adapter init and shuffling)")
-    parser.add_argument("--steps", type=int, default=demo_parser().get_default("steps"), help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=DemoSettings.steps, help="optimizer steps per run")
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE,
                         help="every run's learning rate (record other rates in their own --json-out)")
     parser.add_argument("--lora-alpha", type=int, default=training_defaults()["lora_alpha"],
                         help="lora_alpha of every run (default: Fine-tuning/01_Train.py's)")
-    parser.add_argument("--max-new-tokens", type=int, default=demo_parser().get_default("max_new_tokens"),
+    parser.add_argument("--max-new-tokens", type=int, default=DemoSettings.max_new_tokens,
                         help="generation limit when evaluating")
     parser.add_argument("--out-root", default="outputs/lora_variants", help="runs train into OUT_ROOT/TASK/CELL-seedN/")
     parser.add_argument("--json-out", help="JSON list of run records: appended to, runs already in it skipped")

@@ -2,9 +2,7 @@
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
 
 from qlora.data.formats import SAMPLES_DIR
 from qlora.data.synthetic import SAMPLE_GENERATORS, generate_rows

@@ -2,21 +2,9 @@
 and tests on machines without hub access. Its outputs are noise until trained."""
 
 import argparse
-import sys
 from pathlib import Path
 
-
-from qlora.data.synthetic import generate_rows
-from qlora.model.fixtures import build_random_model, train_bpe_tokenizer
-
-
-def tokenizer_corpus(rows_per_dataset: int = 400) -> list[str]:
-    texts = []
-    for row in generate_rows("openmath", rows_per_dataset):
-        texts += [row["problem"], row["generated_solution"]]
-    for row in generate_rows("squad", rows_per_dataset):
-        texts += [row["context"], row["question"]]
-    return texts
+from qlora.model.fixtures import build_tiny_model
 
 
 def main(argv=None) -> Path:
@@ -27,9 +15,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--layers", type=int, default=2, help="decoder layers")
     parser.add_argument("--seed", type=int, default=0, help="weight init seed")
     args = parser.parse_args(argv)
-    tokenizer = train_bpe_tokenizer(tokenizer_corpus(), args.vocab_size)
-    build_random_model(args.out_dir, tokenizer, seed=args.seed, hidden_size=args.hidden_size,
-                      intermediate_size=2 * args.hidden_size, num_hidden_layers=args.layers)
+    build_tiny_model(args.out_dir, args.vocab_size, args.hidden_size, args.layers, args.seed)
     print(f"wrote {args.out_dir}")
     return Path(args.out_dir)
 

@@ -4,7 +4,7 @@ size of its bf16 weights.
 Builds the model from a Qwen3Config with Qwen3-0.6B's sizes (tied embeddings) and a small BPE
 tokenizer (the vocabulary size is the real one; the tokenizer is not used), saves it in bf16
 safetensors, loads it 4-bit (NF4 + double quant) on this machine's device, wraps it with LoRA on
-all seven projections, then runs one merge (`merge_utils.merge_lora`) while a sampler thread reads
+all seven projections, then runs one merge (`qlora.merge.weights.merge_lora`) while a sampler thread reads
 the process's resident memory. Run each base in its own process: peak RSS is per process.
 
     nice -n 10 python tools/measure_merge_memory.py --base dequantized
@@ -19,18 +19,21 @@ so that glibc returns freed tensors to the system, else the peak includes freed 
 import argparse
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
+from qlora.core.memory import proc_status_bytes, weight_footprint
+from qlora.merge.weights import merge_lora
+from qlora.model.fixtures import architecture_dimensions, build_random_model, tokenizer_corpus, train_bpe_tokenizer
+from qlora.model.loading import load_causal_lm, pick_device
+from qlora.train.peft import DEFAULT_TARGET_MODULES
+from quantization_utils import build_quantization_plan
 
 RSS_FIELDS = ("RssAnon", "RssFile", "VmRSS")
 
 def rss_bytes() -> dict[str, int]:
     """Current resident memory of this process: anonymous (heap) and file-backed (memory-mapped) pages."""
-    from qlora.core.memory import proc_status_bytes
-
     return {field: proc_status_bytes(field) or 0 for field in RSS_FIELDS}
 
 class PeakSampler(threading.Thread):
@@ -53,9 +56,6 @@ class PeakSampler(threading.Thread):
 
 def build_model(directory: Path) -> None:
     """Qwen3-0.6B-architecture model with random weights, bf16 safetensors, and a small tokenizer."""
-    from qlora.model.fixtures import architecture_dimensions, build_random_model, train_bpe_tokenizer
-    from tools.make_tiny_model import tokenizer_corpus
-
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(50), 512)
     build_random_model(directory, tokenizer, **architecture_dimensions("Qwen3-0.6B"))
 
@@ -72,12 +72,6 @@ def main(argv=None) -> dict:
 
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from qlora.core.memory import weight_footprint
-    from qlora.merge.weights import merge_lora
-    from qlora.model.loading import load_causal_lm, pick_device
-    from quantization_utils import build_quantization_plan
-    from qlora.train.peft import DEFAULT_TARGET_MODULES
 
     work = Path(args.work_dir) / "Qwen3-0.6B"
     if not (work / "model.safetensors").exists():

@@ -7,7 +7,7 @@ model's config.json alone (nothing downloaded but the config, no weights).
 
 --model takes a shipped architecture (configs/models/NAME.json), a config.json file, a model directory or a
 hub id. The run is Fine-tuning/01_Train.py's defaults with the flags applied, planned by the same functions
-the script uses before it loads weights (memory_planner.plan_for_train_config). For each budget the table
+the script uses before it loads weights (qlora.planner.memory.plan_for_train_config). For each budget the table
 gives the largest LoRA rank (at --seq) and the largest sequence length (at --r) whose training fits; the
 merge (merge_after_train) needs the whole model in bf16 and is shown on its own.
 """
@@ -15,7 +15,6 @@ merge (merge_after_train) needs the whole model in bf16 and is shown on its own.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,6 +40,7 @@ from qlora.outputs.read import check_finished, check_remote_code, metadata_field
 from qlora.core.files import write_json
 from qlora.data.formats import DATASETS, load_rows, to_sft_dataset
 from qlora.core.errors import reading_user_file, root_message
+from qlora.evaluation import held_out_rows, training_split
 from qlora.outputs.loss_plot import write_loss_plot
 from qlora.outputs.model_card import write_model_cards
 from qlora.model.loading import check_safetensors_weights, save_tokenizer
@@ -193,8 +194,6 @@ def quality_rows(args, spec: QuantSpec, source: Source, calibration, calibration
     """(prompt/completion examples, where they come from) for the quality check, or a string saying why there
     are none: the source's held-out training rows minus any calibration row; else, for a calibrated method,
     the rows of the calibration data that follow the calibration rows."""
-    from tools.evaluate import held_out_rows, training_split
-
     if args.quality_rows == 0:
         return "--quality-rows 0"
     try:
@@ -222,7 +221,7 @@ def quality_rows(args, spec: QuantSpec, source: Source, calibration, calibration
 
 
 def measure_quality(source: Source, sibling_dir: Path, examples, where: str, tokenizer, trust_remote_code: bool):
-    """The sibling, reloaded from disk, against its source on `examples`: merge_utils' figures (mean KL,
+    """The sibling, reloaded from disk, against its source on `examples`: qlora.checks.logits' figures (mean KL,
     max |logit difference|, relative error) and the next-token loss of both, over every token."""
     import torch
 
