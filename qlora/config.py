@@ -123,11 +123,11 @@ def _one_of(cfg: Mapping[str, Any], name: str, allowed) -> None:
         _require(cfg[name] in words, f"{name}={cfg[name]!r} is unknown; allowed: {', '.join(words)}")
 
 
-def _validate_lora_init(cfg: Mapping[str, Any]) -> None:
+def _validate_lora_init(cfg: Mapping[str, Any], method: QuantMethod) -> None:
     _one_of(cfg, "init_lora_weights", LORA_INITS)
     if cfg["init_lora_weights"] != "loftq":
         return
-    _require(cfg["QUANT_METHOD"] == QuantMethod.QLORA and cfg["PEFT_CONFIG"] == "LoRa",
+    _require(method is QuantMethod.QLORA and cfg["PEFT_CONFIG"] == PeftKind.LORA,
              "init_lora_weights=loftq needs QUANT_METHOD=QLORA and PEFT_CONFIG=LoRa: it starts the LoRA adapter at "
              "the 4-bit base's quantization error")
     _require(cfg["merge_base"] != "original",
@@ -137,12 +137,12 @@ def _validate_lora_init(cfg: Mapping[str, Any]) -> None:
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Check a resolved training config before anything loads: types, ranges and combinations."""
     try:
-        QuantMethod.parse(cfg["QUANT_METHOD"])
+        method = QuantMethod.parse(cfg["QUANT_METHOD"])  # any case: compared as the method from here on
     except ValueError:
         raise ConfigError(
             f"QUANT_METHOD={cfg['QUANT_METHOD']!r} is not a training method; allowed: QLORA, NONE"
         ) from None
-    _require(str(cfg["QUANT_METHOD"]).upper() in ("QLORA", "NONE"),
+    _require(method in (QuantMethod.QLORA, QuantMethod.NONE),
              f"QUANT_METHOD={cfg['QUANT_METHOD']!r} is a post-training method (tools/quantize.py); "
              "allowed here: QLORA, NONE")
     _require(cfg["DATASET_CHOICE"] in DATASETS,
@@ -150,8 +150,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _require(not DATASETS[cfg["DATASET_CHOICE"]].needs_path or cfg.get("DATASET_PATH") is not None,
              f"DATASET_CHOICE={cfg['DATASET_CHOICE']} {NEEDS_PATH}")
     _one_of(cfg, "PEFT_CONFIG", PeftKind)
-    _validate_lora_init(cfg)
-    _require(cfg["PEFT_CONFIG"] != PeftKind.FULL or cfg["QUANT_METHOD"] == QuantMethod.NONE,
+    _validate_lora_init(cfg, method)
+    _require(cfg["PEFT_CONFIG"] != PeftKind.FULL or method is QuantMethod.NONE,
              f"PEFT_CONFIG=Full needs QUANT_METHOD=NONE: 4-bit weights cannot be trained themselves "
              f"(QUANT_METHOD={cfg['QUANT_METHOD']} trains LoRa or DoRa adapters on them)")
     if "full_weights_dtype" in cfg:
@@ -173,14 +173,13 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
              "merge_after_train=True needs eval_samples > 0: the merge check runs on held-out rows")
     _one_of(cfg, "merged_precision", MergedPrecision)
     _one_of(cfg, "bnb_4bit_quant_storage", QUANT_STORAGE_CHOICES)
-    _require(cfg["merged_precision"] == "bf16" or (cfg["merge_after_train"] and cfg["QUANT_METHOD"] == QuantMethod.QLORA
+    _require(cfg["merged_precision"] == "bf16" or (cfg["merge_after_train"] and method is QuantMethod.QLORA
                                                    and cfg["PEFT_CONFIG"] != PeftKind.FULL),
              "merged_precision=nf4 needs merge_after_train=True and QUANT_METHOD=QLORA (a 4-bit artifact under a w4 tag)")
     _require(not (cfg["keep_lm_head_fp16"] and not cfg["merge_after_train"]),
              "keep_lm_head_fp16=True needs merge_after_train=True: an adapter-only output has no head of its own")
     _require(cfg["OUTPUT_ROOT"] != "", "OUTPUT_ROOT is empty; give a directory")
-    if "if_output_exists" in cfg:
-        _one_of(cfg, "if_output_exists", IF_EXISTS_POLICIES)
+    _one_of(cfg, "if_output_exists", IF_EXISTS_POLICIES)
     if "memory_limit_gb" in cfg:
 
         parse_memory_limit(cfg["memory_limit_gb"])

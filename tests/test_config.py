@@ -60,6 +60,8 @@ def _no_weights_model(tiny_model_dir, tmp_path):
     ("--PEFT_CONFIG=Full", "PEFT_CONFIG=Full needs QUANT_METHOD=NONE: 4-bit weights cannot be trained themselves"),
     ("--full_weights_dtype=fp16", "full_weights_dtype='fp16' is unknown; allowed: bf16, fp32"),
     ("--full_weights_dtype=fp32", "full_weights_dtype=fp32 needs PEFT_CONFIG=Full"),
+    ("--bnb_4bit_quant_storage=int4",
+     "bnb_4bit_quant_storage='int4' is unknown; allowed: auto, uint8, bfloat16, float16, float32"),
 ])
 def test_invalid_config_is_one_line_naming_what_is_allowed(override, message):
     extra = ["--merge_after_train=false"] if "keep_lm_head" in override else []
@@ -128,3 +130,13 @@ def test_dataset_file_missing_schema_columns(tiny_model_dir, tmp_path):
 
 def test_shipped_defaults_validate():
     validate_config(training_defaults())
+
+
+def test_quant_method_is_read_in_any_case_and_spelled_once():
+    """QUANT_METHOD is case-insensitive (QuantMethod.parse): the combinations that depend on it read the method,
+    not its spelling, and the resolved config spells it the one way metadata and tags use."""
+    cfg = resolve_config(training_defaults(), ["--QUANT_METHOD=none", "--PEFT_CONFIG=Full"])
+    assert cfg["QUANT_METHOD"] == "NONE"
+    assert resolve_config(training_defaults(), ["--QUANT_METHOD=qlora", "--init_lora_weights=loftq"])["QUANT_METHOD"] == "QLORA"
+    with pytest.raises(ConfigError, match="PEFT_CONFIG=Full needs QUANT_METHOD=NONE"):
+        resolve_config(training_defaults(), ["--QUANT_METHOD=qlora", "--PEFT_CONFIG=Full"])

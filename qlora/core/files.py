@@ -85,7 +85,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     fsync_path(path.parent)
 
 
-def _existing_ancestor(path: Path) -> Path:
+def existing_ancestor(path: Path) -> Path:
     probe = Path(path)
     while not probe.exists():
         probe = probe.parent
@@ -94,7 +94,7 @@ def _existing_ancestor(path: Path) -> Path:
 
 def check_free_disk(path: Path, needed: int, what: str) -> None:
     """ConfigError when the filesystem holding `path` has less than `needed` bytes free."""
-    free = shutil.disk_usage(_existing_ancestor(path)).free
+    free = shutil.disk_usage(existing_ancestor(path)).free
     if free < needed:
         raise ConfigError(f"not enough free disk under {path} for {what}: need ~{format_size(needed)}, "
                           f"{format_size(free)} free")
@@ -121,7 +121,7 @@ def explain_disk_full(err: BaseException, needed_bytes: int, directory: Path) ->
         seen.add(id(err))
         chain.append(err)
         err = err.__cause__ or err.__context__
-    free = shutil.disk_usage(_existing_ancestor(directory)).free
+    free = shutil.disk_usage(existing_ancestor(directory)).free
     full = any(getattr(e, "errno", None) in DISK_FULL_ERRNOS or any(t in str(e) for t in DISK_FULL_TEXTS) for e in chain)
     torch_write = any(t in str(e) for e in chain for t in TORCH_WRITE_FAILED)
     if not (full or (torch_write and free < needed_bytes)):

@@ -1,5 +1,5 @@
 """Memory and disk planned before anything loads: the peak a training run, its loading and its merge
-will reach, predicted from the model's config.json alone, and the disk its checkpoints and outputs take.
+will reach, predicted from the model's config.json alone (the disk it writes: qlora/planner/disk.py).
 Every figure here is a formula over the config; `tools/benchmark.py` measures the same cases and
 prints the planner's error beside each measurement.
 """
@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 from qlora.checks.logits import MERGE_CHECK_ROWS
 from qlora.core.errors import ConfigError, UserError
-from qlora.core.files import _existing_ancestor
+from qlora.core.files import existing_ancestor
 from qlora.core.logs import step
 from qlora.core.memory import GIB, available_memory, format_size
 from qlora.data.chat_format import example_token_ids
@@ -467,7 +467,7 @@ LEVERS: dict[str, Callable[[Mapping[str, Any]], list[dict[str, Any]]]] = {
     "8-bit optimizer": lambda cfg: [{"optim": "paged_adamw_8bit"}] if OPTIMIZERS[cfg["optim"]].state_bytes > 2 else [],
     "bf16 weights": lambda cfg: ([{"full_weights_dtype": "bf16"}] if cfg["PEFT_CONFIG"] == PeftKind.FULL
                                  and cfg["full_weights_dtype"] != "bf16" else []),
-    "4-bit base": lambda cfg: ([{"QUANT_METHOD": "QLORA"}] if str(cfg["QUANT_METHOD"]).upper() != "QLORA"
+    "4-bit base": lambda cfg: ([{"QUANT_METHOD": "QLORA"}] if cfg["QUANT_METHOD"] != QuantMethod.QLORA
                                and cfg["PEFT_CONFIG"] != PeftKind.FULL else []),
     "no merge": _switch("merge_after_train", False),
     "shorter rows": lambda cfg: [{"max_seq_length": s} for s in _halvings(cfg["max_seq_length"], 64)],
@@ -546,7 +546,7 @@ def plan_run(model_cfg: Mapping[str, Any], cfg: Mapping[str, Any], device: str, 
              "logits over %d held-out rows)", plan["merge_peak_bytes"] / GIB, len(tokens.held_out_tokens))
     if plan.get("peak_gib") is not None:
         disk = disk_needed_for_config(plan, cfg)
-        free = shutil.disk_usage(_existing_ancestor(Path(cfg["OUTPUT_ROOT"]))).free
+        free = shutil.disk_usage(existing_ancestor(Path(cfg["OUTPUT_ROOT"]))).free
         step("dry run", "disk: %s per checkpoint x %d, %s adapter, %s merged model: %s in all (%s free under %s)",
              format_size(disk["checkpoint"]), cfg["keep_checkpoints"] + 1, format_size(disk["adapter"]),
              format_size(disk["merged"]), format_size(disk["total"]), format_size(free), cfg["OUTPUT_ROOT"])

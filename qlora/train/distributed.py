@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from qlora.core.errors import UserError
 from qlora.core.logs import setup_logging, step
 from qlora.core.memory import peak_memory_report
+from quantization_utils import QuantMethod
 
 
 QUANT_STORAGE_CHOICES = ("auto", "uint8", "bfloat16", "float16", "float32")
@@ -50,10 +51,9 @@ def resolve_quant_storage(setting: str, fsdp: bool, compute_dtype: str = "bfloat
     """The bnb_4bit_quant_storage dtype name to use, or None for bitsandbytes' default (uint8).
 
     FSDP flattens and shards only float tensors of one dtype per unit, so under FSDP the packed 4-bit
-    weights must be stored in the model's dtype; elsewhere uint8 is the default.
+    weights must be stored in the model's dtype; elsewhere uint8 is the default. `setting` is one of
+    QUANT_STORAGE_CHOICES (qlora.config refuses any other before anything loads).
     """
-    if setting not in QUANT_STORAGE_CHOICES:
-        raise UserError(f"bnb_4bit_quant_storage={setting!r} is unknown; allowed: {', '.join(QUANT_STORAGE_CHOICES)}")
     if setting == "auto":
         return compute_dtype if fsdp else None
     return None if setting == "uint8" else setting
@@ -70,7 +70,7 @@ def check_launch(ctx: LaunchContext, cfg: Mapping[str, Any], cuda_available: boo
         raise UserError("FSDP needs CUDA GPUs (bitsandbytes 4-bit layers are sharded on GPU only); "
                          "on CPU use DDP: torchrun --nproc_per_node N Fine-tuning/01_Train.py")
     storage = resolve_quant_storage(cfg["bnb_4bit_quant_storage"], True)
-    if str(cfg["QUANT_METHOD"]).upper() == "QLORA" and storage != "bfloat16":
+    if cfg["QUANT_METHOD"] == QuantMethod.QLORA and storage != "bfloat16":
         raise UserError(f"bnb_4bit_quant_storage={cfg['bnb_4bit_quant_storage']!r} under FSDP: the 4-bit storage "
                          "dtype must equal the model dtype (bfloat16) or training silently gives loss 0/NaN; "
                          "allowed with FSDP: auto, bfloat16")
