@@ -131,6 +131,9 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
                       "fingerprints": {"adapter": logits_fingerprint(load_trained(), fingerprint_ids.tolist())}}
     batches = tokenize_for_check(tokenizer, check_rows.select(range(min(MERGE_CHECK_ROWS, len(check_rows)))),
                                  cfg["max_seq_length"])
+    # said before the merge starts: on a large model it is the run's longest silent stretch after training
+    report(f"merging ({cfg['merge_base']} base), then checking it on {len(batches)} held-out rows "
+           f"({sum(int(b['attention_mask'].sum()) for b in batches)} tokens)")
     _, nf4_config = build_quantization_plan(QuantMethod.QLORA)
     head_dtype = torch.float16 if cfg["keep_lm_head_fp16"] else torch.bfloat16
     merge_check, artifact = merge_and_check(
