@@ -30,8 +30,8 @@ from qlora.planner.disk import check_disk_for_run
 from qlora.planner.memory import plan_run
 from qlora.train.adapter import save_adapter, take_trained_model
 from qlora.train.checkpoints import find_resume_point, prepare_staging
-from qlora.train.distributed import (barrier, combine_peak_reports, gather, launched, own_peak_memory, resolve_quant_storage,
-                                     start_device)
+from qlora.train.distributed import (barrier, combine_peak_reports, end_collectives, gather, launched, own_peak_memory,
+                                     resolve_quant_storage, start_device)
 from qlora.train.peft import DEFAULT_TARGET_MODULES, prepare_for_training, weights_dtype
 from qlora.train.trainer import build_trainer, train
 from quantization_utils import build_quantization_plan, output_dir_name, peft_tag
@@ -140,17 +140,17 @@ def main(argv=None) -> Path | None:
                 # ---- save ---------------------------------------------------------------------------
                 save_adapter(trainer, run.staging / "adapter", launch.fsdp, launch.is_main, cfg["MODEL_NAME"], bnb_config,
                              tokenizer)
+                end_collectives()  # every rank leaves the process group together; rank 0 alone merges and writes
                 if not launch.is_main:
-                    return None  # rank 0 alone merges and writes
+                    return None
                 check_free_disk(run.staging, disk["adapter"] + disk["merged"], "the adapter and merged model")
                 save_tokenizer(tokenizer, run.staging)
                 model = take_trained_model(trainer, cfg, bnb_config, device, run.staging / "adapter", launch.fsdp)
                 # ---- merge --------------------------------------------------------------------------
                 merge_check, artifact = write_model(model, cfg=cfg, staging=run.staging, tokenizer=tokenizer,
                                                     check_rows=data.held_out or data.train, bnb_config=bnb_config, device=device)
-                generation = check_saved_generation(  # the model as saved: merged, or the adapter when it is primary
-                    run.staging, primary=artifact["primary"], base_model=cfg["MODEL_NAME"], bnb_config=bnb_config,
-                    device=device, trust_remote_code=cfg["trust_remote_code"], rows=data.held_out)
+                generation = check_saved_generation(run.staging, artifact["primary"], cfg, bnb_config, device,
+                                                    data.held_out)  # as saved: merged, or the adapter when primary
             # ---- metadata ---------------------------------------------------------------------------
             peak = combine_peak_reports([own_peak_memory(launch, device)] + rank_peaks[1:])  # rank 0's again: merge counts
             metadata = run_metadata(

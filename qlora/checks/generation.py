@@ -6,7 +6,7 @@ is useless in a chat loop."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from qlora.core.heap import release_free_heap
 from qlora.core.logs import step
@@ -105,15 +105,14 @@ def generation_check(model, tokenizer, rows, max_prompts: int = GENERATION_PROMP
                     for example, (tokens, _) in zip(examples[:GENERATION_SAMPLES], outputs)],
     }
 
-def check_saved_generation(directory: Path, *, primary: str, base_model: str, bnb_config, device: str,
-                           trust_remote_code: bool, rows,
+def check_saved_generation(directory: Path, primary: str, cfg: Mapping[str, Any], bnb_config, device: str, rows,
                            report: Callable[[str], None] = lambda line: step("generate", "%s", line)) -> dict[str, Any] | None:
     """`generation_check` on an output directory as a user loads it: the merged model (primary "merged") or
     the adapter on its base loaded by the run's plan (`bnb_config`: 4-bit for QLoRA), with the tokenizer
     saved there; `generation_summary`'s lines go to `report`. The model is freed before returning."""
     import gc
 
-    directory = Path(directory)
+    directory, base_model, trust_remote_code = Path(directory), cfg["MODEL_NAME"], cfg["trust_remote_code"]
     if primary == "merged":
         model = load_merged_dir(directory, None, device, trust_remote_code)
     else:

@@ -110,6 +110,14 @@ def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
+def end_collectives() -> None:
+    """Every rank, together, leaves the process group once nothing more is exchanged (rank 0 then merges
+    and writes alone). Destroyed at one moment by all ranks, after a barrier: a rank that tore its group
+    down on its own while rank 0 still held the other end aborted now and then at exit ("terminate called
+    without an active exception"), and torchrun then killed rank 0 in the middle of its merge."""
+    barrier()
+    leave_process_group()
+
 def from_main(obj: Any) -> Any:
     """Rank 0's `obj` on every rank (just `obj` without a process group)."""
     import torch.distributed as dist
