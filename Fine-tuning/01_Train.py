@@ -14,15 +14,15 @@ from qlora.model.loading import quiet_bitsandbytes_notices
 
 quiet_bitsandbytes_notices()  # before the imports below load bitsandbytes (transformers' Trainer imports peft)
 
-from qlora.checks.generation import check_saved_generation
+from qlora.checks.generation import check_trained_generation
 from qlora.config import check_model_before_loading, resolve_config
 from qlora.core.errors import one_line_errors
 from qlora.core.files import check_free_disk, disk_full_is_a_user_error
 from qlora.core.logs import step
-from qlora.core.memory import count_parameters, describe_footprint, describe_peak, weight_footprint
+from qlora.core.memory import count_parameters, describe_peak, phase_peaks
 from qlora.data.chat_format import ensure_chat_template
 from qlora.data.formats import dataset_tag, load_training_data
-from qlora.model.loading import load_causal_lm, load_tokenizer, pick_device, save_tokenizer
+from qlora.model.loading import load_base_model, load_tokenizer, pick_device, save_tokenizer
 from qlora.outputs.publish import publish_run, run_metadata
 from qlora.outputs.run_dir import claim_on_main, publish_staged
 from qlora.outputs.write import write_model
@@ -92,7 +92,7 @@ CONFIG_NAMES = [name for name in globals() if name not in _names_before_config a
 
 
 def main(argv=None) -> Path | None:
-    with launched() as launch, one_line_errors():  # torchrun / accelerate: one process per device; rank 0 writes
+    with launched() as launch, one_line_errors(), phase_peaks() as phases:  # one process per device; rank 0 writes
         started = time.time()
         # ---- config ---------------------------------------------------------------------------------
         cfg = resolve_config({name: globals()[name] for name in CONFIG_NAMES}, sys.argv[1:] if argv is None else argv)
@@ -121,10 +121,8 @@ def main(argv=None) -> Path | None:
                 return publish_staged(run)  # a killed run that had finished all but its rename
             resume = find_resume_point(cfg["RESUME"], run.staging / "checkpoints", cfg)
             # ---- model ------------------------------------------------------------------------------
-            model = load_causal_lm(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"],
-                                   dtype=weights_dtype(cfg), for_fsdp=launch.fsdp)
-            footprint = weight_footprint(model)
-            step("model", "%s on %s: %s", cfg["MODEL_NAME"], device, describe_footprint(footprint))
+            model, footprint = load_base_model(cfg["MODEL_NAME"], bnb_config, device, cfg["trust_remote_code"],
+                                               weights_dtype(cfg), for_fsdp=launch.fsdp)
             model = prepare_for_training(model, cfg, quantized=bnb_config is not None, fsdp=launch.fsdp)
             parameters = count_parameters(model)  # (trainable, total)
             disk = check_disk_for_run(model, cfg, root)
@@ -146,13 +144,13 @@ def main(argv=None) -> Path | None:
                 check_free_disk(run.staging, disk["adapter"] + disk["merged"], "the adapter and merged model")
                 save_tokenizer(tokenizer, run.staging)
                 model = take_trained_model(trainer, cfg, bnb_config, device, run.staging / "adapter", launch.fsdp)
+                generation = check_trained_generation(model, tokenizer, data.held_out, result.seconds,
+                                                      cfg["per_device_train_batch_size"])
                 # ---- merge --------------------------------------------------------------------------
                 merge_check, artifact = write_model(model, cfg=cfg, staging=run.staging, tokenizer=tokenizer,
                                                     check_rows=data.held_out or data.train, bnb_config=bnb_config, device=device)
-                generation = check_saved_generation(run.staging, artifact["primary"], cfg, bnb_config, device,
-                                                    data.held_out)  # as saved: merged, or the adapter when primary
             # ---- metadata ---------------------------------------------------------------------------
-            peak = combine_peak_reports([own_peak_memory(launch, device)] + rank_peaks[1:])  # rank 0's again: merge counts
+            peak = combine_peak_reports([own_peak_memory(launch, device)] + rank_peaks[1:], phases.report())
             metadata = run_metadata(
                 spec=spec, cfg=cfg, data=data, prompt_format=prompt_format, parameters=parameters, footprint=footprint,
                 artifact=artifact, merge_check=merge_check, generation=generation, peak=peak, memory_plan=memory_plan,

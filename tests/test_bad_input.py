@@ -20,7 +20,7 @@ from qlora.core.files import write_json
 from qlora.train.checkpoints import MARKER, checkpoint_problem, write_marker
 from qlora.core.errors import ConfigError
 from qlora.config import training_defaults, validate_config
-from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, ROOT, run_train
+from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, run_train
 from qlora.core.errors import UserError
 from qlora.core.files import explain_disk_full
 from qlora.model.loading import load_causal_lm

@@ -172,11 +172,13 @@ def test_planner_breakdown_moves_with_each_lever():
     assert load["parts"].get("checkpoint_pages", 0) == 0 and load["parts"]["transient"] == 2 * 2 * 1024 * 3072  # pread
     # the embedding, read before the layers, is held twice while safetensors' pread reads it
     assert load["peak_bytes"] == load["parts"]["runtime"] + 2 * 2 * 151936 * 1024
-    # k-bit preparation: every 16-bit parameter upcast to fp32, the embedding cast back first
+    # k-bit preparation upcasts nothing (prepare_kbit_model): the load is the loading phase; with peft's upcast
+    # (embeddings_dtype fp32) every 16-bit parameter gets an fp32 copy, the bf16 embedding still there
     counts = parameter_counts(cfg)
+    assert base["load_peak_bytes"] == load["peak_bytes"]
     prep = (load["parts"]["runtime"] + int(linear * QUANT_BITS["nf4_dq"] / 8)
             + 4 * (counts["embedding"] + counts["norms"]) + 2 * counts["embedding"])
-    assert base["load_peak_bytes"] == max(load["peak_bytes"], prep) == prep
+    assert plan_training_memory(cfg, TrainingSetup(embeddings_dtype="fp32"))["load_peak_bytes"] == prep
     mapped = plan_load_memory(cfg, "nf4_dq", checkpoint_mapped=True)
     assert mapped["parts"]["checkpoint_pages"] == 2 * linear  # plain from_pretrained: every page read stays
     trl_docs = plan_training_memory(cfg, TrainingSetup(checkpoint_mapped=True))
@@ -235,9 +237,9 @@ def test_full_benchmark_meets_the_targets(tmp_path):
             assert abs(row["planner_error"]) <= 0.15, row["case"]["name"]
 
 
-def test_planner_counts_the_merge_when_the_run_merges():
-    from qlora.planner.memory import plan_for_train_config
+def test_planner_counts_every_phase_after_training():
     from qlora.model.fixtures import architecture_dimensions
+    from qlora.planner.memory import MERGE_LAYER_BYTES_PER_PARAM, plan_for_train_config, with_merge_check
 
     cfg = {"QUANT_METHOD": "QLORA", "PEFT_CONFIG": "LoRa", "full_weights_dtype": "bf16", "lora_r": 64,
            "max_seq_length": 512, "per_device_train_batch_size": 1, "gradient_checkpointing": True, "optim": "paged_adamw_32bit",
@@ -245,21 +247,22 @@ def test_planner_counts_the_merge_when_the_run_merges():
     arch = architecture_dimensions("Qwen3-0.6B")
     adapter_only = plan_for_train_config(arch, {**cfg, "merge_after_train": False}, "cuda")
     merged = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cuda")
-    assert "merge_peak_bytes" not in adapter_only
-    # the merged model ends bf16 (596.0M parameters) beside the bf16 adapters (40.4M parameters) and,
-    # on CUDA, the 4-bit base that was still allocated at that point
-    assert merged["merge_peak_bytes"] == 2 * 596_049_920 + 2 * 40_370_176 + merged["parts"]["weights"]
-    assert merged["peak_phase"] == "merge" and merged["peak_gib"] > adapter_only["peak_gib"]
+    assert "merge_peak_bytes" not in adapter_only and "check_peak_bytes" not in adapter_only
+    # the generation check runs on the trained model as it stays: below training's peak
+    assert adapter_only["generation_peak_bytes"] < adapter_only["train_peak_bytes"]
+    # the streamed merge: the trained model as it stays plus one layer's fp32 W, fp32 delta and bf16 result
+    stays = merged["parts"]["weights"] + merged["parts"]["adapters"]
+    assert merged["merge_peak_bytes"] == stays + MERGE_LAYER_BYTES_PER_PARAM * 1024 * 3072
+    # the merge check reloads the bf16 model (1.1 GiB) within what training took: never a new peak
+    assert merged["check_peak_bytes"] <= merged["train_peak_bytes"]
+    assert merged["peak_phase"] == "training" and merged["peak_bytes"] == adapter_only["peak_bytes"]
+    # on CPU the trained model's fp32 logits of every check row are held through the merge
     on_cpu = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cpu")
-    assert on_cpu["merge_peak_bytes"] == on_cpu["parts"]["runtime"] + 2 * 596_049_920 + 2 * 40_370_176
-    # once the check rows are known: the trained model's fp32 logits of every row are kept, and the row
-    # being compared is held in about eight fp32 copies (CPU); on CUDA only that row's logits are on the GPU
-    from qlora.planner.memory import with_merge_check
-
     checked = with_merge_check(on_cpu, [100, 300], 151936, "cpu")
+    assert checked["merge_check_held_bytes"] == 4 * 151936 * 400
+    assert checked["merge_peak_bytes"] == (on_cpu["merge_peak_bytes"] - on_cpu["merge_check_held_bytes"]
+                                           + checked["merge_check_held_bytes"])
     assert checked["merge_check_logits_bytes"] == 4 * 151936 * (400 + 8 * 300)
-    assert checked["merge_peak_bytes"] == on_cpu["merge_peak_bytes"] + checked["merge_check_logits_bytes"]
-    assert checked["peak_phase"] == "merge" and checked["peak_gib"] > on_cpu["peak_gib"]
     assert with_merge_check(merged, [100, 300], 151936, "cuda")["merge_check_logits_bytes"] == 6 * 151936 * 300
     assert "merge_check_logits_bytes" not in with_merge_check(adapter_only, [100], 151936, "cpu")
 
@@ -296,3 +299,29 @@ def test_fp32_master_weights_double_the_weights_and_gradients_of_full_fine_tunin
     assert plans["fp32"]["optimizer"] == plans["bf16"]["optimizer"] == 2 * params  # 8-bit state either way
     # bitsandbytes' CPU step copies a 16-bit parameter to fp32, and updates an fp32 one in place
     assert plans["bf16"]["optimizer_step"] * 5 == plans["fp32"]["optimizer_step"] * 6
+
+
+def test_phase_peaks_files_memory_under_the_step_the_log_last_named():
+    """The sampler reads the step name off each log line: memory taken after a `train` line is the train phase's,
+    and a phase that never logged has no entry."""
+    import time
+
+    import numpy as np
+
+    from qlora.core.logs import setup_logging, step
+    from qlora.core.memory import phase_peaks
+
+    setup_logging(is_main=True)  # as the run sets it up: the main process logs its steps
+    with phase_peaks(interval=0.005) as phases:
+        step("model", "loading")
+        time.sleep(0.05)
+        step("train", "training")
+        block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+        time.sleep(0.1)
+        del block
+        step("merge", "merging")
+        time.sleep(0.05)
+    report = phases.report()
+    assert list(report) == ["start", "model", "train", "merge"]
+    assert report["train"]["rss_gib"] - report["model"]["rss_gib"] > 0.25
+    assert report["merge"]["rss_gib"] < report["train"]["rss_gib"] - 0.25

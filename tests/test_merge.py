@@ -211,3 +211,132 @@ def test_merge_leaves_non_persistent_buffers_as_every_load_computes_them(tiny_mo
     assert merged.model.rotary_emb.inv_freq.dtype == torch.float32
     assert torch.equal(merged.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)
     assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+
+
+def _tensors(directory):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+@pytest.mark.parametrize("model_type, options", [
+    ("qwen3", {"base": "dequantized", "head": None}),
+    ("llama", {"base": "original", "head": "fp16", "dora": True}),
+    ("gemma3_text", {"base": "dequantized", "head": "fp16"}),
+    ("mistral", {"base": "original", "head": None}),
+])
+def test_streamed_merge_writes_what_the_in_memory_merge_saves(model_type, options, tmp_path):
+    """The streamed merge (one tensor at a time into safetensors) and merge_lora + save_pretrained give the same
+    files: the same tensor names, dtypes and bits, and the same config, on each family (tied and untied heads,
+    DoRA, both merge bases, the fp16 head)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qlora.merge.weights import merge_lora, write_merged
+    from qlora.model.fixtures import build_random_model, tokenizer_corpus, train_bpe_tokenizer
+    from qlora.model.loading import load_causal_lm, set_lm_head_dtype
+    from quantization_utils import build_quantization_plan
+
+    source = tmp_path / model_type
+    build_random_model(source, train_bpe_tokenizer(tokenizer_corpus(20), 300), model_type=model_type,
+                       tie_word_embeddings=model_type in ("qwen3", "gemma3_text"))
+    head = torch.float16 if options["head"] else None
+    _, bnb = build_quantization_plan("QLORA")
+
+    def trained():
+        torch.manual_seed(0)
+        model = load_causal_lm(str(source), bnb, "cpu")
+        return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                init_lora_weights=False, use_dora=options.get("dora", False)))
+
+    write_merged(trained(), tmp_path / "streamed", options["base"], str(source), head_dtype=head)
+    merged = merge_lora(trained(), options["base"], str(source))
+    if head is not None:
+        set_lm_head_dtype(merged, head)
+    merged.save_pretrained(tmp_path / "in_memory")
+    streamed, in_memory = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "in_memory")
+    assert streamed.keys() == in_memory.keys()
+    assert all(streamed[k].dtype == in_memory[k].dtype and torch.equal(streamed[k], in_memory[k]) for k in streamed)
+    assert (json.loads((tmp_path / "streamed" / "config.json").read_text())
+            == json.loads((tmp_path / "in_memory" / "config.json").read_text()))
+    assert ("lm_head.weight" in streamed) == (head is not None or model_type in ("llama", "mistral"))
+
+
+def test_streamed_merge_shards_like_the_hub_and_transformers_loads_them(tiny_model_dir, tmp_path):
+    """Shards named and indexed as the hub writes them: from_pretrained loads the same model as from one file."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora.core.shards import INDEX_FILE
+    from qlora.merge.weights import write_merged
+
+    torch.manual_seed(0)
+    write_merged(_peft_on_4bit(tiny_model_dir), tmp_path / "one", "dequantized")
+    torch.manual_seed(0)
+    files = write_merged(_peft_on_4bit(tiny_model_dir), tmp_path / "sharded", "dequantized", shard_bytes=40_000)
+    index = json.loads((tmp_path / "sharded" / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert files == shards + [INDEX_FILE]
+    single = tmp_path / "one" / "model.safetensors"
+    assert index["metadata"]["total_size"] == single.stat().st_size - _header_bytes(single)
+    one = AutoModelForCausalLM.from_pretrained(str(tmp_path / "one"))
+    sharded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sharded"))
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    assert torch.equal(one(ids).logits, sharded(ids).logits)
+
+
+def _header_bytes(path) -> int:
+    import struct
+
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def test_merge_check_tells_rounding_from_a_wrong_merge(tiny_model_dir, tmp_path):
+    """A correct merge sits at the bf16 rounding floor and passes; the same merge with the delta dropped, or
+    with twice its scale, fails even with merge_check_max_kl set as high as the rounding floor allows."""
+    import torch
+
+    from qlora.checks.logits import kl_limit, logits_on, measure_candidate, tokenize_for_check
+    from qlora.merge.weights import write_merged
+    from qlora.model.loading import load_merged_dir, load_tokenizer
+
+    model = _peft_on_4bit(tiny_model_dir, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = [{"text": f"problem {i}: what is {i} plus {2 * i}? the answer is {3 * i}."} for i in range(4)]
+    batches = tokenize_for_check(tokenizer, rows, 64)
+    trained = logits_on(model, batches)
+    figures = {}
+    for name, scale in (("correct", 1.0), ("delta dropped", 0.0), ("twice the scale", 2.0)):
+        for module in model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict) and "default" in module.scaling:
+                module._true_scaling = getattr(module, "_true_scaling", module.scaling["default"])
+                module.scaling["default"] = module._true_scaling * scale
+        write_merged(model, tmp_path / name, "dequantized")
+        figures[name] = measure_candidate(load_merged_dir(tmp_path / name, device="cpu"), trained, batches)
+    correct = figures["correct"]
+    assert correct["rounding_floor_kl"] > 0 and correct["mean_kl"] <= kl_limit(correct, 0.0)
+    for wrong in ("delta dropped", "twice the scale"):
+        assert figures[wrong]["mean_kl"] > kl_limit(figures[wrong], 0.0), (wrong, figures[wrong])
+        assert figures[wrong]["mean_kl"] > 10 * correct["mean_kl"]
+    assert torch.isfinite(torch.tensor(correct["mean_kl"]))
+
+
+def test_merge_check_reloads_within_a_budget_through_offloading(tiny_model_dir, tmp_path):
+    """A merged checkpoint larger than the memory left is loaded by accelerate's offloading: the same logits."""
+    import torch
+
+    from qlora.merge.weights import write_merged
+    from qlora.model.loading import load_merged_dir
+
+    write_merged(_peft_on_4bit(tiny_model_dir), tmp_path, "dequantized")
+    whole = load_merged_dir(tmp_path, device="cpu")
+    offloaded = load_merged_dir(tmp_path, device="cpu", budget_bytes=50_000)
+    assert "disk" in set(offloaded.hf_device_map.values())
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.equal(whole(ids).logits, offloaded(ids).logits)

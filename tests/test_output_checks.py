@@ -31,7 +31,7 @@ def test_left_padded_batches_generate_what_single_prompts_do(tiny, held_out):
     examples = held_out.select(range(6))
     assert len({len(prompt_ids(tokenizer, e["prompt"])) for e in examples}) > 1
     batched, single = (generation_check(model, tokenizer, examples, batch_size=n) for n in (6, 1))
-    assert batched == single
+    assert {**batched, "seconds": 0} == {**single, "seconds": 0}
     assert batched["prompts"] == 6 and len(batched["samples"]) == 3
 
 
@@ -56,6 +56,24 @@ def test_an_eos_id_of_the_generation_config_ends_generation(tiny, held_out):
     assert after["stop_rate"] == 1.0 and after["mean_new_tokens"] == 1
 
 
+def test_a_model_that_never_stops_is_cut_by_the_time_limit(tiny, held_out):
+    """The random model never emits eos: given a third of the time one batch takes, the check stops in time, the
+    prompts it cut are counted apart and left out of the stop rate, and the summary says so."""
+    import time
+
+    model, tokenizer = tiny
+    rows = held_out.select(range(6))
+    started = time.monotonic()
+    unlimited = generation_check(model, tokenizer, rows.select(range(2)), batch_size=2)
+    one_batch = time.monotonic() - started
+    assert unlimited["cut_by_time"] == 0 and unlimited["stop_rate"] == 0.0
+    started = time.monotonic()
+    limited = generation_check(model, tokenizer, rows, batch_size=2, max_seconds=one_batch / 3)
+    assert time.monotonic() - started < one_batch
+    assert limited["cut_by_time"] == 6 and limited["stop_rate"] is None
+    assert "no verdict" in generation_summary(limited)[0]
+
+
 def test_budget_is_twice_the_longest_reference_with_a_floor(tiny):
     _, tokenizer = tiny
     short = [{"role": "assistant", "content": "42"}]
@@ -66,9 +84,11 @@ def test_budget_is_twice_the_longest_reference_with_a_floor(tiny):
 
 
 def test_summary_warns_loudly_below_ninety_percent():
-    check = {"prompts": 16, "stop_rate": 0.875, "mean_new_tokens": 40.0, "max_new_tokens": 64}
+    check = {"prompts": 16, "stop_rate": 0.875, "mean_new_tokens": 40.0, "max_new_tokens": 64, "cut_by_time": 0,
+             "seconds": 3.2}
     lines = generation_summary(check)
     assert len(lines) == 2 and "88% ended with eos" in lines[0] and lines[1].startswith("!!! GENERATION CHECK")
+    assert "cut by the time limit" in generation_summary({**check, "cut_by_time": 2})[0]
     assert len(generation_summary({**check, "stop_rate": 0.9})) == 1
     assert generation_summary(None) == ["skipped: no held-out row has a prompt to generate from"]
 

@@ -8,8 +8,8 @@ model's config.json alone (nothing downloaded but the config, no weights).
 --model takes a shipped architecture (configs/models/NAME.json), a config.json file, a model directory or a
 hub id. The run is Fine-tuning/01_Train.py's defaults with the flags applied, planned by the same functions
 the script uses before it loads weights (qlora.planner.memory.plan_for_train_config). For each budget the table
-gives the largest LoRA rank (at --seq) and the largest sequence length (at --r) whose training fits; the
-merge (merge_after_train) needs the whole model in bf16 and is shown on its own.
+gives the largest LoRA rank (at --seq) and the largest sequence length (at --r) whose training fits, and
+whether the whole flow (the generation check, the streamed merge and its check too) fits; each phase has a row.
 """
 
 from __future__ import annotations
@@ -42,14 +42,20 @@ def train_config(args) -> dict:
     return cfg
 
 def peaks(model_cfg: dict, cfg: dict, device: str) -> tuple[int, int | None]:
-    """(training peak, merge peak or None) in bytes: the phases before the merge, and the merge."""
-    from qlora.planner.memory import plan_for_train_config
+    """(training peak, whole-flow peak or None) in bytes: loading, data and training; and every phase, the
+    generation check, streamed merge and merge check included (None without a merge)."""
+    plan = phase_peaks(model_cfg, cfg, device)
+    training = max(plan[name] for name in ("loading", "data", "training") if plan.get(name))
+    return training, (max(plan.values()) if cfg["merge_after_train"] else None)
+
+def phase_peaks(model_cfg: dict, cfg: dict, device: str) -> dict[str, int]:
+    """Planned peak bytes of each phase of the run, in the order they come."""
+    from qlora.planner.memory import PHASES, plan_for_train_config
 
     plan = plan_for_train_config(model_cfg, cfg, device)
     if plan.get("peak_gib") is None:
         raise SystemExit(f"error: {plan['reason']}")
-    phases = [plan[k] for k in ("train_peak_bytes", "load_peak_bytes", "data_peak_bytes") if plan.get(k)]
-    return max(phases), plan.get("merge_peak_bytes")
+    return {name: plan[key] for name, key in PHASES.items() if plan.get(key)}
 
 def largest(values, fits) -> int | None:
     """The largest of the ascending `values` for which `fits(value)` holds (peaks grow with each), or None."""
@@ -88,23 +94,21 @@ def _cell(value) -> str:
     return "-" if value is None else str(value)
 
 def render_model(name: str, model_cfg: dict, cfg: dict, device: str, budgets) -> str:
-    from qlora.planner.memory import format_plan, parameter_counts, plan_for_train_config
     from qlora.core.memory import GIB
+    from qlora.planner.memory import PHASE_WORDS, format_plan, parameter_counts, plan_for_train_config
 
     plan = plan_for_train_config(model_cfg, cfg, device)
-    training, merge = peaks(model_cfg, cfg, device)
     params = sum(parameter_counts(model_cfg).values())
-    prep = " and k-bit preparation" if cfg["QUANT_METHOD"] == "QLORA" else ""
     where = "CUDA max allocated" if device == "cuda" else "peak RSS"
     lines = [f"{name}: {params / 1e9:.2f}B parameters, vocabulary {model_cfg['vocab_size']:,}; {cfg['QUANT_METHOD']} "
              f"r={cfg['lora_r']}, seq {cfg['max_seq_length']}, batch {cfg['per_device_train_batch_size']}, "
              f"gradient checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'}, {cfg['optim']}, {device} "
-             f"({where})",
-             f"planned: training {plan['train_peak_bytes'] / GIB:.2f} GiB, loading{prep} {plan['load_peak_bytes'] / GIB:.2f} "
-             "GiB" + (f", merge {merge / GIB:.2f} GiB" if merge else ", no merge"),
-             f"  {format_plan(plan)}", "",
-             f"| budget GiB | trains as given | merges | largest r (seq {cfg['max_seq_length']}) | "
-             f"largest seq (r={cfg['lora_r']}) |", "|---|---|---|---|---|"]
+             f"({where})", "", "| phase | planned GiB |", "|---|---|"]
+    for phase, value in phase_peaks(model_cfg, cfg, device).items():
+        lines.append(f"| {PHASE_WORDS.get(phase, phase)} | {value / GIB:.2f} |")
+    lines += ["", f"  {format_plan(plan)}", "",
+              f"| budget GiB | trains as given | merges (whole flow) | largest r (seq {cfg['max_seq_length']}) | "
+              f"largest seq (r={cfg['lora_r']}) |", "|---|---|---|---|---|"]
     for row in fit_table(model_cfg, cfg, device, budgets):
         lines.append(f"| {row['budget_gib']} | {'yes' if row['training_fits'] else 'no'} | "
                      f"{'yes' if row['merge_fits'] else 'no'} | {_cell(row['largest_r'])} | {_cell(row['largest_seq'])} |")
@@ -117,7 +121,7 @@ def render_summary(models: dict[str, dict], cfg: dict, device: str, budgets) -> 
     lines = [f"{cfg['QUANT_METHOD']}, seq {cfg['max_seq_length']}, r={cfg['lora_r']}, batch "
              f"{cfg['per_device_train_batch_size']}, {cfg['optim']}, {device}; cell: largest r at seq "
              f"{cfg['max_seq_length']} / largest seq at r={cfg['lora_r']} whose loading and training fit (- : none)", "",
-             "| model | load + train GiB | merge GiB | " + " | ".join(f"{b} GiB" for b in budgets) + " |",
+             "| model | load + train GiB | whole flow GiB | " + " | ".join(f"{b} GiB" for b in budgets) + " |",
              "|---|---|---|" + "---|" * len(budgets)]
     for name, model_cfg in models.items():
         training, merge = peaks(model_cfg, cfg, device)

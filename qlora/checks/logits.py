@@ -97,16 +97,79 @@ def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> 
     return (torch.tensor(recorded["logits_head"]) - torch.tensor(actual["logits_head"])).abs().max().item()
 
 
+def check_logits_bytes(batches, vocab_size: int) -> int:
+    """Memory one candidate's measurement takes beside its weights: the longest row's fp32 logits, and the three
+    like it `_comparison_sums` makes (difference, two log-softmaxes)."""
+    longest = max((int(batch["input_ids"].shape[1]) for batch in batches), default=0)
+    return 4 * longest * vocab_size * 4
+
+
+# The rounding floor: each decoder Linear's weight is re-rounded to bf16 after a relative perturbation drawn
+# uniformly from +-ROUNDING_NOISE, about one bf16 step (2**-8 to 2**-7 of |w|): an error of the size and kind
+# that storing W + delta in bf16 makes. The merge passes while its mean KL is within FLOOR_MULTIPLE of the KL
+# that this perturbation alone causes (or within merge_check_max_kl).
+ROUNDING_NOISE = 2.0**-8
+FLOOR_MULTIPLE = 4.0
+
+
+def _rerounded_output(module, args, output):
+    """A Linear's output as computed with its weight re-rounded (seeded per layer, so each forward draws alike)."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(module._floor_seed)
+    weight = module.weight.float()
+    noise = torch.rand(weight.shape, generator=generator).to(weight.device).sub_(0.5).mul_(2 * ROUNDING_NOISE)
+    weight = weight.add_(weight * noise).to(module.weight.dtype)
+    del noise
+    return torch.nn.functional.linear(args[0], weight, module.bias)
+
+
+def _decoder_linears(model) -> list:
+    import torch
+
+    head = model.get_output_embeddings()
+    return [module for module in model.modules()
+            if isinstance(module, torch.nn.Linear) and module is not head and module.weight.device.type != "meta"]
+
+
 def measure_candidate(model, trained_logits: list, batches) -> dict[str, Any]:
     """Merge-check figures of one candidate against the trained model's logits, one batch at a time (only
-    the trained model's logits are kept: at a 152k vocabulary each token's fp32 logits take 0.6 MB)."""
-    parts, losses = [], []
+    the trained model's logits are kept: at a 152k vocabulary each token's fp32 logits take 0.6 MB), and its
+    rounding floor: the mean KL between the candidate and itself with its decoder weights re-rounded
+    (`_rerounded_output`); None for a model whose weights are offloaded (its layers are not all in memory)."""
+    linears = _decoder_linears(model)
+    placements = set((getattr(model, "hf_device_map", None) or {}).values())
+    offloaded = "disk" in placements or len(placements) > 1  # layers brought in for each forward
+    parts, losses, floor = [], [], []
     for ref, batch in zip(trained_logits, batches):
         (cand,) = logits_on(model, [batch])
         parts.append(_comparison_sums(ref, cand, batch))
         losses.append(_loss_sum(cand, batch))
+        if not offloaded:
+            floor.append(_comparison_sums(cand, _rerounded_logits(model, linears, batch), batch))
         del cand
-    return {**_comparison(parts), "loss": sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1)}
+    return {**_comparison(parts), "loss": sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1),
+            "rounding_floor_kl": _comparison(floor)["mean_kl"] if floor else None}
+
+
+def _rerounded_logits(model, linears, batch):
+    hooks = []
+    for i, module in enumerate(linears):
+        module._floor_seed = i
+        hooks.append(module.register_forward_hook(_rerounded_output))
+    try:
+        (logits,) = logits_on(model, [batch])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits
+
+
+def kl_limit(figures: dict[str, Any], max_kl: float) -> float:
+    """The mean KL a candidate may reach: merge_check_max_kl, or FLOOR_MULTIPLE x its rounding floor when that is
+    larger (a large-vocabulary model's bf16 rounding alone can exceed a fixed limit)."""
+    floor = figures.get("rounding_floor_kl")
+    return max(max_kl, FLOOR_MULTIPLE * floor) if floor is not None else max_kl
 
 
 def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits: list, batches,

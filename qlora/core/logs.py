@@ -10,4 +10,5 @@ def setup_logging(is_main: bool) -> None:
                         datefmt="%H:%M:%S", force=True)
 
 def step(name: str, message: str, *args) -> None:
-    log.info(f"{name:<9}| {message}", *args)
+    """One log line of step `name`; the step name rides on the record, where memory.PhasePeaks reads it."""
+    log.info(f"{name:<9}| {message}", *args, extra={"step": name})

@@ -3,8 +3,11 @@ weights really take, counting bitsandbytes' quantization state (absmax, nested d
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,15 @@ def peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
+def headroom_bytes(device: str) -> int:
+    """Memory this process has already shown it can take and does not hold now: the peak so far minus what is in
+    use (CUDA: allocated on `device`; CPU: resident). A later phase that stays within it never sets a new peak."""
+    if device.startswith("cuda"):
+        import torch
+
+        return max(torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device), 0)
+    return max(peak_rss_bytes() - (proc_status_bytes("VmRSS") or 0), 0)
+
 def peak_memory_report(devices: list[int] | None = None) -> dict[str, Any]:
     """Peak memory since process start (or the last reset), in GiB.
 
@@ -93,8 +105,9 @@ def describe_peak(report: dict[str, Any]) -> str:
     """A `peak_memory_report` in words: CUDA allocated/reserved when there is CUDA, else peak RSS."""
     if report["device"] == "cuda":
         return (f"{report['overall_max_allocated_gib']} GiB allocated / {report['overall_max_reserved_gib']} GiB "
-                "reserved (CUDA)")
-    return f"{report['peak_rss_gib']} GiB peak RSS (no CUDA)"
+                "reserved (CUDA)" + (f"; by phase: {describe_phases(report['by_phase'])}" if report.get("by_phase") else ""))
+    phases = f"; by phase: {describe_phases(report['by_phase'])}" if report.get("by_phase") else ""
+    return f"{report['peak_rss_gib']} GiB peak RSS (no CUDA){phases}"
 
 def _tensor_bytes_once(tensor, seen: set) -> int:
     """Bytes of a tensor, or 0 if its storage was already counted (shared tables count once)."""
@@ -164,3 +177,70 @@ def count_parameters(model) -> tuple[int, int]:
         total += numel
         trainable += numel if param.requires_grad else 0
     return trainable, total
+
+
+def _current_bytes() -> dict[str, int]:
+    """Resident memory now, and on CUDA the bytes torch has allocated on each visible GPU."""
+    current = {"rss": proc_status_bytes("VmRSS") or 0}
+    cuda = sys.modules.get("torch.cuda")  # read off the sampling thread: torch may be half-imported, never import it
+    if cuda is not None and getattr(cuda, "is_initialized", lambda: False)():
+        current["cuda"] = max(cuda.memory_allocated(i) for i in range(cuda.device_count()))
+    return current
+
+
+class PhasePeaks(logging.Handler):
+    """Peak memory of each phase of a run, sampled every `interval` seconds by a thread: resident memory, and on
+    CUDA allocated bytes. A phase is the step named by the latest log line (`logs.step`): the handler reads it
+    off each record, so the phases are the steps the log shows, and a phase the planner misses shows up here."""
+
+    def __init__(self, interval: float = 0.02):
+        super().__init__()
+        self.interval, self.phase, self.peaks = interval, "start", {}
+        self._done, self._lock = threading.Event(), threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="phase-peaks", daemon=True)
+
+    def emit(self, record) -> None:
+        name = getattr(record, "step", None)
+        if name is not None and name != self.phase:
+            self.sample()  # what the ending phase reached up to its last moment
+            self.phase = name
+
+    def sample(self) -> None:
+        current = _current_bytes()
+        with self._lock:
+            peaks = self.peaks.setdefault(self.phase, {})
+            for kind, value in current.items():
+                peaks[kind] = max(peaks.get(kind, 0), value)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.sample()
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """{phase: {"rss_gib": .., "cuda_allocated_gib": ..}} in the order the phases came."""
+        names = {"rss": "rss_gib", "cuda": "cuda_allocated_gib"}
+        with self._lock:
+            return {phase: {names[kind]: round(value / GIB, 3) for kind, value in peaks.items()}
+                    for phase, peaks in self.peaks.items()}
+
+
+@contextmanager
+def phase_peaks(logger_name: str = "train", interval: float = 0.02):
+    """Sample memory per logged step for the duration of the block (see PhasePeaks)."""
+    sampler = PhasePeaks(interval)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(sampler)
+    sampler._thread.start()
+    try:
+        yield sampler
+    finally:
+        sampler._done.set()
+        sampler._thread.join()
+        sampler.sample()
+        logger.removeHandler(sampler)
+
+
+def describe_phases(report: dict[str, dict[str, float]]) -> str:
+    """'model 0.99, train 1.31, merge 1.12 GiB' from PhasePeaks.report(): GPU allocated where there is CUDA."""
+    kind = "cuda_allocated_gib" if any("cuda_allocated_gib" in p for p in report.values()) else "rss_gib"
+    return ", ".join(f"{phase} {peaks.get(kind, 0):.2f}" for phase, peaks in report.items()) + " GiB"

@@ -16,8 +16,11 @@ closest, optionally re-quantizes it to NF4, and returns the figures for metadata
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
+from typing import Callable
 
 from qlora.core.heap import freed_blocks_leave_the_heap
+from qlora.core.shards import SHARD_BYTES, TensorSpec, write_checkpoint
 from qlora.model.base_weights import MERGE_BASE_WEIGHTS
 from qlora.model.checkpoint import checkpoint_reader
 
@@ -127,3 +130,108 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     cast_weights(model, dtype)  # undo prepare_model_for_kbit_training's fp32 upcast of norms and embeddings
     model.config.dtype = dtype
     return model
+
+
+def _short(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _merged_layer_weight(module, name: str, base_weight, read, dtype):
+    """The LoRA/DoRA layer `module`'s merged weight in `dtype` (its fp32 working copy freed on return)."""
+    weight = base_weight(module.get_base_layer(), name, read)
+    for adapter in module.active_adapters:
+        weight = merged_weight(module, adapter, weight)
+    return weight.to(dtype)
+
+
+def merged_layout(model, base_weight, read, dtype, head_dtype=None) -> list[TensorSpec]:
+    """The merged checkpoint of `model` (a transformers model with peft LoRA layers and bitsandbytes 4-bit
+    layers in it) as TensorSpecs in state-dict order, each made only when written: a LoRA layer's weight is
+    W + delta (`merged_weight`), a 4-bit layer's weight dequantized, every other floating tensor cast to
+    `dtype`; persistent tensors only, a tied weight once (under its first name, as save_pretrained keeps it).
+    `head_dtype` (fp16) gives lm_head its own tensor in that dtype, untied."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    head = model.get_output_embeddings()
+    head_name = next(name for name, module in model.named_modules() if module is head)
+    specs, seen, wrapped = [], set(), []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in wrapped):
+            continue  # inside a LoRA or 4-bit layer: its merged weight stands for it
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (LoraLayer, bnb.nn.Linear4bit)):
+            wrapped.append(name)
+            layer = module.get_base_layer() if isinstance(module, LoraLayer) else module
+            make = ((lambda m=module, n=name: _merged_layer_weight(m, n, base_weight, read, dtype))
+                    if isinstance(module, LoraLayer) else
+                    (lambda m=module, n=name: base_weight(m, n, read).to(dtype)))
+            specs.append(TensorSpec(prefix + "weight", _short(dtype), (layer.out_features, layer.in_features), make))
+            tensors = {"bias": layer.bias} if layer.bias is not None else {}
+        else:
+            tensors = {**{key: p for key, p in module._parameters.items() if p is not None},
+                       **{key: b for key, b in module._buffers.items()
+                          if b is not None and key not in module._non_persistent_buffers_set}}
+        for key, tensor in tensors.items():
+            tied_head = module is head and key == "weight" and head_dtype is not None
+            if id(tensor) in seen and not tied_head:
+                continue
+            seen.add(id(tensor))
+            target = head_dtype if tied_head else (dtype if tensor.is_floating_point() else tensor.dtype)
+            specs.append(TensorSpec(prefix + key, _short(target), tuple(tensor.shape),
+                                    lambda t=tensor, d=target: t.detach().to(d)))
+    if head_dtype is not None and not any(spec.name == f"{head_name}.weight" for spec in specs):
+        raise RuntimeError(f"{head_name}.weight is missing from the merged layout")
+    return specs
+
+
+def merged_config(model, dtype, head_dtype=None):
+    """The merged model's config: the trained model's, without quantization, in `dtype`; lm_head untied when it is
+    stored in its own dtype."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    if head_dtype is not None:
+        config.tie_word_embeddings = False
+        if hasattr(config, "get_text_config"):
+            config.get_text_config().tie_word_embeddings = False
+    return config
+
+
+def streams_merge(model) -> bool:
+    """Whether the model's weights are saved under the names it holds them by: transformers renames or fuses
+    some families' weights on load (MoE experts, multimodal prefixes) and reverts that on save, which only its
+    own save_pretrained knows; those merge in memory."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    return get_checkpoint_conversion_mapping(model.config.model_type) is None
+
+
+def write_merged(peft_model, directory: Path, base: str = "dequantized", model_name: str | None = None,
+                 dtype=None, head_dtype=None, shard_bytes: int = SHARD_BYTES,
+                 on_tensor: Callable[[TensorSpec], None] | None = None) -> list[str]:
+    """Merge `peft_model` (LoRA/DoRA on a 4-bit or 16-bit base) into a 16-bit checkpoint in `directory`, one
+    tensor at a time: each layer's W + delta is made, written to its safetensors shard and freed, so memory
+    holds the trained model plus one layer, never the merged model. Writes config.json,
+    generation_config.json and the shards (+ index). The same tensors as `merge_lora` + save_pretrained.
+    `peft_model` is left as it was. Returns the weight files written."""
+    import torch
+
+    if base not in MERGE_BASE_WEIGHTS:
+        raise ValueError(f"merge base {base!r} is unknown; allowed: {', '.join(MERGE_BASE_WEIGHTS)}")
+    dtype = dtype or torch.bfloat16
+    model = peft_model.base_model.model
+    read = checkpoint_reader(model_name) if base == "original" else None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    head_dtype = None if head_dtype in (None, dtype) else head_dtype
+    specs = merged_layout(model, MERGE_BASE_WEIGHTS[base], read, dtype, head_dtype)
+    with torch.no_grad(), freed_blocks_leave_the_heap():  # each layer's fp32 working copy leaves at once
+        files = write_checkpoint(directory, specs, shard_bytes, on_tensor)
+    merged_config(model, dtype, head_dtype).save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    return files

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora.core.errors import ConfigError, UserError
-from qlora.core.heap import freed_blocks_leave_the_heap, release_free_heap
+from qlora.core.heap import freed_blocks_leave_the_heap
+from qlora.core.logs import step
+from qlora.core.memory import available_memory, describe_footprint, weight_footprint
 from qlora.model.checkpoint import checkpoint_reader
 
 
@@ -124,6 +126,16 @@ def load_causal_lm(model_name: str, quantization_config=None, device: str | None
     share_nested_quant_maps(model)
     return model
 
+def load_base_model(model_name: str, quantization_config, device: str, trust_remote_code: bool, dtype,
+                    for_fsdp: bool):
+    """`load_causal_lm` for training, logged as the run's "model" step (its start, then the weights' footprint).
+    Returns (model, weight_footprint)."""
+    step("model", "loading %s (%s) on %s", model_name, "4-bit" if quantization_config is not None else dtype, device)
+    model = load_causal_lm(model_name, quantization_config, device, trust_remote_code, dtype=dtype, for_fsdp=for_fsdp)
+    footprint = weight_footprint(model)
+    step("model", "%s on %s: %s", model_name, device, describe_footprint(footprint))
+    return model, footprint
+
 def safetensors_files(model_name: str) -> list[str]:
     """Local paths of a checkpoint's safetensors shards, downloaded from the hub for a repo id; [] if none."""
     import json
@@ -208,25 +220,28 @@ def load_tokenizer(model_name: str, trust_remote_code: bool = False):
     return tokenizer
 
 def prepare_kbit_model(model, gradient_checkpointing: bool, keep_embeddings_bf16: bool = True):
-    """peft's `prepare_model_for_kbit_training`, minus its fp32 upcast of the frozen parameters.
+    """peft's `prepare_model_for_kbit_training`, without its fp32 upcast of the frozen parameters.
 
     peft upcasts every non-4-bit parameter to fp32. For Qwen3-0.6B that is the 155.6M-parameter tied
     embedding/lm_head (0.29 GiB in bf16 -> 0.58 GiB in fp32), frozen, so it gains nothing from fp32; and
     the RMSNorm weights, which in fp32 turn the residual stream fp32: more activation memory, and a
     function that differs from the bf16 model the adapter is later served on (merged, or reloaded on
-    the 4-bit base). With `keep_embeddings_bf16` (default) every frozen fp32 parameter goes back to
-    bf16, as in TRL's own QLoRA recipe; False keeps peft's upcast (a benchmark lever).
+    the 4-bit base). With `keep_embeddings_bf16` (default) no parameter is upcast, as in TRL's own QLoRA
+    recipe: what peft's function does besides the upcast is done here (every parameter frozen; gradient
+    checkpointing switched on, non-reentrant, so no input needs grads), and the fp32 copies peft would make
+    and drop (Qwen3-8B: 2.3 GiB for an untied embedding and head) are never made. The weights are those peft's
+    upcast and a cast back would give, bit for bit (bf16 -> fp32 -> bf16 is exact). False keeps peft's upcast
+    (a benchmark lever).
     """
-    import torch
     from peft import prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    if keep_embeddings_bf16:
-        for param in model.parameters():
-            if param.dtype == torch.float32 and not param.requires_grad:
-                param.data = param.data.to(torch.bfloat16)
-        release_free_heap()  # the fp32 copies just dropped
+    if not keep_embeddings_bf16:
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in model.parameters():
+        param.requires_grad = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 def keep_4bit_weights_dequantizable(peft_model) -> None:
@@ -251,7 +266,7 @@ def _cast_input_to_head_dtype(module, args):
     return (args[0].to(module.weight.dtype), *args[1:])
 
 
-def set_lm_head_dtype(model, dtype, weight=None) -> None:
+def set_lm_head_dtype(model, dtype, weight=None, device=None) -> None:
     """Give lm_head its own weight in `dtype` (untied from the embedding when they were tied).
 
     `weight` (optional) is the head's saved tensor, used as is: a head loaded through a model-wide
@@ -262,7 +277,8 @@ def set_lm_head_dtype(model, dtype, weight=None) -> None:
 
     head = model.get_output_embeddings()
     source = head.weight if weight is None else weight
-    head.weight = torch.nn.Parameter(source.detach().to(device=head.weight.device, dtype=dtype).clone(),
+    device = device if head.weight.device.type == "meta" else head.weight.device
+    head.weight = torch.nn.Parameter(source.detach().to(device=device, dtype=dtype).clone(),
                                      requires_grad=False)
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
@@ -281,21 +297,64 @@ def saved_lm_head(directory: str | Path):
         return None
 
 
+def checkpoint_bytes(directory: str | Path) -> int:
+    """Bytes of a local checkpoint's safetensors files: what loading it whole takes."""
+    return sum(path.stat().st_size for path in Path(directory).glob("*.safetensors"))
+
+
+def load_offloaded(directory: str | Path, device: str, budget_bytes: int, trust_remote_code: bool = False):
+    """A 16-bit checkpoint directory that does not fit in `budget_bytes`, loaded by accelerate's big-model
+    inference: decoder layers up to the budget on `device`, the rest left in host memory (GPU) or in the
+    checkpoint's files on disk (CPU), each brought in for its forward and dropped after. Slower; bounded."""
+    import tempfile
+
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_bitsandbytes_notices()
+    place = int(device.split(":")[1]) if device.startswith("cuda:") else (0 if device == "cuda" else "cpu")
+    spill = "cpu" if device.startswith("cuda") else "disk"
+    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    skeleton.tie_weights()
+    device_map = infer_auto_device_map(
+        skeleton, max_memory={place: max(budget_bytes, 0), spill: max(available_memory("cpu")[0] or 0, 1 << 40)},
+        no_split_module_classes=skeleton._no_split_modules, dtype=config.dtype, clean_result=False)
+    for name, module in skeleton.named_modules():
+        if module._non_persistent_buffers_set and device_map.get(name) == spill:
+            device_map[name] = place  # rotary tables are computed at load, not read from the files: kept on the device
+    return AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code, device_map=device_map,
+        offload_folder=tempfile.mkdtemp(prefix="qlora-offload-"))
+
+
 def load_merged_dir(directory: str | Path, quantization_config=None, device: str | None = None,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, budget_bytes: int | None = None):
     """A merged model directory as `AutoModelForCausalLM.from_pretrained(directory)` loads it (the dtype
     its config names), placed on `device`, with one addition: an lm_head saved in another dtype than the
     model's (fp16) is kept in it, where plain `from_pretrained` casts it to the model's dtype.
 
     `quantization_config` re-quantizes the 16-bit weights on load (the NF4 artifact is made this way);
-    a directory saved re-quantized carries its own quantization config and needs none.
+    a directory saved re-quantized carries its own quantization config and needs none. A 16-bit checkpoint
+    larger than `budget_bytes` is loaded offloaded (`load_offloaded`): the same function, computed in less memory.
     """
     import torch
 
-    model = load_causal_lm(str(directory), quantization_config, device, trust_remote_code, dtype="auto")
+    device = device or pick_device()
+    offload = (quantization_config is None and budget_bytes is not None and checkpoint_bytes(directory) > budget_bytes
+               and not trust_remote_code)
+    if offload:
+        model = load_offloaded(directory, device, budget_bytes, trust_remote_code)
+    else:
+        model = load_causal_lm(str(directory), quantization_config, device, trust_remote_code, dtype="auto")
     head = saved_lm_head(directory)
     if head is not None and head.dtype != torch.bfloat16:
-        set_lm_head_dtype(model, head.dtype, head)
+        if offload:  # the saved head replaces the offloaded one: it is held in memory, in its own dtype
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(model.get_output_embeddings())
+        set_lm_head_dtype(model, head.dtype, head, device=device)
     return model.eval()
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from qlora.checks.generation import MIN_NEW_TOKENS
 from qlora.checks.logits import MERGE_CHECK_ROWS
 from qlora.core.errors import ConfigError, UserError
 from qlora.core.files import existing_ancestor
@@ -182,11 +183,10 @@ def _loading_peak(cfg: Mapping[str, Any], setup: TrainingSetup, counts: dict[str
     # Loading comes before kbit preparation: the weights are as loaded (see plan_load_memory).
     load = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device,
                             setup.checkpoint_mapped, setup.full_weights_dtype if setup.method == "full" else "bf16")
-    if setup.method != "qlora":
-        return load, load["peak_bytes"]
-    # peft's prepare_model_for_kbit_training upcasts every 16-bit parameter to fp32 one at a time, and
-    # prepare_kbit_model casts the frozen ones back: at the first cast back the largest one (the embedding)
-    # is there in bf16 beside the whole fp32 set (Qwen3-0.6B: 0.87 GiB; a 262k vocabulary: 0.94).
+    if setup.method != "qlora" or setup.embeddings_dtype != "fp32":
+        return load, load["peak_bytes"]  # prepare_kbit_model makes no fp32 copy (qlora.model.loading)
+    # peft's prepare_model_for_kbit_training (embeddings_dtype fp32): every 16-bit parameter replaced by an fp32
+    # copy, one at a time, beside the 4-bit layers
     plain_params = counts["embedding"] + counts["lm_head"] + counts["norms"]
     return load, max(load["peak_bytes"], load["parts"]["runtime"] + int(counts["linear"] * QUANT_BITS[setup.quant] / 8)
                      + load["parts"].get("checkpoint_pages", 0) + 4 * plain_params + 2 * counts["embedding"])
@@ -357,16 +357,37 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
         plan = {"setup": setup.__dict__ | {"target_modules": list(targets)}, **plan_training_memory(model_cfg, setup)}
     except (KeyError, ValueError) as err:
         return {"peak_gib": None, "reason": str(err)}
+    plan = settle_peak(dict(plan, generation_peak_bytes=generation_bytes(model_cfg, plan, setup)))
     if train_cfg["merge_after_train"] and method != "full":
-        # The merge replaces layers one at a time: at its end the whole model is bf16, beside the adapters.
-        merge_peak = plan["parts"]["runtime"] + 2 * sum(plan["params"].values()) + plan["parts"]["adapters"]
-        if device != "cpu":  # measured on an H200: the 4-bit base was still allocated at the merge's peak
-            merge_peak += plan["parts"]["weights"]
-        plan = settle_peak({**plan, "merge_peak_bytes": merge_peak})
-        if tokens is not None and tokens.held_out_tokens:
-            check_rows = [min(t, train_cfg["max_seq_length"]) for t in tokens.held_out_tokens]
-            plan = with_merge_check(plan, check_rows, model_cfg["vocab_size"], device)
+        plan = settle_peak({**plan, "merge_peak_bytes": streamed_merge_bytes(model_cfg, plan)})
+        # the check's rows as tokenized; from a config alone, MERGE_CHECK_ROWS rows of max_seq_length (the most)
+        rows = tokens.held_out_tokens if tokens is not None else (train_cfg["max_seq_length"],) * MERGE_CHECK_ROWS
+        plan = with_merge_check(plan, [min(t, train_cfg["max_seq_length"]) for t in rows], model_cfg["vocab_size"],
+                                device)
     return plan
+
+def _trained_model_bytes(plan: Mapping[str, Any]) -> int:
+    """The trained model as it stays after training: runtime, weights and adapters."""
+    return plan["parts"]["runtime"] + plan["parts"]["weights"] + plan["parts"]["adapters"]
+
+# Working copies of one layer in the streamed merge (qlora.merge.weights.write_merged): its fp32 W, the fp32 delta
+# B @ A added to it, and the merged weight in bf16 on its way to the file.
+MERGE_LAYER_BYTES_PER_PARAM = 4 + 4 + 2
+
+def streamed_merge_bytes(cfg: Mapping[str, Any], plan: Mapping[str, Any]) -> int:
+    """The streamed merge's peak: the trained model as it stays, plus one layer's working copies."""
+    largest = max(i * o for i, o in _linear_shapes(cfg).values())
+    return _trained_model_bytes(plan) + MERGE_LAYER_BYTES_PER_PARAM * largest
+
+def generation_bytes(cfg: Mapping[str, Any], plan: Mapping[str, Any], setup: TrainingSetup) -> int:
+    """The generation check on the trained model (qlora.checks.generation), prompts as many at a time as a training
+    batch has rows: the model as it stays, the KV cache over the prompts and their new tokens, one layer's widest
+    activations over the prompts in the prefill, and the last positions' fp32 logits."""
+    tokens = setup.batch_size * (setup.seq_len + MIN_NEW_TOKENS)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_cache = 2 * 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * tokens
+    prefill = 2 * setup.batch_size * setup.seq_len * (4 * cfg["hidden_size"] + 3 * cfg["intermediate_size"])
+    return _trained_model_bytes(plan) + kv_cache + prefill + 4 * 2 * setup.batch_size * cfg["vocab_size"]
 
 # The merge check (qlora.checks.logits.measure_candidate) keeps the trained model's fp32 logits of every check
 # row and, for the row being compared, holds about eight fp32 copies of the candidate's: its logits, the
@@ -374,22 +395,24 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
 MERGE_CHECK_ROW_COPIES = 8
 
 def with_merge_check(plan: Mapping[str, Any], row_tokens: list[int], vocab_size: int, device: str) -> dict[str, Any]:
-    """The plan with the merge check's logits added to its merge phase, once the check rows are tokenized
-    (before the merge runs). On CPU the logits live in host memory; on CUDA only the row being run is on
-    the GPU (its bf16 logits and their fp32 upcast) before it moves to the host."""
+    """The plan with the merge check, once its rows are tokenized (before the merge runs): the trained model's
+    logits of every row, held through the merge (on the host), and a check phase: the merged model reloaded
+    within the memory the run has already taken (qlora.model.loading.load_merged_dir offloads what does not
+    fit), beside one row's logits and their copies."""
     if "merge_peak_bytes" not in plan or not row_tokens:
         return dict(plan)
-    if device == "cpu":
-        logits = 4 * vocab_size * (sum(row_tokens) + MERGE_CHECK_ROW_COPIES * max(row_tokens))
-    else:
-        logits = 6 * vocab_size * max(row_tokens)
-    # the rows' logits replace an earlier estimate of them (the plan counted them from the sampled rows)
-    merge_peak = plan["merge_peak_bytes"] - plan.get("merge_check_logits_bytes", 0) + logits
-    return settle_peak(dict(plan, merge_peak_bytes=merge_peak, merge_check_logits_bytes=logits,
-                            merge_check_tokens=sum(row_tokens)))
+    cpu = device == "cpu"
+    held = 4 * vocab_size * sum(row_tokens) if cpu else 0
+    row = (4 * MERGE_CHECK_ROW_COPIES if cpu else 6) * vocab_size * max(row_tokens)
+    runtime, merged = plan["parts"]["runtime"], 2 * sum(plan["params"].values())
+    before = max(plan[key] for key in ("train_peak_bytes", "load_peak_bytes") if plan.get(key))
+    check = min(runtime + merged + held + row, max(before, runtime + held + row))
+    merge = plan["merge_peak_bytes"] - plan.get("merge_check_held_bytes", 0) + held
+    return settle_peak(dict(plan, merge_peak_bytes=merge, check_peak_bytes=check, merge_check_held_bytes=held,
+                            merge_check_logits_bytes=held + row, merge_check_tokens=sum(row_tokens)))
 
-PHASES = {"training": "train_peak_bytes", "loading": "load_peak_bytes", "data": "data_peak_bytes",
-          "merge": "merge_peak_bytes"}
+PHASES = {"loading": "load_peak_bytes", "data": "data_peak_bytes", "training": "train_peak_bytes",
+          "generation": "generation_peak_bytes", "merge": "merge_peak_bytes", "check": "check_peak_bytes"}
 
 def settle_peak(plan: Mapping[str, Any]) -> dict[str, Any]:
     """The plan with its peak and peak_phase set to the largest of its phases."""
@@ -397,20 +420,21 @@ def settle_peak(plan: Mapping[str, Any]) -> dict[str, Any]:
     phase = max(phases, key=phases.get)
     return dict(plan, peak_bytes=phases[phase], peak_gib=round(phases[phase] / GIB, 3), peak_phase=phase)
 
+PHASE_WORDS = {"loading": "loading", "data": "tokenizing the longest row", "generation": "generation check",
+               "merge": "streamed merge", "check": "merge check"}
+
 def format_plan(plan: Mapping[str, Any]) -> str:
-    """One line: the predicted peak and its parts in GiB."""
+    """One line: the predicted peak, the training phase's parts and every other phase, in GiB."""
     if plan.get("peak_gib") is None:
         return f"memory not predicted: {plan.get('reason')}"
     parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in plan["parts"].items() if value)
     where = "peak RSS" if plan["setup"]["device"] == "cpu" else "max allocated"
+    others = "; ".join(f"{PHASE_WORDS[name]} {plan[key] / GIB:.2f}" for name, key in PHASES.items()
+                       if name != "training" and plan.get(key))
+    pending = (" (+ the merge check's logits, once its rows are tokenized)"
+               if "merge_peak_bytes" in plan and "merge_check_logits_bytes" not in plan else "")
     return (f"predicted {where} {plan['peak_gib']:.2f} GiB ({plan['peak_phase']}): training "
-            f"{plan['train_peak_bytes'] / GIB:.2f} = {parts}; loading"
-            + (" and k-bit preparation" if plan["setup"]["method"] == "qlora" else "")
-            + f" {plan['load_peak_bytes'] / GIB:.2f}"
-            + (f"; tokenizing the longest row {plan['data_peak_bytes'] / GIB:.2f}" if plan.get("data_peak_bytes") else "")
-            + (f"; merge {plan['merge_peak_bytes'] / GIB:.2f}" if "merge_peak_bytes" in plan else "")
-            + (" + the merge check's logits (added once its rows are tokenized)"
-               if "merge_peak_bytes" in plan and "merge_check_logits_bytes" not in plan else ""))
+            f"{plan['train_peak_bytes'] / GIB:.2f} = {parts}; {others}{pending}")
 
 # ----- will it fit: the budget, the levers, the dry run ------------------------------------------------------
 

@@ -147,11 +147,13 @@ def start_device(launch: LaunchContext, seed: int) -> str:
         torch.cuda.reset_peak_memory_stats()
     return device
 
-def combine_peak_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One peak-memory report from each rank's `peak_memory_report()`: every GPU listed with its rank."""
+def combine_peak_reports(reports: list[dict[str, Any]], by_phase: dict | None = None) -> dict[str, Any]:
+    """One peak-memory report from each rank's `peak_memory_report()` (rank 0's taken last: its merge counts):
+    every GPU listed with its rank; `by_phase` (rank 0's `PhasePeaks.report()`) kept as it is."""
     per_gpu = [dict(gpu, rank=rank) for rank, report in enumerate(reports) for gpu in report["per_gpu"]]
     combined = dict(reports[0], per_gpu=per_gpu, peak_rss_gib=max(r["peak_rss_gib"] for r in reports),
-                    peak_rss_gib_per_rank=[r["peak_rss_gib"] for r in reports], world_size=len(reports))
+                    peak_rss_gib_per_rank=[r["peak_rss_gib"] for r in reports], world_size=len(reports),
+                    by_phase=by_phase or {})
     if per_gpu:
         combined["overall_max_allocated_gib"] = max(g["peak_allocated_gib"] for g in per_gpu)
         combined["overall_max_reserved_gib"] = max(g["peak_reserved_gib"] for g in per_gpu)

@@ -101,6 +101,7 @@ def train(trainer, resume_checkpoint: Path | None) -> TrainResult:
     from transformers import TrainerState
 
     resumed = TrainerState.load_from_json(str(resume_checkpoint / "trainer_state.json")) if resume_checkpoint else None
+    step("train", "training%s", f" from {resume_checkpoint.name}" if resumed else "")
     started = time.time()
     if resumed is not None and resumed.global_step >= resumed.max_steps:
         restore_finished(trainer, resume_checkpoint)
