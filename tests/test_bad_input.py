@@ -363,6 +363,8 @@ TRAIN_CASES = {
     "pickle-only model": (lambda model_dir, tmp: [f"--MODEL_NAME={pickle_only_copy(model_dir, tmp)}"],
                           "safetensors is required"),
     "diverging learning rate": (lambda model_dir, tmp: ["--learning_rate=1e30"], "training diverged"),
+    **{f"over-long {name}": (lambda model_dir, tmp, name=name: [f"--{name}={tmp / ('a' * 5000)}"], "File name too long")
+       for name in ("OUTPUT_ROOT", "DATASET_PATH", "RESUME")},
 }
 
 

@@ -1,13 +1,15 @@
 """Measure the merge step's peak memory on a Qwen3-0.6B-architecture model (random weights), vs the
-size of its bf16 weights.
+size of its bf16 weights: the streamed merge the training script runs, or the merged model built in memory.
 
 Builds the model from a Qwen3Config with Qwen3-0.6B's sizes (tied embeddings) and a small BPE
 tokenizer (the vocabulary size is the real one; the tokenizer is not used), saves it in bf16
 safetensors, loads it 4-bit (NF4 + double quant) on this machine's device, wraps it with LoRA on
-all seven projections, then runs one merge (`qlora.merge.weights.merge_lora`) while a sampler thread reads
-the process's resident memory. Run each base in its own process: peak RSS is per process.
+all seven projections, then runs one merge (`qlora.merge.weights.write_merged` into a temporary directory, or
+`merge_lora` with --how in-memory) while a sampler thread reads the process's resident memory. Run each case in
+its own process: peak RSS is per process.
 
     nice -n 10 python tools/measure_merge_memory.py --base dequantized
+    nice -n 10 python tools/measure_merge_memory.py --base dequantized --how in-memory
     nice -n 10 python tools/measure_merge_memory.py --base original --work-dir /tmp/qwen3-0.6b-random
 
 Prints one JSON line: memory before the merge (the 4-bit model + adapter), the peak during it, the
@@ -19,12 +21,13 @@ so that glibc returns freed tensors to the system, else the peak includes freed 
 import argparse
 import json
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from qlora.core.memory import proc_status_bytes, weight_footprint
-from qlora.merge.weights import merge_lora
+from qlora.merge.weights import merge_lora, write_merged
 from qlora.model.fixtures import architecture_dimensions, build_random_model, tokenizer_corpus, train_bpe_tokenizer
 from qlora.model.loading import load_causal_lm, pick_device
 from qlora.train.peft import DEFAULT_TARGET_MODULES
@@ -64,6 +67,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--base", choices=("dequantized", "original"), default="dequantized",
                         help="merge base to measure (run each in its own process)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (the merge's temporaries do not depend on it)")
+    parser.add_argument("--how", choices=("streamed", "in-memory"), default="streamed",
+                        help="streamed: write_merged, what 01_Train.py runs (one tensor at a time into safetensors); "
+                             "in-memory: merge_lora, the merged model built in memory (and not saved)")
     parser.add_argument("--work-dir", default="/tmp/qwen3-0.6b-random",
                         help="where the random model is written (reused when it exists)")
     args = parser.parse_args(argv)
@@ -94,14 +100,20 @@ def main(argv=None) -> dict:
     sampler = PeakSampler()
     sampler.start()
     started = time.time()
-    merged = merge_lora(model, args.base, str(work))
+    merged = None  # the in-memory merge's result, held until the peak is read
+    if args.how == "streamed":
+        with tempfile.TemporaryDirectory(dir=args.work_dir) as out:
+            write_merged(model, Path(out), args.base, str(work))
+    else:
+        merged = merge_lora(model, args.base, str(work))
     seconds = time.time() - started
     peak = sampler.stop()
+    del merged
     del model
     after = rss_bytes()
     gb = 1024**3
     report = {
-        "base": args.base, "device": device, "lora_r": args.lora_r, "merge_seconds": round(seconds, 2),
+        "base": args.base, "how": args.how, "device": device, "lora_r": args.lora_r, "merge_seconds": round(seconds, 2),
         "bf16_weights_gib": round(bf16_bytes / gb, 3),
         "rss_before_gib": round(before["VmRSS"] / gb, 3), "rss_peak_gib": round(peak["VmRSS"] / gb, 3),
         "rss_after_gib": round(after["VmRSS"] / gb, 3),
@@ -111,7 +123,6 @@ def main(argv=None) -> dict:
         "merge_extra_over_bf16": round((peak["RssAnon"] - before["RssAnon"]) / bf16_bytes, 3),
         "peak_rss_over_bf16": round(peak["VmRSS"] / bf16_bytes, 3),
         "peak_anon_over_bf16": round(peak["RssAnon"] / bf16_bytes, 3),
-        "merged_dtype": str(merged.dtype),
     }
     if device == "cuda":
         report["cuda_before_gib"] = round(cuda_before / gb, 3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from qlora.core.heap import release_free_heap
+from qlora.core.heap import freed_blocks_leave_the_heap
 from qlora.core.logs import step
 
 
@@ -138,10 +138,10 @@ def check_trained_generation(model, tokenizer, rows, train_seconds: float, batch
     # for a contiguous input). The same values, contiguous, cost nothing.
     hook = model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     try:
-        check = generation_check(model, tokenizer, rows, batch_size=batch_size, max_seconds=seconds)
+        with freed_blocks_leave_the_heap():  # the prefill's and the 4-bit repacking's buffers leave when freed
+            check = generation_check(model, tokenizer, rows, batch_size=batch_size, max_seconds=seconds)
     finally:
         hook.remove()
-    release_free_heap()
     for line in generation_summary(check):
         report(line)
     return check

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from qlora.core.heap import release_free_heap
 from qlora.data.chat_format import example_token_ids
+from qlora.model.base_weights import dense_weight
 from quantization_utils import short_dtype_name
 
 
@@ -21,12 +22,13 @@ def logits_on(model, batches) -> list:
     """fp32 logits of `model` on each batch (dicts of input_ids / attention_mask), on CPU."""
     import torch
 
-    device = next(model.parameters()).device
+    # an offloaded model's first parameters may be on "meta" (kept in the files): inputs go where weights run
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), "cpu")
     outputs = []
     with torch.no_grad():
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            outputs.append(model(**batch).logits.float().cpu())
+            outputs.append(model(**batch).logits.cpu().float())  # upcast on the host: the device holds bf16 only
     return outputs
 
 
@@ -98,58 +100,45 @@ def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> 
 
 
 def check_logits_bytes(batches, vocab_size: int) -> int:
-    """Memory one candidate's measurement takes beside its weights: the longest row's fp32 logits, and the three
-    like it `_comparison_sums` makes (difference, two log-softmaxes)."""
+    """Memory one candidate's measurement takes beside its weights: CHECK_ROW_COPIES fp32 copies of the longest
+    row's logits."""
     longest = max((int(batch["input_ids"].shape[1]) for batch in batches), default=0)
-    return 4 * longest * vocab_size * 4
+    return CHECK_ROW_COPIES * 4 * longest * vocab_size
 
 
-# The rounding floor: each decoder Linear's weight is re-rounded to bf16 after a relative perturbation drawn
-# uniformly from +-ROUNDING_NOISE, about one bf16 step (2**-8 to 2**-7 of |w|): an error of the size and kind
-# that storing W + delta in bf16 makes. The merge passes while its mean KL is within FLOOR_MULTIPLE of the KL
-# that this perturbation alone causes (or within merge_check_max_kl).
+# The rounding floor: each decoder weight of the trained model is rounded to bf16 again after a relative
+# perturbation drawn uniformly from +-ROUNDING_NOISE, about one bf16 step (2**-8 to 2**-7 of |w|): an error of the
+# size and kind that storing W + delta in bf16 makes. The merge passes while its mean KL is within FLOOR_MULTIPLE
+# of the KL this perturbation alone causes (or within merge_check_max_kl).
 ROUNDING_NOISE = 2.0**-8
 FLOOR_MULTIPLE = 4.0
+# fp32 copies of one row's logits while a candidate is compared: its logits, the masked reference and candidate,
+# their difference and its square, two log-softmaxes and the KL product
+CHECK_ROW_COPIES = 8
 
 
 def _rerounded_output(module, args, output):
-    """A Linear's output as computed with its weight re-rounded (seeded per layer, so each forward draws alike)."""
+    """A Linear's (or 4-bit Linear's) output as computed with its dense weight re-rounded (seeded per layer)."""
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(module._floor_seed)
-    weight = module.weight.float()
+    weight = dense_weight(module)
     noise = torch.rand(weight.shape, generator=generator).to(weight.device).sub_(0.5).mul_(2 * ROUNDING_NOISE)
-    weight = weight.add_(weight * noise).to(module.weight.dtype)
+    weight = weight.add_(weight * noise).to(output.dtype)
     del noise
-    return torch.nn.functional.linear(args[0], weight, module.bias)
+    bias = module.bias.to(output.dtype) if module.bias is not None else None
+    return torch.nn.functional.linear(args[0].to(output.dtype), weight, bias)
 
 
 def _decoder_linears(model) -> list:
+    """The Linear layers (plain or 4-bit) that hold decoder weights: not the head, not an adapter's A or B."""
+    import bitsandbytes as bnb
     import torch
 
     head = model.get_output_embeddings()
-    return [module for module in model.modules()
-            if isinstance(module, torch.nn.Linear) and module is not head and module.weight.device.type != "meta"]
-
-
-def measure_candidate(model, trained_logits: list, batches) -> dict[str, Any]:
-    """Merge-check figures of one candidate against the trained model's logits, one batch at a time (only
-    the trained model's logits are kept: at a 152k vocabulary each token's fp32 logits take 0.6 MB), and its
-    rounding floor: the mean KL between the candidate and itself with its decoder weights re-rounded
-    (`_rerounded_output`); None for a model whose weights are offloaded (its layers are not all in memory)."""
-    linears = _decoder_linears(model)
-    placements = set((getattr(model, "hf_device_map", None) or {}).values())
-    offloaded = "disk" in placements or len(placements) > 1  # layers brought in for each forward
-    parts, losses, floor = [], [], []
-    for ref, batch in zip(trained_logits, batches):
-        (cand,) = logits_on(model, [batch])
-        parts.append(_comparison_sums(ref, cand, batch))
-        losses.append(_loss_sum(cand, batch))
-        if not offloaded:
-            floor.append(_comparison_sums(cand, _rerounded_logits(model, linears, batch), batch))
-        del cand
-    return {**_comparison(parts), "loss": sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1),
-            "rounding_floor_kl": _comparison(floor)["mean_kl"] if floor else None}
+    return [module for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and module is not head
+            and ".lora_" not in name and module.weight.device.type != "meta"]
 
 
 def _rerounded_logits(model, linears, batch):
@@ -165,11 +154,60 @@ def _rerounded_logits(model, linears, batch):
     return logits
 
 
-def kl_limit(figures: dict[str, Any], max_kl: float) -> float:
-    """The mean KL a candidate may reach: merge_check_max_kl, or FLOOR_MULTIPLE x its rounding floor when that is
+class SpilledLogits:
+    """The trained model's fp32 logits of each check row, kept in files under `directory` and read back one row at
+    a time: at a 152k vocabulary a token's logits take 0.6 MB, and the merge and the check hold none of them."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.count = Path(directory), 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def append(self, logits) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"logits": logits.contiguous()}, str(self.directory / f"{self.count}.safetensors"))
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        from safetensors.torch import load_file
+
+        for i in range(self.count):
+            yield load_file(str(self.directory / f"{i}.safetensors"))["logits"]
+
+
+def trained_reference(model, batches, directory: Path) -> tuple[SpilledLogits, float, float]:
+    """The trained model's logits of each check row (spilled to `directory`), their loss, and the rounding floor:
+    the mean per-token KL(trained || trained with every decoder weight re-rounded, `_rerounded_output`)."""
+    linears = _decoder_linears(model)
+    logits, floor, losses = SpilledLogits(directory), [], []
+    for batch in batches:
+        (ref,) = logits_on(model, [batch])
+        losses.append(_loss_sum(ref, batch))
+        floor.append(_comparison_sums(ref, _rerounded_logits(model, linears, batch), batch))
+        logits.append(ref)
+        del ref
+    return logits, sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1), _comparison(floor)["mean_kl"]
+
+
+def measure_candidate(model, trained_logits, batches) -> dict[str, Any]:
+    """Merge-check figures of one candidate against the trained model's logits, one batch at a time (only one
+    row of the trained model's logits is read at a time)."""
+    parts, losses = [], []
+    for ref, batch in zip(trained_logits, batches):
+        (cand,) = logits_on(model, [batch])
+        parts.append(_comparison_sums(ref, cand, batch))
+        losses.append(_loss_sum(cand, batch))
+        del cand, ref
+    return {**_comparison(parts), "loss": sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1)}
+
+
+def kl_limit(rounding_floor_kl: float, max_kl: float) -> float:
+    """The mean KL a merge may reach: merge_check_max_kl, or FLOOR_MULTIPLE x the rounding floor when that is
     larger (a large-vocabulary model's bf16 rounding alone can exceed a fixed limit)."""
-    floor = figures.get("rounding_floor_kl")
-    return max(max_kl, FLOOR_MULTIPLE * floor) if floor is not None else max_kl
+    return max(max_kl, FLOOR_MULTIPLE * rounding_floor_kl)
 
 
 def measure_saved(directory: Path, reload: Callable[[Path], Any], trained_logits: list, batches,

@@ -1,7 +1,9 @@
-"""The one kind of failure a user is told about in one line: bad input (a constant, a data file, a model
-source, an output directory), found before expensive work where it can be. Everything else is a bug
-and keeps its traceback."""
+"""The failures a user is told about in one line: bad input (a constant, a data file, a model source, an
+output directory), found before expensive work where it can be; a path the system refuses; Ctrl-C.
+Everything else is a bug and keeps its traceback."""
 
+import errno
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,8 +47,26 @@ class ConfigError(UserError):
 
 @contextmanager
 def one_line_errors():
-    """The entry point's error boundary: a UserError leaves the process as its one `error: ...` line."""
+    """The entry point's error boundary: a UserError, a path the system refuses (too long, a file where a directory
+    should be, no permission) and Ctrl-C each leave the process as one `error: ...` line."""
     try:
         yield
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
+    except OSError as err:
+        if err.errno not in PATH_ERRNOS:
+            raise
+        raise SystemExit(f"error: {err.strerror}: {_shortened(err.filename)}; give a path the system accepts") from None
+    except KeyboardInterrupt:
+        sys.stderr.write("\nerror: interrupted (Ctrl-C); nothing was published, and a run that had started training "
+                         "resumes from its last checkpoint when the same command runs again\n")
+        raise SystemExit(130) from None
+
+
+# Errors the system gives for a path itself, whatever it is for: each one line naming the path.
+PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EACCES, errno.EROFS, errno.ELOOP}
+
+
+def _shortened(name, limit: int = 120) -> str:
+    text = str(name)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"

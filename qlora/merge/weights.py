@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Callable
 
 from qlora.core.heap import freed_blocks_leave_the_heap
 from qlora.core.shards import SHARD_BYTES, TensorSpec, write_checkpoint
@@ -211,14 +210,14 @@ def streams_merge(model) -> bool:
 
 
 def write_merged(peft_model, directory: Path, base: str = "dequantized", model_name: str | None = None,
-                 dtype=None, head_dtype=None, shard_bytes: int = SHARD_BYTES,
-                 on_tensor: Callable[[TensorSpec], None] | None = None) -> list[str]:
+                 dtype=None, head_dtype=None, shard_bytes: int = SHARD_BYTES, progress: bool = False) -> list[str]:
     """Merge `peft_model` (LoRA/DoRA on a 4-bit or 16-bit base) into a 16-bit checkpoint in `directory`, one
     tensor at a time: each layer's W + delta is made, written to its safetensors shard and freed, so memory
     holds the trained model plus one layer, never the merged model. Writes config.json,
     generation_config.json and the shards (+ index). The same tensors as `merge_lora` + save_pretrained.
     `peft_model` is left as it was. Returns the weight files written."""
     import torch
+    from tqdm.auto import tqdm
 
     if base not in MERGE_BASE_WEIGHTS:
         raise ValueError(f"merge base {base!r} is unknown; allowed: {', '.join(MERGE_BASE_WEIGHTS)}")
@@ -229,8 +228,9 @@ def write_merged(peft_model, directory: Path, base: str = "dequantized", model_n
     directory.mkdir(parents=True, exist_ok=True)
     head_dtype = None if head_dtype in (None, dtype) else head_dtype
     specs = merged_layout(model, MERGE_BASE_WEIGHTS[base], read, dtype, head_dtype)
-    with torch.no_grad(), freed_blocks_leave_the_heap():  # each layer's fp32 working copy leaves at once
-        files = write_checkpoint(directory, specs, shard_bytes, on_tensor)
+    with (torch.no_grad(), freed_blocks_leave_the_heap(),  # each layer's fp32 working copy leaves at once
+          tqdm(total=len(specs), desc=f"merging ({base})", unit="tensor", leave=False, disable=not progress) as bar):
+        files = write_checkpoint(directory, specs, shard_bytes, on_tensor=lambda _: bar.update())
     merged_config(model, dtype, head_dtype).save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)

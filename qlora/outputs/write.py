@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qlora.checks.logits import (FINGERPRINT_TOKENS, FLOOR_MULTIPLE, MERGE_CHECK_ROWS, check_logits_bytes, kl_limit,
-                                 logits_fingerprint, logits_on, measure_saved, sequence_loss, tokenize_for_check)
+                                 logits_fingerprint, measure_saved, tokenize_for_check, trained_reference)
 from qlora.core.heap import release_free_heap
 from qlora.core.logs import step
 from qlora.core.memory import headroom_bytes
@@ -39,13 +39,11 @@ def _write_candidate(model, directory: Path, base: str, model_name: str, head_dt
     weights keep their names on save, else merged in memory and saved by transformers (the trained model is then
     consumed and rebuilt by `load_trained` for a next candidate). Returns the trained model, or None if consumed."""
     import torch
-    from tqdm.auto import tqdm
 
     if model is None:
         model = load_trained()
     if streams_merge(model.base_model.model):
-        with tqdm(desc=f"merging ({base})", unit="tensor", leave=False) as bar:
-            write_merged(model, directory, base, model_name, head_dtype=head_dtype, on_tensor=lambda _: bar.update())
+        write_merged(model, directory, base, model_name, head_dtype=head_dtype, progress=True)
         return model
     merged = merge_lora(model, base, model_name)
     if head_dtype != torch.bfloat16:
@@ -71,7 +69,9 @@ def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_bas
     import gc
     import shutil
 
-    trained = logits_on(model, batches)
+    # the trained model's logits, spilled to files, and the rounding floor the verdict allows for
+    trained, trained_loss, floor = trained_reference(model, batches, staging / ".merge-check")
+    report(f"trained model: loss {trained_loss:.4f} over the check rows; bf16 rounding floor: mean KL {floor:.3g}")
     fingerprint_ids = batches[0]["input_ids"][0, :FINGERPRINT_TOKENS].tolist()
     candidates, fingerprints, head_names = {}, {}, {}
     bases = ("dequantized", "original") if merge_base == "auto" else (merge_base,)
@@ -102,15 +102,15 @@ def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_bas
         final = "nf4"
     else:
         _move_contents(staging / f".merge-{chosen}", staging)
-    for base in bases:
-        shutil.rmtree(staging / f".merge-{base}", ignore_errors=True)
-    limit = kl_limit(candidates[final], max_kl)
+    for leftover in [f".merge-{base}" for base in bases] + [".merge-check"]:
+        shutil.rmtree(staging / leftover, ignore_errors=True)
+    limit = kl_limit(floor, max_kl)
     passed = candidates[final]["mean_kl"] <= limit
     merge_check = {
-        "trained_loss": sequence_loss(trained, batches), "candidates": candidates, "chosen_base": chosen,
-        "artifact_candidate": final, "max_kl": max_kl, "kl_limit": limit, "passed": passed,
+        "trained_loss": trained_loss, "candidates": candidates, "chosen_base": chosen,
+        "artifact_candidate": final, "max_kl": max_kl, "rounding_floor_kl": floor, "kl_limit": limit, "passed": passed,
         "primary_artifact": "merged" if passed else "adapter",
-        **{k: candidates[final][k] for k in ("max_abs_logit_diff", "mean_kl", "tokens", "loss", "rounding_floor_kl")},
+        **{k: candidates[final][k] for k in ("max_abs_logit_diff", "mean_kl", "tokens", "loss")},
     }
     artifact = {"kind": f"merged_{precision}", "weights_bits": 4 if precision == "nf4" else 16,
                 "merge_base": chosen, "primary": "merged" if passed else "adapter", "lm_head_dtype": head_names[final],
@@ -119,10 +119,8 @@ def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_bas
 
 
 def _figures(figures: dict[str, Any]) -> str:
-    floor = figures.get("rounding_floor_kl")
-    return (f"max |logit diff| {figures['max_abs_logit_diff']:.4g}, mean KL {figures['mean_kl']:.3g}"
-            + (f" (bf16 rounding floor {floor:.3g})" if floor is not None else " (offloaded: no rounding floor)")
-            + f", loss {figures['loss']:.4f} over {figures['tokens']} held-out tokens")
+    return (f"max |logit diff| {figures['max_abs_logit_diff']:.4g}, mean KL {figures['mean_kl']:.3g}, "
+            f"loss {figures['loss']:.4f} over {figures['tokens']} held-out tokens")
 
 
 def _limit_words(check: dict[str, Any]) -> str:

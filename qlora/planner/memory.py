@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from qlora.checks.generation import MIN_NEW_TOKENS
-from qlora.checks.logits import MERGE_CHECK_ROWS
+from qlora.checks.logits import CHECK_ROW_COPIES, MERGE_CHECK_ROWS
 from qlora.core.errors import ConfigError, UserError
 from qlora.core.files import existing_ancestor
 from qlora.core.logs import step
@@ -389,27 +389,22 @@ def generation_bytes(cfg: Mapping[str, Any], plan: Mapping[str, Any], setup: Tra
     prefill = 2 * setup.batch_size * setup.seq_len * (4 * cfg["hidden_size"] + 3 * cfg["intermediate_size"])
     return _trained_model_bytes(plan) + kv_cache + prefill + 4 * 2 * setup.batch_size * cfg["vocab_size"]
 
-# The merge check (qlora.checks.logits.measure_candidate) keeps the trained model's fp32 logits of every check
-# row and, for the row being compared, holds about eight fp32 copies of the candidate's: its logits, the
-# masked reference and candidate, their difference and its square, two log-softmaxes and the KL product.
-MERGE_CHECK_ROW_COPIES = 8
-
 def with_merge_check(plan: Mapping[str, Any], row_tokens: list[int], vocab_size: int, device: str) -> dict[str, Any]:
     """The plan with the merge check, once its rows are tokenized (before the merge runs): the trained model's
-    logits of every row, held through the merge (on the host), and a check phase: the merged model reloaded
-    within the memory the run has already taken (qlora.model.loading.load_merged_dir offloads what does not
-    fit), beside one row's logits and their copies."""
+    logits of each row are taken (and its rounding floor measured) beside the trained model, and written to
+    files, so the merge holds none; the check phase reloads the merged model within the memory the run has
+    already taken (qlora.model.loading.load_merged_dir offloads what does not fit), beside one row's logits and
+    their copies (CHECK_ROW_COPIES on the host; on CUDA the row's bf16 logits, upcast on the host)."""
     if "merge_peak_bytes" not in plan or not row_tokens:
         return dict(plan)
-    cpu = device == "cpu"
-    held = 4 * vocab_size * sum(row_tokens) if cpu else 0
-    row = (4 * MERGE_CHECK_ROW_COPIES if cpu else 6) * vocab_size * max(row_tokens)
+    row = (4 * CHECK_ROW_COPIES if device == "cpu" else 2) * vocab_size * max(row_tokens)
     runtime, merged = plan["parts"]["runtime"], 2 * sum(plan["params"].values())
     before = max(plan[key] for key in ("train_peak_bytes", "load_peak_bytes") if plan.get(key))
-    check = min(runtime + merged + held + row, max(before, runtime + held + row))
-    merge = plan["merge_peak_bytes"] - plan.get("merge_check_held_bytes", 0) + held
-    return settle_peak(dict(plan, merge_peak_bytes=merge, check_peak_bytes=check, merge_check_held_bytes=held,
-                            merge_check_logits_bytes=held + row, merge_check_tokens=sum(row_tokens)))
+    check = min(runtime + merged + row, max(before, runtime + row))
+    # the reference rows are taken at the merge's start, beside the trained model and one layer's copies
+    merge = plan["merge_peak_bytes"] - plan.get("merge_check_logits_bytes", 0) + row
+    return settle_peak(dict(plan, merge_peak_bytes=merge, check_peak_bytes=check, merge_check_logits_bytes=row,
+                            merge_check_tokens=sum(row_tokens)))
 
 PHASES = {"loading": "load_peak_bytes", "data": "data_peak_bytes", "training": "train_peak_bytes",
           "generation": "generation_peak_bytes", "merge": "merge_peak_bytes", "check": "check_peak_bytes"}
