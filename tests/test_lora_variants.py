@@ -73,8 +73,8 @@ import json
 base = json.load(open({str(qdora_run / 'metadata.json')!r}))['base_model']
 batch = [{{'input_ids': torch.tensor([[5, 9, 30, 41, 7, 12, 3]]), 'attention_mask': torch.ones(1, 7, dtype=torch.long)}}]
 adapter = load_adapter_model(base, {str(qdora_run / 'adapter')!r}, bnb, 'cpu')
-first, again = logits_on(adapter, batch)[0], logits_on(adapter, batch)[0]  # the second forward runs on whatever the first left
-merged = logits_on(load_merged_dir({str(qdora_run)!r}, None, 'cpu'), batch)[0]
+first, again = logits_on(adapter, batch)[0].float(), logits_on(adapter, batch)[0].float()  # the second forward runs on whatever the first left
+merged = logits_on(load_merged_dir({str(qdora_run)!r}, None, 'cpu'), batch)[0].float()
 print('RESULT', (again - merged).abs().max().item(), (first - again).abs().max().item(), merged.abs().max().item())
 """
     result = run_python(code)

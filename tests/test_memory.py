@@ -260,11 +260,12 @@ def test_planner_counts_every_phase_after_training():
     assert merged["check_peak_bytes"] <= merged["train_peak_bytes"]
     # on a small model with a large vocabulary the check row's logits bring the merge level with training
     assert merged["merge_peak_bytes"] < 1.05 * merged["train_peak_bytes"]
-    # once the check rows are tokenized: the longest row's logits in CHECK_ROW_COPIES fp32 copies on CPU (the
-    # trained model's are in files, read one row at a time), only its bf16 logits on CUDA
+    # once the check rows are tokenized: on CPU the longest row's reference and candidate bf16 logits and eight
+    # fp32 copies of a 16-token chunk (the trained model's logits are in files, read one row at a time); on CUDA only
+    # the row's bf16 logits
     on_cpu = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cpu")
     checked = with_merge_check(on_cpu, [100, 300], 151936, "cpu")
-    assert checked["merge_check_logits_bytes"] == 4 * 151936 * 8 * 300
+    assert checked["merge_check_logits_bytes"] == 151936 * (2 * 2 * 300 + 4 * 8 * 16)
     assert checked["merge_peak_bytes"] == (on_cpu["merge_peak_bytes"] - on_cpu["merge_check_logits_bytes"]
                                            + checked["merge_check_logits_bytes"])
     assert with_merge_check(merged, [100, 300], 151936, "cuda")["merge_check_logits_bytes"] == 2 * 151936 * 300

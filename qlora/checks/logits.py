@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from qlora.core.heap import release_free_heap
+from qlora.core.heap import freed_blocks_leave_the_heap, release_free_heap
 from qlora.data.chat_format import example_token_ids
 from qlora.model.base_weights import dense_weight
 from quantization_utils import short_dtype_name
@@ -19,7 +19,9 @@ def head_dtype_name(model) -> str:
 
 
 def logits_on(model, batches) -> list:
-    """fp32 logits of `model` on each batch (dicts of input_ids / attention_mask), on CPU."""
+    """Logits of `model` on each batch (dicts of input_ids / attention_mask), on CPU, in the dtype the model
+    computed them in (bf16, or fp16 for an fp16 head): their fp32 upcast is exact, so the comparisons make it a
+    chunk at a time instead of holding a row in fp32 (a 256-token row at a 262k vocabulary: 0.25 GiB)."""
     import torch
 
     # an offloaded model's first parameters may be on "meta" (kept in the files): inputs go where weights run
@@ -28,21 +30,33 @@ def logits_on(model, batches) -> list:
     with torch.no_grad():
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            outputs.append(model(**batch).logits.cpu().float())  # upcast on the host: the device holds bf16 only
+            outputs.append(model(**batch).logits.cpu())
     return outputs
 
 
+COMPARE_CHUNK_TOKENS = 16  # tokens compared at a time: the comparison's fp32 copies are of a chunk, not of a row
+
+
 def _comparison_sums(ref, cand, batch) -> dict[str, float]:
-    """One batch's share of `compare_logits`: sums and maxima over its non-padding tokens."""
+    """One batch's share of `compare_logits`: sums and maxima over its non-padding tokens, taken
+    COMPARE_CHUNK_TOKENS at a time (at a 152k vocabulary a whole row's log-softmaxes took 1.2 GiB at 256 tokens)."""
     import torch
 
-    mask = batch["attention_mask"].bool()
-    ref, cand = ref[mask], cand[mask]
-    diff = ref - cand
-    ref_logp, cand_logp = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
-    return {"max_abs": diff.abs().max().item(), "max_logit": ref.abs().max().item(),
-            "diff_sq": diff.pow(2).sum().item(), "ref_sq": ref.pow(2).sum().item(),
-            "kl_sum": (ref_logp.exp() * (ref_logp - cand_logp)).sum().item(), "tokens": int(mask.sum())}
+    mask = batch["attention_mask"].reshape(-1).bool()
+    ref, cand = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
+    if not bool(mask.all()):
+        ref, cand = ref[mask], cand[mask]
+    sums = {"max_abs": 0.0, "max_logit": 0.0, "diff_sq": 0.0, "ref_sq": 0.0, "kl_sum": 0.0, "tokens": int(mask.sum())}
+    for start in range(0, ref.shape[0], COMPARE_CHUNK_TOKENS):
+        r, c = ref[start:start + COMPARE_CHUNK_TOKENS].float(), cand[start:start + COMPARE_CHUNK_TOKENS].float()
+        diff = r - c
+        ref_logp, cand_logp = torch.log_softmax(r, -1), torch.log_softmax(c, -1)
+        sums["max_abs"] = max(sums["max_abs"], diff.abs().max().item())
+        sums["max_logit"] = max(sums["max_logit"], r.abs().max().item())
+        sums["diff_sq"] += diff.pow(2).sum().item()
+        sums["ref_sq"] += r.pow(2).sum().item()
+        sums["kl_sum"] += (ref_logp.exp() * (ref_logp - cand_logp)).sum().item()
+    return sums
 
 
 def _comparison(parts: list[dict[str, float]]) -> dict[str, Any]:
@@ -65,8 +79,11 @@ def _loss_sum(out, batch) -> tuple[float, int]:
 
     labels = batch["input_ids"][:, 1:].clone()
     labels[~batch["attention_mask"][:, 1:].bool()] = -100
-    total = torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum",
-                                              ignore_index=-100).item()
+    logits, labels = out[:, :-1].flatten(0, 1), labels.flatten()
+    total = sum(torch.nn.functional.cross_entropy(logits[i:i + COMPARE_CHUNK_TOKENS].float(),
+                                                  labels[i:i + COMPARE_CHUNK_TOKENS], reduction="sum",
+                                                  ignore_index=-100).item()
+                for i in range(0, len(labels), COMPARE_CHUNK_TOKENS))
     return total, int((labels != -100).sum())
 
 
@@ -85,7 +102,7 @@ def logits_fingerprint(model, input_ids: list[int]) -> dict[str, Any]:
     import torch
 
     logits = logits_on(model, [{"input_ids": torch.tensor([input_ids]),
-                                "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long)}])[0][0]
+                                "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long)}])[0][0].float()
     return {"input_ids": list(input_ids), "logits_head": logits[:, :FINGERPRINT_VOCAB].tolist(),
             "argmax": logits.argmax(-1).tolist(), "abs_sum": logits.abs().sum().item()}
 
@@ -99,33 +116,40 @@ def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> 
     return (torch.tensor(recorded["logits_head"]) - torch.tensor(actual["logits_head"])).abs().max().item()
 
 
+def comparison_bytes(row_tokens: int, vocab_size: int) -> int:
+    """Host memory of comparing one row: the reference's and the candidate's bf16 logits, and CHECK_ROW_COPIES
+    fp32 copies of a chunk of them."""
+    return vocab_size * (2 * 2 * row_tokens + 4 * CHECK_ROW_COPIES * min(row_tokens, COMPARE_CHUNK_TOKENS))
+
+
 def check_logits_bytes(batches, vocab_size: int) -> int:
-    """Memory one candidate's measurement takes beside its weights: CHECK_ROW_COPIES fp32 copies of the longest
-    row's logits."""
-    longest = max((int(batch["input_ids"].shape[1]) for batch in batches), default=0)
-    return CHECK_ROW_COPIES * 4 * longest * vocab_size
+    """Memory one candidate's measurement takes beside its weights: `comparison_bytes` of the longest row."""
+    return comparison_bytes(max((int(batch["input_ids"].shape[1]) for batch in batches), default=0), vocab_size)
 
 
-# The rounding floor: each decoder weight of the trained model is rounded to bf16 again after a relative
-# perturbation drawn uniformly from +-ROUNDING_NOISE, about one bf16 step (2**-8 to 2**-7 of |w|): an error of the
-# size and kind that storing W + delta in bf16 makes. The merge passes while its mean KL is within FLOOR_MULTIPLE
-# of the KL this perturbation alone causes (or within merge_check_max_kl).
-ROUNDING_NOISE = 2.0**-8
-FLOOR_MULTIPLE = 4.0
-# fp32 copies of one row's logits while a candidate is compared: its logits, the masked reference and candidate,
-# their difference and its square, two log-softmaxes and the KL product
+# The rounding floor: the KL that moving each decoder weight of the trained model by one bf16 step causes.
+# Storing W + delta in bf16 moves each weight by at most half a step (and loses a delta smaller than that): a
+# merge whose KL is within FLOOR_MULTIPLE of the floor differs from the trained model by rounding alone. The
+# merge passes within that, or within merge_check_max_kl.
+FLOOR_MULTIPLE = 1.0
+FLOOR_ROWS = 2  # check rows the floor is measured on: each costs a forward that dequantizes every layer
+# fp32 copies of a chunk of logits while it is compared: the difference and its square, two log-softmaxes, the
+# exponent and the KL product, |difference|, the reference squared
 CHECK_ROW_COPIES = 8
 
 
 def _rerounded_output(module, args, output):
-    """A Linear's (or 4-bit Linear's) output as computed with its dense weight re-rounded (seeded per layer)."""
+    """A Linear's (or 4-bit Linear's) output as computed with every element of its bf16 weight moved one bf16
+    step up or down (the sign drawn per element, seeded per layer): the largest error bf16 rounding can make,
+    twice over, on every weight at once."""
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(module._floor_seed)
-    weight = dense_weight(module)
-    noise = torch.rand(weight.shape, generator=generator).to(weight.device).sub_(0.5).mul_(2 * ROUNDING_NOISE)
-    weight = weight.add_(weight * noise).to(output.dtype)
-    del noise
+    weight = dense_weight(module, keep_layout=True).to(torch.bfloat16)
+    steps = torch.randint(0, 2, weight.shape, generator=generator, dtype=torch.int16).mul_(2).sub_(1)
+    steps = steps.to(weight.device).mul_(weight != 0)  # the bit pattern of a zero has no step below it
+    weight = weight.view(torch.int16).add_(steps).view(torch.bfloat16).to(output.dtype)
+    del steps
     bias = module.bias.to(output.dtype) if module.bias is not None else None
     return torch.nn.functional.linear(args[0].to(output.dtype), weight, bias)
 
@@ -183,12 +207,14 @@ def trained_reference(model, batches, directory: Path) -> tuple[SpilledLogits, f
     the mean per-token KL(trained || trained with every decoder weight re-rounded, `_rerounded_output`)."""
     linears = _decoder_linears(model)
     logits, floor, losses = SpilledLogits(directory), [], []
-    for batch in batches:
-        (ref,) = logits_on(model, [batch])
-        losses.append(_loss_sum(ref, batch))
-        floor.append(_comparison_sums(ref, _rerounded_logits(model, linears, batch), batch))
-        logits.append(ref)
-        del ref
+    with freed_blocks_leave_the_heap():  # each row's logits and each layer's re-rounded copy leave when freed
+        for i, batch in enumerate(batches):
+            (ref,) = logits_on(model, [batch])
+            losses.append(_loss_sum(ref, batch))
+            if i < FLOOR_ROWS:
+                floor.append(_comparison_sums(ref, _rerounded_logits(model, linears, batch), batch))
+            logits.append(ref)
+            del ref
     return logits, sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1), _comparison(floor)["mean_kl"]
 
 

@@ -180,8 +180,9 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def _current_bytes() -> dict[str, int]:
-    """Resident memory now, and on CUDA the bytes torch has allocated on each visible GPU."""
-    current = {"rss": proc_status_bytes("VmRSS") or 0}
+    """Resident memory now, all of it and its anonymous part (without the file pages a memory-mapped checkpoint
+    brings in, which the kernel can drop under pressure), and on CUDA the bytes torch has allocated."""
+    current = {"rss": proc_status_bytes("VmRSS") or 0, "anon": proc_status_bytes("RssAnon") or 0}
     cuda = sys.modules.get("torch.cuda")  # read off the sampling thread: torch may be half-imported, never import it
     if cuda is not None and getattr(cuda, "is_initialized", lambda: False)():
         current["cuda"] = max(cuda.memory_allocated(i) for i in range(cuda.device_count()))
@@ -218,7 +219,7 @@ class PhasePeaks(logging.Handler):
 
     def report(self) -> dict[str, dict[str, float]]:
         """{phase: {"rss_gib": .., "cuda_allocated_gib": ..}} in the order the phases came."""
-        names = {"rss": "rss_gib", "cuda": "cuda_allocated_gib"}
+        names = {"rss": "rss_gib", "anon": "rss_anon_gib", "cuda": "cuda_allocated_gib"}
         with self._lock:
             return {phase: {names[kind]: round(value / GIB, 3) for kind, value in peaks.items()}
                     for phase, peaks in self.peaks.items()}

@@ -318,12 +318,19 @@ def load_offloaded(directory: str | Path, device: str, budget_bytes: int, trust_
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     skeleton.tie_weights()
+    # the embedding and the head stay on the device (a tied head is not in the files under its own name, and
+    # both ends run for every token); the decoder layers share what is left of the budget
+    ends = {name: module for name, module in skeleton.named_modules()
+            if module is skeleton.get_input_embeddings() or module is skeleton.get_output_embeddings()}
+    ends_bytes = sum(p.numel() * 2 for p in {id(p): p for m in ends.values() for p in m.parameters()}.values())
     device_map = infer_auto_device_map(
-        skeleton, max_memory={place: max(budget_bytes, 0), spill: max(available_memory("cpu")[0] or 0, 1 << 40)},
+        skeleton, max_memory={place: max(budget_bytes - ends_bytes, 0),
+                              spill: max(available_memory("cpu")[0] or 0, 1 << 40)},
         no_split_module_classes=skeleton._no_split_modules, dtype=config.dtype, clean_result=False)
     for name, module in skeleton.named_modules():
-        if module._non_persistent_buffers_set and device_map.get(name) == spill:
-            device_map[name] = place  # rotary tables are computed at load, not read from the files: kept on the device
+        # rotary tables are computed at load, not read from the files: kept on the device with the two ends
+        if name in ends or (module._non_persistent_buffers_set and device_map.get(name) == spill):
+            device_map[name] = place
     return AutoModelForCausalLM.from_pretrained(
         str(directory), dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code, device_map=device_map,
         offload_folder=tempfile.mkdtemp(prefix="qlora-offload-"))

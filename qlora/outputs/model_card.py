@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qlora.checks.logits import FLOOR_MULTIPLE
 from qlora.data.formats import DATASETS
 from qlora.outputs.read import quantization_plan_from_metadata, read_metadata
 from qlora.train.adapter import BASE_QUANTIZATION_FILE
@@ -169,7 +168,7 @@ def merge_section(metadata: dict) -> str | None:
              f"The merged weights were compared with the trained model (the adapter on the base it was trained on) "
              f"on {check.get('tokens')} held-out tokens: mean KL {fmt(check.get('mean_kl'), 3)}, "
              f"max |logit difference| {fmt(check.get('max_abs_logit_diff'))}, threshold mean KL <= "
-             f"{fmt(check.get('kl_limit', check.get('max_kl')), 3)} (the larger of merge_check_max_kl and {FLOOR_MULTIPLE:g}x the bf16 "
+             f"{fmt(check.get('kl_limit', check.get('max_kl')), 3)} (the larger of merge_check_max_kl and the bf16 "
              f"rounding floor {fmt(check.get('rounding_floor_kl'), 3)}): {verdict}. Kept: the `{check.get('chosen_base')}` merge"
              f"{' re-quantized to NF4' if check.get('artifact_candidate') == 'nf4' else ''}.", ""]
     candidates = check.get("candidates") or {}

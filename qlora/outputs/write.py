@@ -7,7 +7,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable
 
-from qlora.checks.logits import (FINGERPRINT_TOKENS, FLOOR_MULTIPLE, MERGE_CHECK_ROWS, check_logits_bytes, kl_limit,
+from qlora.checks.logits import (FINGERPRINT_TOKENS, MERGE_CHECK_ROWS, check_logits_bytes, kl_limit,
                                  logits_fingerprint, measure_saved, tokenize_for_check, trained_reference)
 from qlora.core.heap import release_free_heap
 from qlora.core.logs import step
@@ -125,7 +125,7 @@ def _figures(figures: dict[str, Any]) -> str:
 
 def _limit_words(check: dict[str, Any]) -> str:
     if check["kl_limit"] > check["max_kl"]:
-        return f"{FLOOR_MULTIPLE:g} x the rounding floor {check['rounding_floor_kl']:.3g} (above merge_check_max_kl)"
+        return f"the bf16 rounding floor {check['kl_limit']:.3g} (above merge_check_max_kl)"
     return f"merge_check_max_kl {check['max_kl']:.3g}"
 
 
@@ -148,10 +148,9 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
         release_free_heap()
         return None, {"kind": "full_bf16", "weights_bits": 16, "merge_base": None, "primary": "merged",
                       "fingerprints": {"merged": logits_fingerprint(reload(staging), fingerprint_ids.tolist())}}
-    if not cfg["merge_after_train"]:  # what the adapter gives when reloaded on the 4-bit base by the same plan
-        release_wrapped_model(model)  # the trained weights go before the reload: one copy in memory at a time
+    if not cfg["merge_after_train"]:  # what the adapter gives on the 4-bit base: the trained model, in memory
         return None, {"kind": "adapter_only", "weights_bits": None, "merge_base": None, "primary": "adapter",
-                      "fingerprints": {"adapter": logits_fingerprint(load_trained(), fingerprint_ids.tolist())}}
+                      "fingerprints": {"adapter": logits_fingerprint(model, fingerprint_ids.tolist())}}
     batches = tokenize_for_check(tokenizer, check_rows.select(range(min(MERGE_CHECK_ROWS, len(check_rows)))),
                                  cfg["max_seq_length"])
     # said before the merge starts: on a large model it is the run's longest silent stretch after training
@@ -180,6 +179,8 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
         report(f"!!! MERGE CHECK FAILED: mean KL {merge_check['mean_kl']:.3g} > {_limit_words(merge_check)}; the "
                "merged model differs from the trained one by more than rounding. The adapter "
                "(adapter/, on the 4-bit base) is the primary artifact !!!")
-        # what the primary artifact gives when reloaded on the 4-bit base by the same plan
+        # what the primary artifact gives when reloaded on the 4-bit base by the same plan (the trained model was
+        # freed for the check: one model in memory at a time)
+        step("check", "the adapter reloaded on its base, for its fingerprint")
         artifact["fingerprints"]["adapter"] = logits_fingerprint(load_trained(), fingerprint_ids.tolist())
     return merge_check, artifact

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from qlora.checks.generation import MIN_NEW_TOKENS
-from qlora.checks.logits import CHECK_ROW_COPIES, MERGE_CHECK_ROWS
+from qlora.checks.logits import MERGE_CHECK_ROWS, comparison_bytes
 from qlora.core.errors import ConfigError, UserError
 from qlora.core.files import existing_ancestor
 from qlora.core.logs import step
@@ -394,10 +394,10 @@ def with_merge_check(plan: Mapping[str, Any], row_tokens: list[int], vocab_size:
     logits of each row are taken (and its rounding floor measured) beside the trained model, and written to
     files, so the merge holds none; the check phase reloads the merged model within the memory the run has
     already taken (qlora.model.loading.load_merged_dir offloads what does not fit), beside one row's logits and
-    their copies (CHECK_ROW_COPIES on the host; on CUDA the row's bf16 logits, upcast on the host)."""
+    their copies (`comparison_bytes` on the host; on CUDA the row's bf16 logits, upcast on the host)."""
     if "merge_peak_bytes" not in plan or not row_tokens:
         return dict(plan)
-    row = (4 * CHECK_ROW_COPIES if device == "cpu" else 2) * vocab_size * max(row_tokens)
+    row = comparison_bytes(max(row_tokens), vocab_size) if device == "cpu" else 2 * vocab_size * max(row_tokens)
     runtime, merged = plan["parts"]["runtime"], 2 * sum(plan["params"].values())
     before = max(plan[key] for key in ("train_peak_bytes", "load_peak_bytes") if plan.get(key))
     check = min(runtime + merged + row, max(before, runtime + row))

@@ -111,7 +111,10 @@ def train(trainer, resume_checkpoint: Path | None) -> TrainResult:
             train_loss = trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resumed else None).training_loss
     seconds = time.time() - started
     stop_on_signal(trainer)
-    eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+    eval_loss = None
+    if trainer.eval_dataset is not None:
+        step("eval", "held-out loss on %d rows", len(trainer.eval_dataset))
+        eval_loss = trainer.evaluate()["eval_loss"]
     history = trainer.state.log_history
     eval_by_step = {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}  # last per step
     result = TrainResult(trainer.state.global_step, resumed.global_step if resumed else 0, train_loss, eval_loss,
