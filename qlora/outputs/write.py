@@ -148,9 +148,12 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
         release_free_heap()
         return None, {"kind": "full_bf16", "weights_bits": 16, "merge_base": None, "primary": "merged",
                       "fingerprints": {"merged": logits_fingerprint(reload(staging), fingerprint_ids.tolist())}}
-    if not cfg["merge_after_train"]:  # what the adapter gives on the 4-bit base: the trained model, in memory
+    if not cfg["merge_after_train"]:  # what the adapter gives when reloaded on the 4-bit base by the same plan
+        # (the trained model in memory differs from the reloaded one by a bf16 step in places: the reload it is)
+        release_wrapped_model(model)  # the trained weights go before the reload: one copy in memory at a time
+        step("check", "the adapter reloaded on its base, for its fingerprint")
         return None, {"kind": "adapter_only", "weights_bits": None, "merge_base": None, "primary": "adapter",
-                      "fingerprints": {"adapter": logits_fingerprint(model, fingerprint_ids.tolist())}}
+                      "fingerprints": {"adapter": logits_fingerprint(load_trained(), fingerprint_ids.tolist())}}
     batches = tokenize_for_check(tokenizer, check_rows.select(range(min(MERGE_CHECK_ROWS, len(check_rows)))),
                                  cfg["max_seq_length"])
     # said before the merge starts: on a large model it is the run's longest silent stretch after training
