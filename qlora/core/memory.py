@@ -103,10 +103,10 @@ def describe_footprint(footprint: dict[str, int]) -> str:
 
 def describe_peak(report: dict[str, Any]) -> str:
     """A `peak_memory_report` in words: CUDA allocated/reserved when there is CUDA, else peak RSS."""
+    phases = f"; by phase: {describe_phases(report['by_phase'])}" if report.get("by_phase") else ""
     if report["device"] == "cuda":
         return (f"{report['overall_max_allocated_gib']} GiB allocated / {report['overall_max_reserved_gib']} GiB "
-                "reserved (CUDA)" + (f"; by phase: {describe_phases(report['by_phase'])}" if report.get("by_phase") else ""))
-    phases = f"; by phase: {describe_phases(report['by_phase'])}" if report.get("by_phase") else ""
+                f"reserved (CUDA){phases}")
     return f"{report['peak_rss_gib']} GiB peak RSS (no CUDA){phases}"
 
 def _tensor_bytes_once(tensor, seen: set) -> int:
@@ -217,6 +217,15 @@ class PhasePeaks(logging.Handler):
         while not self._done.wait(self.interval):
             self.sample()
 
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the sampling thread, with a last sample of the phase it was in."""
+        self._done.set()
+        self._thread.join()
+        self.sample()
+
     def report(self) -> dict[str, dict[str, float]]:
         """{phase: {"rss_gib": .., "cuda_allocated_gib": ..}} in the order the phases came."""
         names = {"rss": "rss_gib", "anon": "rss_anon_gib", "cuda": "cuda_allocated_gib"}
@@ -231,13 +240,11 @@ def phase_peaks(logger_name: str = "train", interval: float = 0.02):
     sampler = PhasePeaks(interval)
     logger = logging.getLogger(logger_name)
     logger.addHandler(sampler)
-    sampler._thread.start()
+    sampler.start()
     try:
         yield sampler
     finally:
-        sampler._done.set()
-        sampler._thread.join()
-        sampler.sample()
+        sampler.stop()
         logger.removeHandler(sampler)
 
 

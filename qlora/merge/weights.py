@@ -1,9 +1,10 @@
 """Merging LoRA / DoRA adapters into a plain 16-bit model, layer by layer.
 
 peft's `merge_and_unload` on a 4-bit base re-quantizes the merged weight to NF4, which changes the
-model's outputs. Here each base layer is replaced, one at a time, by a plain bf16 `nn.Linear` holding
-W + scale * B @ A (DoRA: that, rescaled row by row to its learned magnitude) computed in fp32, so the
-merge never holds two copies of the model. W is either
+model's outputs. Here each layer's W + scale * B @ A (DoRA: that, rescaled row by row to its learned
+magnitude) is computed in fp32 and either written straight into the output's safetensors and freed
+(`write_merged`: memory holds the trained model and one layer) or, for families whose weights transformers
+renames on load, put in place of the base layer as a plain bf16 `nn.Linear` (`merge_lora`). W is either
   - "dequantized": dequant(NF4(W)), the function the adapter was trained against (exact up to bf16
     rounding), or
   - "original": the 16-bit weight read from the base checkpoint's safetensors, tensor by tensor (not for a
@@ -116,11 +117,8 @@ def merge_lora(peft_model, base: str = "dequantized", model_name: str | None = N
     with freed_blocks_leave_the_heap():
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLayer):
-                layer = module.get_base_layer()
-                weight = base_weight(layer, name, read)
-                for adapter in module.active_adapters:
-                    weight = merged_weight(module, adapter, weight)
-                model.set_submodule(name, _plain_linear(layer, weight, dtype))
+                weight = _merged_layer_weight(module, name, base_weight, read, torch.float32)
+                model.set_submodule(name, _plain_linear(module.get_base_layer(), weight, dtype))
                 del weight
         for name, module in list(model.named_modules()):
             if isinstance(module, bnb.nn.Linear4bit):  # layers without an adapter (lora targets a subset)
