@@ -99,23 +99,24 @@ def main(argv=None) -> Path | None:
         model_config = check_model_before_loading(cfg, launch)  # config.json only: context, launch, target modules
         root = Path(cfg["OUTPUT_ROOT"])
         step("config", "%s", cfg)
-        # ---- data -----------------------------------------------------------------------------------
-        tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
-        prompt_format = ensure_chat_template(tokenizer, cfg["MODEL_NAME"])  # "model" | "plain" (saved with the output)
-        data = load_training_data(cfg, tokenizer)
-        step("data", "%s; chat template: %s", data.describe(), prompt_format)
-        # ---- plan -----------------------------------------------------------------------------------
         spec, bnb_config = build_quantization_plan(
             cfg["QUANT_METHOD"], lm_head_dtype="fp16" if cfg["keep_lm_head_fp16"] else "bf16", lora_r=cfg["lora_r"],
             merge_after_train=cfg["merge_after_train"],
             quant_storage=resolve_quant_storage(cfg["bnb_4bit_quant_storage"], launch.fsdp))
-        memory_plan = plan_run(model_config, cfg, pick_device(), data, tokenizer)  # refuses a run that cannot fit
-        if cfg["dry_run"]:
-            return None
-        device = start_device(launch, cfg["seed"])  # joins the process group of a distributed launch
         name = output_dir_name(cfg["MODEL_NAME"], dataset_tag(cfg["DATASET_CHOICE"], cfg["DATASET_PATH"]),
                                peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"]), spec)
-        with claim_on_main(launch.is_main, root, name, cfg["if_output_exists"]) as run:  # the lock is held to publish
+        device = None if cfg["dry_run"] else start_device(launch, cfg["seed"])  # joins a distributed launch's group
+        # the name is claimed before the data is read (a held name is refused at once); a dry run claims nothing
+        with claim_on_main(launch.is_main, root, name, cfg["if_output_exists"], cfg["dry_run"]) as run:
+            # ---- data -------------------------------------------------------------------------------
+            tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
+            prompt_format = ensure_chat_template(tokenizer, cfg["MODEL_NAME"])  # "model" | "plain" (saved with the output)
+            data = load_training_data(cfg, tokenizer)
+            step("data", "%s; chat template: %s", data.describe(), prompt_format)
+            # ---- plan -------------------------------------------------------------------------------
+            memory_plan = plan_run(model_config, cfg, pick_device(), data, tokenizer)  # refuses a run that cannot fit
+            if run is None:  # dry run
+                return None
             step("plan", "%s -> %s (staging in %s)", spec.method.value, run.final, run.staging)
             if run.staged_complete and launch.is_main:
                 return publish_staged(run)  # a killed run that had finished all but its rename

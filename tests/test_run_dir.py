@@ -157,10 +157,28 @@ def test_a_second_run_with_a_held_tag_stops_at_once(tiny_model_dir, tmp_path):
         assert second.stderr.strip().splitlines()[-1].startswith(f"error: output {out / NAME} is being written by "
                                                                  f"PID {first.pid}")
         assert "trainable params" not in second.stderr and " on cpu: " not in second.stderr  # refused before any weights load
+        assert "held-out rows" not in second.stderr  # and before its data is read
     finally:
         first.kill()
         first.wait()
     assert not (out / NAME).exists()  # nothing the second run did looks finished
+
+
+def test_a_run_refused_after_its_claim_leaves_nothing_behind(tiny_model_dir, tmp_path):
+    """The name is claimed before the data is read; a run refused then (here: a broken data file) gives the name
+    back and removes the OUTPUT_ROOT it created; a dry run claims and writes nothing."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"problem": "1+1", "generated_solution"\n')
+    root = tmp_path / "new" / "outputs"
+    result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={broken}", f"--OUTPUT_ROOT={root}",
+                        *FAST_TRAIN_ARGS])
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert str(broken) in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "new").exists()
+    result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={root}",
+                        "--dry_run=true", *FAST_TRAIN_ARGS])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
 
 
 KILL_BEFORE_RENAME = """

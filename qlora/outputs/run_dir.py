@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,6 +62,7 @@ class RunDir:
     lock_path: Path
     lock_fd: int | None
     replaces: bool = False  # publish swaps out an existing final directory (a deliberate rebuild)
+    created: Path | None = None  # the outermost directory the claim created for the root: removed again if left empty
 
     @property
     def staged_complete(self) -> bool:
@@ -106,6 +108,21 @@ class RunDir:
         finally:
             os.close(self.lock_fd)
             self.lock_fd = None
+        self._remove_created_if_empty()
+
+    def _remove_created_if_empty(self) -> None:
+        """A run refused after its claim leaves no empty OUTPUT_ROOT behind (the directories the claim made)."""
+        if self.created is None:
+            return
+        directory = self.lock_path.parent
+        while True:
+            try:
+                directory.rmdir()  # only an empty directory goes
+            except OSError:
+                return
+            if directory == self.created:
+                return
+            directory = directory.parent
 
     def __enter__(self) -> RunDir:
         return self
@@ -155,6 +172,7 @@ def claim(root: Path, name: str, if_exists: str = "refuse", log: Callable[[str],
     if if_exists not in IF_EXISTS_POLICIES + ("replace",):
         raise OutputDirError(f"if_output_exists={if_exists!r} is unknown; allowed: {', '.join(IF_EXISTS_POLICIES)}")
     check_output_root(root)
+    created = next((d for d in reversed([root, *root.parents]) if not d.exists()), None)
     root.mkdir(parents=True, exist_ok=True)
     for k in range(1, 10_000):
         candidate = name if k == 1 else f"{name}-{k}"
@@ -173,7 +191,7 @@ def claim(root: Path, name: str, if_exists: str = "refuse", log: Callable[[str],
         if holder:
             log(f"taking over the lock of {candidate} left by PID {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')}, which is no longer running")
-        return RunDir(final, staging, lock_path, fd, replaces=if_exists == "replace")
+        return RunDir(final, staging, lock_path, fd, replaces=if_exists == "replace", created=created)
     raise OutputDirError(f"no free name {name}-k under {root}")
 
 def discard_staging(run: RunDir) -> None:
@@ -181,10 +199,11 @@ def discard_staging(run: RunDir) -> None:
     shutil.rmtree(run.staging, ignore_errors=True)
 
 
-def claim_on_main(is_main: bool, root, name: str, if_exists: str):
+def claim_on_main(is_main: bool, root, name: str, if_exists: str, dry_run: bool = False):
     """Rank 0 claims the output directory (run_dir.claim: the lock is held until publish); every rank gets its
-    paths."""
-
+    paths. A dry run claims nothing and writes nothing: a context holding None."""
+    if dry_run:
+        return nullcontext(None)
     run = claim(root, name, if_exists, log=lambda line: step("plan", "%s", line)) if is_main else None
     final, staging = from_main((run.final, run.staging) if run else None)
     return run or RunDir(final, staging, lock_path=final.parent / f".{final.name}.lock", lock_fd=None)
