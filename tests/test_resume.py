@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from qlora.train.checkpoints import MARKER, checkpoint_problem
 from conftest import OPENMATH_SAMPLE, TRAIN_SCRIPT, run_train
@@ -121,3 +122,26 @@ def test_a_kill_after_training_resumes_from_the_last_step_without_training_again
     meta = json.loads((out / NAME / "metadata.json").read_text())
     assert meta["training"]["steps"] == 6 and meta["training"]["resumed_from_step"] == 6
     assert len(meta["training"]["loss_curve"]) == 6 and meta["merge_check"]["passed"]
+
+
+def test_save_steps_changes_neither_losses_nor_weights(tiny_model_dir, tmp_path):
+    """save_steps is result-neutral (a resumed run may change it): the held-out evaluation at each checkpoint
+    leaves the training's random state (the adapters' dropout) as it found it, so two runs that differ only in
+    save_steps log the same losses and train the same adapter."""
+    from safetensors.torch import load_file
+
+    args = [arg for arg in ARGS if not arg.startswith("--save_steps=")]
+    runs = {}
+    for save_steps in (2, 100):
+        out = tmp_path / f"save_steps_{save_steps}"
+        result = run_train([f"--MODEL_NAME={tiny_model_dir}", f"--DATASET_PATH={OPENMATH_SAMPLE}", f"--OUTPUT_ROOT={out}",
+                            *args, f"--save_steps={save_steps}", "--merge_after_train=false"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        directory = next(out.iterdir())
+        training = json.loads((directory / "metadata.json").read_text())["training"]
+        runs[save_steps] = (training, load_file(directory / "adapter" / "adapter_model.safetensors"))
+    (often, often_weights), (once, once_weights) = runs[2], runs[100]
+    assert often["eval_loss_steps"] == [2, 4, 6] and once["eval_loss_steps"] == [6]  # the evaluations did differ
+    assert often["loss_curve"] == once["loss_curve"] and often["eval_loss"] == once["eval_loss"]
+    assert often_weights.keys() == once_weights.keys()
+    assert all(torch.equal(often_weights[name], once_weights[name]) for name in often_weights)

@@ -56,9 +56,27 @@ def build_trainer(model, tokenizer, cfg: Mapping[str, Any], train_data, eval_dat
                          callbacks=[MarkCompleteCallback(cfg), StopOnSignalCallback(), non_finite],
                          compute_loss_func=compute_loss_func)
     non_finite.watch(trainer)
+    evaluation_keeps_random_state(trainer)
     keep_trainable_dtypes(trainer)
     keep_tracker_logs(trainer, Path(output_dir).parent / "tensorboard")
     return trainer
+
+
+def evaluation_keeps_random_state(trainer) -> None:
+    """Each evaluation runs on a fork of the random number generators, so training resumes with the state it
+    left: creating the eval dataloader's iterator draws its base seed from torch's global generator, which the
+    adapters' dropout also draws from, so two runs differing only in save_steps (which sets how often the
+    held-out loss is taken) otherwise trained differently after the first evaluation."""
+    import torch
+
+    evaluate = trainer.evaluate
+
+    def evaluate_on_forked_rng(*args, **kwargs):
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return evaluate(*args, **kwargs)
+
+    trainer.evaluate = evaluate_on_forked_rng
 
 
 def keep_tracker_logs(trainer, directory: Path) -> None:
