@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qlora.checks.scoring import math_answer_correct, perplexity, squad_exact_match, squad_f1
 from qlora.core.errors import reading_user_file
-from qlora.core.files import non_finite_as_null, non_finite_values, write_json
+from qlora.core.files import absolute_if_local, non_finite_as_null, non_finite_values, write_json
 from qlora.core.memory import weight_footprint
 from qlora.data.formats import (DATASETS, get_dataset_spec, load_rows, resolve_source, split_rows, squad_answers,
                                 to_sft_dataset)
@@ -19,7 +19,6 @@ from qlora.model.loading import (check_safetensors_weights, load_causal_lm, load
                                  quiet_bitsandbytes_notices)
 from qlora.outputs.loss_plot import pyplot
 from qlora.outputs.model_card import write_model_cards
-from qlora.outputs.publish import absolute_if_local
 from qlora.outputs.read import (base_load_extras, check_finished, check_remote_code, load_output_dir, metadata_fields,
                                 read_metadata, run_config)
 from quantization_utils import QuantMethod, detect_quant_method

@@ -13,10 +13,11 @@ import yaml
 from qlora.core.errors import ConfigError
 from conftest import run_python
 from qlora.outputs.loss_plot import write_loss_plot
-from qlora.outputs.model_card import adapter_card, bnb_code, bnb_arguments, training_card, write_model_cards
+from qlora.outputs.model_card import adapter_card, bnb_code, bnb_arguments, ptq_card, training_card, write_model_cards
 from quantization_utils import build_metadata, build_quantization_plan
 
 NAME = "Qwen3-0.6B-openmath_SFT_LoRa8_QLORA_w4_headbf16"
+PATH = f"/outputs/{NAME}"  # where the cards say the directory was published
 CONFIG = {"PEFT_CONFIG": "LoRa", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj"],
           "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
           "optim": "paged_adamw_8bit", "max_seq_length": 128, "max_train_samples": 200, "eval_samples": 16}
@@ -42,7 +43,7 @@ def front_matter(card: str) -> dict:
 
 
 def test_merged_card_front_matter_follows_hub_conventions():
-    card = training_card(metadata(), NAME, None)
+    card = training_card(metadata(), NAME, None, PATH)
     meta = front_matter(card)
     assert meta["base_model"] == "Qwen/Qwen3-0.6B" and meta["base_model_relation"] == "finetune"
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
@@ -55,9 +56,10 @@ def test_merged_card_front_matter_follows_hub_conventions():
 
 
 def test_adapter_card_is_peft_and_its_bitsandbytes_config_is_the_training_plan():
-    card = adapter_card(metadata(), NAME, None)
+    card = adapter_card(metadata(), NAME, None, PATH)
     meta = front_matter(card)
     assert meta["library_name"] == "peft" and meta["base_model_relation"] == "adapter"
+    assert meta["base_model"] == "Qwen/Qwen3-0.6B"  # the hub links an adapter to its base by this field
     assert "base_model:adapter:Qwen/Qwen3-0.6B" in meta["tags"] and "qlora" in meta["tags"]
     assert "trained on the **4-bit NF4 quantization**" in card and "base_quantization_config.json" in card
     # the config shown in the card, run as Python, is the one the run trained with
@@ -73,16 +75,35 @@ def test_adapter_card_is_peft_and_its_bitsandbytes_config_is_the_training_plan()
 def test_local_base_and_data_are_named_in_the_text_not_the_front_matter():
     meta = metadata(base_model="/models/Qwen3-0.6B")
     meta["dataset"]["path"] = "/data/rows.jsonl"
-    card = training_card(meta, NAME, None)
+    card = training_card(meta, NAME, None, PATH)
     assert "base_model" not in front_matter(card) and "datasets" not in front_matter(card)
     assert "`/models/Qwen3-0.6B`" in card and "/data/rows.jsonl" in card
 
 
+def test_card_code_names_the_published_directory_and_what_to_change_after_a_copy():
+    card = training_card(metadata(base_model="/models/Qwen3-0.6B"), NAME, None, PATH)
+    assert f"from_pretrained({PATH!r}" in card and f"PeftModel.from_pretrained(base, '{PATH}/adapter')" in card
+    assert f"replace `{PATH}` with its new path, and `/models/Qwen3-0.6B` with the base model's" in card
+    assert f"python tools/chat.py {PATH}" in card
+    hub_card = training_card(metadata(), NAME, None, PATH)
+    assert f"replace `{PATH}` with its new path." in hub_card  # a hub base needs no change
+
+
+def test_ptq_card_tags_its_own_format_not_the_sources_bitsandbytes():
+    source = metadata()
+    for method, present, absent in (("GPTQ", {"gptq", "compressed-tensors", "qlora", "lora"}, {"bitsandbytes", "nf4"}),
+                                    ("BNB_NF4", {"bitsandbytes", "nf4", "qlora"}, set())):
+        meta = {"quantization": {"method": method, "weights_bits": 4, "lm_head_dtype": "bf16", "extras": {}},
+                "source": {"dir": "/outputs/x", "metadata": source}, "artifact": {"kind": "ptq"}}
+        tags = front_matter(ptq_card(meta, f"{NAME}-{method}", None, PATH))["tags"]
+        assert present <= set(tags) and not absent & set(tags) and len(tags) == len(set(tags)), (method, tags)
+
+
 def test_bf16_lora_and_adapter_only_cards():
-    card = adapter_card(metadata(method="NONE"), NAME, None)
+    card = adapter_card(metadata(method="NONE"), NAME, None, PATH)
     assert "BitsAndBytesConfig" not in card and "trained on the bf16 base" in card
     assert "qlora" not in front_matter(card)["tags"]
-    only = training_card(metadata(kind="adapter_only"), NAME, None)
+    only = training_card(metadata(kind="adapter_only"), NAME, None, PATH)
     assert front_matter(only)["library_name"] == "peft" and "## Merge check" not in only
     assert "### The merged model" not in only and "### The adapter" in only
 
@@ -91,7 +112,7 @@ def test_flagged_merge_says_the_adapter_is_primary():
     meta = metadata()
     meta["artifact"]["primary"] = "adapter"
     meta["merge_check"] = {**MERGE_CHECK, "passed": False}
-    card = training_card(meta, NAME, None)
+    card = training_card(meta, NAME, None, PATH)
     assert "adapter (`adapter/`, on the base it was trained on) is the primary artifact" in card
     assert "**FAILED" in card
 
@@ -103,7 +124,7 @@ def test_generation_check_evaluation_and_exports_are_rendered_when_present():
                               "tensors": 24, "bytes": 1000, "converter": "llama.cpp 0c1e57098"}])
     results = {"accuracy": 73.0, "heldout_loss": 0.4, "rows": 100, "load_kind": "merged", "device": "cpu",
                "dataset": {"name": "openmath", "path": "/data/rows.jsonl", "seed": 42}, "max_new_tokens": 48}
-    card = training_card(meta, NAME, results)
+    card = training_card(meta, NAME, results, PATH)
     assert "## Generation check" in card and "94% ended with an end-of-sequence token" in card
     assert "She has \\boxed{3}." in card
     assert "## Evaluation" in card and "| accuracy (%) | 73 |" in card
@@ -136,17 +157,24 @@ def test_loss_plot_is_drawn_from_metadata(tmp_path):
 
 # ----- adapter and tokenizer files --------------------------------------------------------------------------
 
-def test_describe_adapter_keeps_the_base_as_given(tmp_path):
+def test_describe_adapter_names_a_local_base_absolutely_and_a_hub_id_as_given(tmp_path, monkeypatch):
+    """The adapter loads from any working directory: a local base given relative to the run's is written
+    absolute; a hub id stays a hub id."""
     from transformers import BitsAndBytesConfig
 
     from qlora.train.adapter import BASE_QUANTIZATION_FILE, describe_adapter
 
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/abs/models/Qwen3-0.6B",
-                                                              "peft_type": "LORA"}))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "Qwen3-0.6B").mkdir(parents=True)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
     _, bnb = build_quantization_plan("QLORA")
-    describe_adapter(tmp_path, "models/Qwen3-0.6B", bnb)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/Qwen3-0.6B"
-    saved = BitsAndBytesConfig.from_dict(json.loads((tmp_path / BASE_QUANTIZATION_FILE).read_text()))
+    for given, written in (("models/Qwen3-0.6B", str(tmp_path / "models" / "Qwen3-0.6B")),
+                           ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B")):
+        (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x", "peft_type": "LORA"}))
+        describe_adapter(adapter, given, bnb)
+        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == written
+    saved = BitsAndBytesConfig.from_dict(json.loads((adapter / BASE_QUANTIZATION_FILE).read_text()))
     assert saved.to_dict() == bnb.to_dict()
 
 

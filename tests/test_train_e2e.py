@@ -142,7 +142,7 @@ def test_adapter_directory_describes_its_base(trained, tiny_model_dir):
     out, _ = trained
     adapter = out / EXPECTED_NAME / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tiny_model_dir)  # MODEL_NAME as the command gave it
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())  # a local base, absolute
     assert json.loads((adapter / "base_quantization_config.json").read_text())["bnb_4bit_quant_type"] == "nf4"
     for directory in (adapter, adapter.parent):  # a class name transformers 4.57 (llama.cpp's converter) also loads
         assert json.loads((directory / "tokenizer_config.json").read_text())["tokenizer_class"] != "TokenizersBackend"

@@ -35,7 +35,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from qlora.outputs.publish import absolute_if_local, library_versions
+from qlora.core.files import absolute_if_local
+from qlora.outputs.publish import library_versions
 from qlora.outputs.read import check_finished, check_remote_code, metadata_fields, read_metadata
 from qlora.core.files import write_json
 from qlora.data.formats import DATASETS, load_rows, to_sft_dataset
@@ -404,7 +405,7 @@ def main(argv=None) -> Path:
             )
             write_json(staging / "metadata.json", metadata)
             write_loss_plot(staging, metadata)  # the source run's training_loss.png, when it has one
-            write_model_cards(staging, metadata, final_dir.name)
+            write_model_cards(staging, metadata, final_dir)
             run.mark_staged()
             final_dir = run.publish()
         except BaseException:

@@ -142,3 +142,10 @@ def disk_full_is_a_user_error(needed_bytes: int, directory: Path):
         if full is None:
             raise
         raise full from None
+
+
+def absolute_if_local(name_or_path: str | None) -> str | None:
+    """A path that exists here, made absolute (metadata is read from other directories); a hub id or None as is."""
+    if name_or_path is None or not Path(name_or_path).exists():
+        return name_or_path
+    return str(Path(name_or_path).resolve())

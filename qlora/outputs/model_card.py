@@ -173,10 +173,11 @@ def merge_section(metadata: dict) -> str | None:
              f"{' re-quantized to NF4' if check.get('artifact_candidate') == 'nf4' else ''}.", ""]
     candidates = check.get("candidates") or {}
     if candidates:
-        lines += ["| candidate | mean KL | max abs logit diff | loss |", "|---|---|---|---|"]
+        lines += ["| candidate | mean KL | max abs logit diff | loss over every token of the check rows |", "|---|---|---|---|"]
         lines += [f"| {name} | {fmt(c.get('mean_kl'), 3)} | {fmt(c.get('max_abs_logit_diff'))} | {fmt(c.get('loss'))} |"
                   for name, c in candidates.items()]
-        lines += ["", f"The trained model's loss on the same tokens: {fmt(check.get('trained_loss'))}."
+        lines += ["", f"The trained model's loss on the same tokens: {fmt(check.get('trained_loss'))} (prompt tokens "
+                  "included, so not comparable with the held-out loss per completion token above)."
                   + (" `original` is the adapter added to the 16-bit weights of the base: what a client that loads "
                      "the adapter on the 16-bit base computes." if "original" in candidates else "")]
     return "\n".join(lines) + "\n"
@@ -288,9 +289,20 @@ def ptq_loading(metadata: dict, path: str) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained({path!r})\n```\n")
 
 
+def moved_note(metadata: dict, path: str, with_base: bool) -> str:
+    """What to change in the code above once the directory is copied elsewhere."""
+    base = str(metadata.get("base_model") or "")
+    local_base = with_base and base and hub_id(base) is None
+    return (f"The paths above are where this directory was written, so the code runs as it is from any folder of "
+            f"that machine. Copied elsewhere, replace `{path}` with its new path"
+            + (f", and `{base}` with the base model's (`adapter/adapter_config.json` names it too)." if local_base
+               else ".") + "\n")
+
+
 def project_loading(path: str) -> str:
-    return ("With this project: `qlora.outputs.read.load_output_dir(path)` loads whatever metadata.json names as the primary "
-            f"artifact, and `python tools/evaluate.py {path}` scores it.\n")
+    return (f"With this project: `python tools/chat.py {path}` talks to it (the chat template and the stop rule it was "
+            f"trained and checked with; `--prompt TEXT` for one answer), `python tools/evaluate.py {path}` scores it, and "
+            "`qlora.outputs.read.load_output_dir(path)` loads whatever metadata.json names as the primary artifact.\n")
 
 
 # ----- the cards --------------------------------------------------------------------------------------------
@@ -299,12 +311,12 @@ def join(*sections: str | None) -> str:
     return "\n".join(section for section in sections if section).rstrip() + "\n"
 
 
-def training_card(metadata: dict, name: str, results: dict | None) -> str:
-    """README.md of a 01_Train.py output directory."""
+def training_card(metadata: dict, name: str, results: dict | None, path: str) -> str:
+    """README.md of a 01_Train.py output directory published at `path` (absolute)."""
     artifact = metadata.get("artifact") or {}
     kind = artifact.get("kind")
     has_adapter = bool(artifact.get("adapter_dir"))
-    adapter_path = f"{name}/{artifact.get('adapter_dir') or 'adapter'}"
+    adapter_path = f"{path}/{artifact.get('adapter_dir') or 'adapter'}"
     what = {"merged_bf16": "the merged model (bf16)", "merged_nf4": "the merged model, re-quantized to NF4",
             "full_bf16": "the fully fine-tuned model (bf16)", "adapter_only": "the adapter only"}.get(kind, kind)
     lines = [f"# {name}", "",
@@ -317,10 +329,10 @@ def training_card(metadata: dict, name: str, results: dict | None) -> str:
                   "trained on) is the primary artifact.**"]
     loading = ["## How to load", ""]
     if kind in ("merged_bf16", "merged_nf4", "full_bf16"):
-        loading += ["### The merged model", "", merged_loading(metadata, name)]
+        loading += ["### The merged model", "", merged_loading(metadata, path)]
     if has_adapter:
         loading += ["### The adapter", "", adapter_loading(metadata, adapter_path)]
-    loading += [project_loading(name)]
+    loading += [project_loading(path), moved_note(metadata, path, has_adapter)]
     tags = training_tags(metadata) + (["merged"] if kind in ("merged_bf16", "merged_nf4") else [])
     library = "peft" if kind == "adapter_only" else "transformers"
     relation = "adapter" if kind == "adapter_only" else "finetune"
@@ -329,22 +341,23 @@ def training_card(metadata: dict, name: str, results: dict | None) -> str:
                 exports_section(metadata), "\n".join(loading))
 
 
-def adapter_card(metadata: dict, name: str, results: dict | None) -> str:
-    """README.md of adapter/ inside a 01_Train.py output directory."""
+def adapter_card(metadata: dict, name: str, results: dict | None, path: str) -> str:
+    """README.md of adapter/ inside a 01_Train.py output directory published at `path` (absolute)."""
     base = metadata.get("base_model")
-    adapter_path = f"{name}/{(metadata.get('artifact') or {}).get('adapter_dir') or 'adapter'}"
+    adapter_path = f"{path}/{(metadata.get('artifact') or {}).get('adapter_dir') or 'adapter'}"
     tags = ["peft"] + training_tags(metadata) + ([f"base_model:adapter:{hub_id(base)}"] if hub_id(base) else [])
     intro = (f"# {name}: adapter\n\nThe {metadata.get('peft')} adapter trained by this project's Fine-tuning/01_Train.py "
              f"on `{base}` (base weights: {base_plan_text(metadata)}). The merged model, if the run wrote one, is in "
              "the directory above.\n")
     adapter_results = results if results and results.get("load_kind") == "adapter" else None
-    return join(front_matter(metadata, "peft", "adapter", tags), intro, "## How to load\n\n" + adapter_loading(metadata, adapter_path),
+    return join(front_matter(metadata, "peft", "adapter", tags), intro,
+                "## How to load\n\n" + adapter_loading(metadata, adapter_path) + "\n" + moved_note(metadata, path, True),
                 training_section(metadata).replace("(training_loss.png)", "(../training_loss.png)"),
                 merge_section(metadata), evaluation_section(adapter_results))
 
 
-def ptq_card(metadata: dict, name: str, results: dict | None) -> str:
-    """README.md of a tools/quantize.py sibling."""
+def ptq_card(metadata: dict, name: str, results: dict | None, path: str) -> str:
+    """README.md of a tools/quantize.py sibling published at `path` (absolute)."""
     quant = metadata.get("quantization") or {}
     extras = quant.get("extras") or {}
     source = metadata.get("source") or {}
@@ -361,10 +374,14 @@ def ptq_card(metadata: dict, name: str, results: dict | None) -> str:
             "GPTQ": ["gptq", "compressed-tensors", f"{quant.get('weights_bits')}-bit"],
             "W8A8": ["w8a8", "compressed-tensors", "8-bit"]}.get(quant.get("method"), [])
     trained = training_section(source_meta, "## How the source was trained") if source_meta.get("training") else None
+    # how the source was trained, not what loading this sibling needs: its own format decides that
+    source_tags = [tag for tag in training_tags(source_meta) if tag not in ("bitsandbytes", "4-bit", "8-bit")
+                   and tag not in tags] if source_meta.get("training") else []
     return join(front_matter(metadata, "transformers", "finetune" if source_meta.get("training") else "quantized",
-                             tags + (training_tags(source_meta) if source_meta.get("training") else [])),
+                             tags + source_tags),
                 intro, quality_section(metadata), evaluation_section(results), trained, exports_section(metadata),
-                "## How to load\n\n" + ptq_loading(metadata, name) + "\n" + project_loading(name))
+                "## How to load\n\n" + ptq_loading(metadata, path) + "\n" + project_loading(path) + "\n"
+                + moved_note(metadata, path, False))
 
 
 def read_eval_results(directory: Path) -> dict | None:
@@ -378,25 +395,26 @@ def read_eval_results(directory: Path) -> dict | None:
     return results if isinstance(results, dict) else None
 
 
-def write_model_cards(directory: str | Path, metadata: dict | None = None, name: str | None = None) -> list[Path]:
+def write_model_cards(directory: str | Path, metadata: dict | None = None, final: str | Path | None = None) -> list[Path]:
     """Render README.md into `directory` (and adapter/README.md when it has an adapter) from its metadata
-    (`metadata`, or its metadata.json) and its eval_results.json. `name` is the directory's published name
-    (default: its own). Returns the files written."""
+    (`metadata`, or its metadata.json) and its eval_results.json. `final` is where the directory is published
+    (default: where it is); the cards' code names it by its absolute path. Returns the files written."""
 
     directory = Path(directory)
     metadata = metadata if metadata is not None else read_metadata(directory)
     if metadata is None:
         return []
-    name = name or directory.name
+    final = Path(final or directory).resolve()
+    name, path = final.name, str(final)
     results = read_eval_results(directory)
     written = []
     if (metadata.get("artifact") or {}).get("kind") == "ptq":
-        card = ptq_card(metadata, name, results)
+        card = ptq_card(metadata, name, results, path)
     else:
-        card = training_card(metadata, name, results)
+        card = training_card(metadata, name, results, path)
         adapter_dir = directory / ((metadata.get("artifact") or {}).get("adapter_dir") or "adapter")
         if (metadata.get("artifact") or {}).get("adapter_dir") and (adapter_dir / "adapter_config.json").is_file():
-            (adapter_dir / CARD_FILE).write_text(adapter_card(metadata, name, results), encoding="utf-8")
+            (adapter_dir / CARD_FILE).write_text(adapter_card(metadata, name, results, path), encoding="utf-8")
             written.append(adapter_dir / CARD_FILE)
     (directory / CARD_FILE).write_text(card, encoding="utf-8")
     return [directory / CARD_FILE, *written]

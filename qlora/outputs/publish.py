@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from qlora.core.files import write_json
+from qlora.core.files import absolute_if_local, write_json
 from qlora.outputs.loss_plot import write_loss_plot
 from qlora.outputs.model_card import write_model_cards
 from qlora.train.peft import PeftKind, peft_options
@@ -32,13 +32,6 @@ def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     return versions
 
 
-def absolute_if_local(name_or_path: str | None) -> str | None:
-    """A path that exists here, made absolute (metadata is read from other directories); a hub id or None as is."""
-    if name_or_path is None or not Path(name_or_path).exists():
-        return name_or_path
-    return str(Path(name_or_path).resolve())
-
-
 def run_metadata(*, spec, cfg: dict, data, prompt_format: str, parameters: tuple[int, int], footprint: dict,
                  artifact: dict, merge_check: dict | None, generation: dict | None, peak: dict, training: dict,
                  memory_plan: dict) -> dict[str, Any]:
@@ -60,7 +53,7 @@ def publish_run(run, cfg: dict, metadata: dict) -> Path:
     metadata written; all flushed and marked complete) and publish it under its final name."""
     shutil.rmtree(run.staging / "checkpoints", ignore_errors=True)
     write_loss_plot(run.staging, metadata)  # training_loss.png
-    write_model_cards(run.staging, metadata, run.final.name)  # README.md, adapter/README.md
+    write_model_cards(run.staging, metadata, run.final)  # README.md, adapter/README.md
     write_json(run.staging / "resolved_config.json", cfg)
     write_json(run.staging / "metadata.json", metadata)
     run.mark_staged()

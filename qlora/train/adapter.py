@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from qlora.core.files import write_json
+from qlora.core.files import absolute_if_local, write_json
 from qlora.core.heap import release_free_heap
 from qlora.model.loading import load_adapter_model, save_tokenizer
 
@@ -35,14 +35,15 @@ BASE_QUANTIZATION_FILE = "base_quantization_config.json"
 
 def describe_adapter(directory: Path, base_model: str, bnb_config=None, tokenizer=None) -> None:
     """What a client needs to load the adapter on the base it was trained on: adapter_config.json names
-    `base_model` as the user gave it (a hub id stays a hub id; a local path is not made absolute), the 4-bit
+    `base_model` (a hub id as given; a local directory by its absolute path, so that the adapter loads from any
+    working directory on this machine), the 4-bit
     plan of the base is written to BASE_QUANTIZATION_FILE (`BitsAndBytesConfig.from_dict` reads it), and the
     tokenizer is saved beside it (AutoPeftModelForCausalLM loads it from there)."""
     import json
 
     config_file = Path(directory) / "adapter_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = str(base_model)
+    config["base_model_name_or_path"] = absolute_if_local(str(base_model))
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")  # as peft writes it
     if bnb_config is not None:
         write_json(Path(directory) / BASE_QUANTIZATION_FILE, bnb_config.to_dict())
