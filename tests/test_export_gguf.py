@@ -46,6 +46,35 @@ def test_what_cannot_be_exported_is_one_line(case, tiny_model_dir, tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == before
 
 
+def test_code_shipped_in_the_directory_never_runs_without_the_flag(tiny_model_dir, tmp_path):
+    """A crafted directory whose tokenizer_config.json maps the tokenizer to a shipped file (llama.cpp's converter
+    loads tokenizers with trust_remote_code=True), or whose metadata says its run trusted remote code: refused in
+    one line before the converter starts, and the shipped code has not run."""
+    directory = output_dir(tmp_path, tiny_model_dir)
+    marker = tmp_path / "shipped_code_ran"
+    (directory / "tokenization_shipped.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_shipped.ShippedTokenizer", None]}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as raised:
+        export([str(directory), "--llama-cpp", str(tmp_path / "no-converter-needed")])
+    message = str(raised.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "tokenizer_config.json points to Python code" in message
+    assert "--trust-remote-code" in message and not marker.exists()
+    assert not list(directory.glob("*.gguf"))
+
+    trusted = output_dir(tmp_path / "trusted", tiny_model_dir)
+    metadata = json.loads((trusted / "metadata.json").read_text())
+    metadata["config"] = {"trust_remote_code": True}
+    (trusted / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(SystemExit, match="says trust_remote_code=True"):
+        export([str(trusted)])
+    # with the flag the directory passes the check (here it then stops at the missing converter)
+    with pytest.raises(SystemExit, match="has no convert_hf_to_gguf.py"):
+        export([str(directory), "--trust-remote-code", "--llama-cpp", str(tmp_path / "no-converter-needed")])
+    assert not marker.exists()
+
+
 def test_missing_dir_and_existing_file_are_refused(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="is not a directory"):
         export([str(tmp_path / "nope")])

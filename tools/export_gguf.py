@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from qlora.outputs.read import check_finished, read_metadata
+from qlora.outputs.read import check_finished, check_remote_code, read_metadata
 from qlora.core.files import write_json
 from qlora.core.errors import UserError
 
@@ -118,6 +118,28 @@ def check_exportable(directory: Path, metadata: dict | None) -> None:
         raise ExportError(f"{directory} is quantized; GGUF export reads 16-bit weights: export its 16-bit source")
 
 
+# Files whose `auto_map` names Python code in the directory: llama.cpp's converter loads the tokenizer (and, for
+# some architectures, the config) with trust_remote_code=True, so that code would run.
+AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
+
+
+def check_no_shipped_code(directory: Path, metadata: dict | None, trust_remote_code: bool) -> None:
+    """A one-line UserError, before the converter runs, for a directory that ships Python code (`auto_map` in
+    AUTO_MAP_FILES, or a metadata.json saying its run trusted remote code) when --trust-remote-code is not given."""
+    check_remote_code(directory, metadata, trust_remote_code)
+    if trust_remote_code:
+        return
+    for name in AUTO_MAP_FILES:
+        file = directory / name
+        try:
+            config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ExportError(f"{file} is not valid JSON") from None
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise ExportError(f"{file} points to Python code shipped in the directory (auto_map), which llama.cpp's "
+                              "converter would run; pass --trust-remote-code if you trust its source")
+
+
 def check_libraries() -> None:
     from importlib.util import find_spec
 
@@ -177,6 +199,9 @@ def parse_args(argv):
     parser.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"),
                         help="a llama.cpp checkout to take convert_hf_to_gguf.py from (default: $LLAMA_CPP_DIR, else "
                              f"the one fetched into {CONVERTER_CACHE.relative_to(ROOT)})")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the converter run Python code shipped inside DIR (auto_map); only for sources you "
+                             "trust. Off unless given here: a directory's own files never turn it on")
     parser.add_argument("--print-commands", action="store_true",
                         help="print how to get and run the converter by hand, and stop")
     return parser.parse_args(argv)
@@ -192,6 +217,7 @@ def main(argv=None) -> Path | None:
     try:
         metadata = read_metadata(directory) if directory.is_dir() else None
         check_exportable(directory, metadata)
+        check_no_shipped_code(directory, metadata, args.trust_remote_code)
         if outfile.exists():
             raise ExportError(f"{outfile} exists; remove it or pass --outfile")
         check_libraries()
