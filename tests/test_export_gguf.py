@@ -9,6 +9,7 @@ from importlib.util import find_spec
 import pytest
 from safetensors import safe_open
 
+from conftest import ROOT
 from quantization_utils import build_metadata, build_quantization_plan
 from tools.export_gguf import CONVERTER_CACHE, LLAMA_CPP_COMMIT, converter_script, main as export
 
@@ -139,11 +140,45 @@ def test_gguf_round_trip(qwen2_vocab_output):
     assert not list(directory.glob(".*.partial"))
 
 
-def test_a_locally_trained_tokenizer_is_explained_in_one_line(tiny_model_dir, tmp_path):
+def test_a_tokenizer_with_an_unknown_pre_tokenizer_is_explained_in_one_line(tiny_model_dir, tmp_path):
     converter_or_skip()
     directory = output_dir(tmp_path, tiny_model_dir)
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    (directory / "tokenizer.json").write_text(json.dumps(spec))  # a split rule llama.cpp has no name for
     with pytest.raises(SystemExit) as raised:
         export([str(directory)])
     message = str(raised.value.code)
     assert message.startswith("error: llama.cpp's converter does not know this tokenizer") and "\n" not in message
+    assert "none of those this tool can name (gpt-2, qwen2)" in message
     assert not list(directory.glob("*.gguf")) and not list(directory.glob(".*.partial"))
+
+
+DEMO_MODEL = ROOT / "models" / "Qwen3-arith-1M"
+
+
+def test_the_demo_models_locally_trained_tokenizer_exports_and_tokenizes_alike(tmp_path):
+    """The demo's tokenizer (trained here, GPT-2's split rule) is unknown to the converter's hash table: it is
+    named from tokenizer.json, and the GGUF's vocabulary gives the tokenizer's ids on the check texts."""
+    converter_or_skip()
+    directory = output_dir(tmp_path, DEMO_MODEL)
+    gguf_file = export([str(directory), "--outtype", "f16"])
+    record = json.loads((directory / "metadata.json").read_text())["exports"][-1]
+    assert record["tokenizer_pre"] == "gpt-2" and record["architecture"] == "qwen3"
+    assert record["tokenization_check"]["checked"] and record["tokenization_check"]["texts"] >= 3
+    assert gguf_file.is_file()
+
+
+def test_a_gguf_that_tokenizes_differently_is_removed_and_refused(tmp_path, monkeypatch):
+    """Named the wrong pre-tokenizer (Qwen2's split rule for a GPT-2 one), the converter writes a GGUF whose
+    tokenization differs from the model's: the check refuses it in one line and the file is gone."""
+    converter_or_skip()
+    import tools.export_gguf as export_gguf
+
+    directory = output_dir(tmp_path, DEMO_MODEL)
+    monkeypatch.setattr(export_gguf, "recognized_pre", lambda _: "qwen2")
+    with pytest.raises(SystemExit) as raised:
+        export([str(directory), "--outtype", "f16"])
+    message = str(raised.value.code)
+    assert message.startswith("error: the GGUF does not tokenize as the model's tokenizer (pre-tokenizer qwen2)")
+    assert "\n" not in message and not list(directory.glob("*.gguf")) and not list(directory.glob(".*.partial"))

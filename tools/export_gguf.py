@@ -8,6 +8,10 @@ from a llama.cpp checkout (--llama-cpp DIR). It runs in this Python, which needs
 (requirements.txt). The file is written into the directory as NAME-OUTTYPE.gguf, read back with the gguf
 package (architecture, tensor count) and recorded in metadata.json under `exports`; the model card is rendered
 again. Without a converter (no network), the exact commands to get and run one are printed.
+A BPE tokenizer the converter's hash table does not list (one trained locally, like the demo's) is exported
+when its tokenizer.json pre-tokenizer is one llama.cpp implements (GPT-2's, Qwen2's); after every export the
+GGUF's vocabulary must tokenize fixed texts and held-out rows as the model's tokenizer does, or the file is
+removed and the export refused (qlora/outputs/gguf.py). Code shipped in DIR runs only with --trust-remote-code.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from qlora.outputs.read import check_finished, check_remote_code, read_metadata
 from qlora.core.files import write_json
 from qlora.core.errors import UserError
+from qlora.outputs.gguf import KNOWN_PRE, gguf_tokenizer, recognized_pre, tokenization_mismatch
 
 LLAMA_CPP_PYTHON = "0.3.36"  # llama-cpp-python release whose sdist vendors the converter
 LLAMA_CPP_COMMIT = "0c1e57098"  # the llama.cpp commit it vendors (its CHANGELOG: "update llama.cpp to ...@0c1e57098")
@@ -154,24 +159,70 @@ def converter_failure(stderr: str) -> str:
     last = lines[-1] if lines else "no message"
     if "pre-tokenizer was not recognized" in stderr:
         return ("llama.cpp's converter does not know this tokenizer (it identifies a BPE tokenizer by hashing its "
-                "output on a fixed text; tokenizers trained locally, like this project's tiny and demo models, are "
-                f"not in its list): {last}")
+                "output on a fixed text, which only published tokenizers it lists match), and its tokenizer.json "
+                f"pre-tokenizer is none of those this tool can name ({', '.join(KNOWN_PRE)}): {last}")
     if "not supported" in last and "rchitecture" in last:
         return f"llama.cpp's converter has no support for this architecture: {last}"
     return f"llama.cpp's converter failed: {last}"
 
 
-def run_converter(script: Path, directory: Path, outtype: str, outfile: Path) -> None:
-    """Run convert_hf_to_gguf.py with this Python on `directory`, writing `outfile` (via a partial file)."""
+def run_converter(script: Path, directory: Path, outtype: str, outfile: Path, pre: str | None = None) -> None:
+    """Run convert_hf_to_gguf.py with this Python on `directory`, writing `outfile` (via a partial file); `pre`
+    names the pre-tokenizer where the converter's table of tokenizer hashes has none (qlora.outputs.gguf)."""
     partial = outfile.with_name(f".{outfile.name}.partial")
     env = {key: value for key, value in os.environ.items() if key != "NO_LOCAL_GGUF"}  # its own gguf-py
-    print(f"export   | {script} {directory} --outtype {outtype}", flush=True)
-    result = subprocess.run([sys.executable, str(script), str(directory), "--outtype", outtype, "--outfile", str(partial)],
-                            capture_output=True, text=True, env=env)
+    arguments = [str(directory), "--outtype", outtype, "--outfile", str(partial)]
+    told = f" (pre-tokenizer {pre} where its hashes do not know the tokenizer)" if pre else ""
+    print(f"export   | {script} {directory} --outtype {outtype}{told}", flush=True)
+    command = [sys.executable, "-m", "qlora.outputs.gguf", pre, str(script)] if pre else [sys.executable, str(script)]
+    result = subprocess.run(command + arguments, capture_output=True, text=True, env=env)
     if result.returncode != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
         raise ExportError(converter_failure(result.stderr))
     os.replace(partial, outfile)
+
+
+# Texts every export is checked on, beside held-out prompts: whitespace runs, digits, punctuation runs,
+# contractions, accents, CJK, Cyrillic and emoji (each exercises a different branch of a split rule)
+CHECK_TEXTS = ("\n \n\n \t\t 3 33 333 3333 3.3 3...3 ------======= ```````\"\"\"\"......!!!!!!??????",
+               "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea?",
+               "Ein naïve café, 我想在apple工作1314151天～, нещо на Български 🚀 (normal) 😶\u200d🌫️ ✅ 🦙🦙")
+HELD_OUT_CHECK_ROWS = 32
+
+
+def check_texts(directory: Path, metadata: dict | None, tokenizer) -> tuple[list[str], str]:
+    """The texts the GGUF's tokenization is checked on, and where they come from: CHECK_TEXTS, plus up to
+    HELD_OUT_CHECK_ROWS held-out rows of the training run (prompt rendered by the saved chat template, then the
+    completion) when its data file is readable here."""
+    from qlora.evaluation import held_out_rows, training_split
+
+    split = training_split(metadata)
+    try:
+        _, examples = held_out_rows(split, HELD_OUT_CHECK_ROWS) if split else (None, [])
+    except (OSError, ValueError) as err:
+        print(f"export   | the training run's held-out rows are not readable here ({str(err).splitlines()[0]}): "
+              "checking the fixed texts only", flush=True)
+        examples = []
+    texts = [tokenizer.apply_chat_template(e["prompt"], tokenize=False, add_generation_prompt=True)
+             + "".join(m["content"] for m in e["completion"]) for e in examples if "prompt" in e]
+    return [*CHECK_TEXTS, *texts], f"{len(CHECK_TEXTS)} fixed texts and {len(texts)} held-out rows"
+
+
+def check_tokenization(directory: Path, outfile: Path, metadata: dict | None, trust_remote_code: bool) -> dict:
+    """The GGUF's vocabulary tokenizes `check_texts` as the directory's tokenizer does (qlora.outputs.gguf): the
+    record for metadata.json. A mismatch is an ExportError (the caller removes the file)."""
+    from transformers import AutoTokenizer
+
+    rebuilt, pre = gguf_tokenizer(outfile)
+    if rebuilt is None:
+        return {"checked": False, "pre": pre, "why": f"pre-tokenizer {pre!r} is not one this tool rebuilds "
+                "(llama.cpp named it from its hash of the published tokenizer)"}
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    texts, source = check_texts(directory, metadata, tokenizer)
+    mismatch = tokenization_mismatch(tokenizer, rebuilt, texts)
+    if mismatch is not None:
+        raise ExportError(f"the GGUF does not tokenize as the model's tokenizer (pre-tokenizer {pre}): {mismatch}")
+    return {"checked": True, "pre": pre, "texts": len(texts), "source": source, "equal": True}
 
 
 def read_gguf(path: Path) -> dict:
@@ -214,6 +265,7 @@ def main(argv=None) -> Path | None:
     if args.print_commands:
         print(manual_commands(directory, args.outtype, outfile))
         return None
+    written = False
     try:
         metadata = read_metadata(directory) if directory.is_dir() else None
         check_exportable(directory, metadata)
@@ -231,14 +283,22 @@ def main(argv=None) -> Path | None:
                 print(manual_commands(directory, args.outtype, outfile), file=sys.stderr)
                 raise ExportError(f"{err}; the commands above get and run the converter by hand") from None
         started = time.time()
-        run_converter(script, directory, args.outtype, outfile)
+        run_converter(script, directory, args.outtype, outfile, recognized_pre(directory))
+        written = True
+        facts = read_gguf(outfile)
+        if not facts["tensors"] or not facts["architecture"]:
+            raise ExportError(f"{outfile} has no tensors or no architecture when read back; it is not usable")
+        tokenization = check_tokenization(directory, outfile, metadata, args.trust_remote_code)
     except UserError as err:
+        if written:  # by this call, and found wrong: not left to be used
+            outfile.unlink(missing_ok=True)
         raise SystemExit(f"error: {err}") from None
-    facts = read_gguf(outfile)
-    if not facts["tensors"] or not facts["architecture"]:
-        raise SystemExit(f"error: {outfile} has no tensors or no architecture when read back; it is not usable")
+    if tokenization["checked"]:
+        print(f"export   | tokenization: the GGUF's vocabulary gives the model tokenizer's ids on {tokenization['source']}",
+              flush=True)
     record = {"format": "gguf", "file": outfile.name if outfile.parent.resolve() == directory.resolve() else str(outfile.resolve()),
               "outtype": args.outtype, **facts, "bytes": outfile.stat().st_size, "seconds": round(time.time() - started, 2),
+              "tokenization_check": tokenization,
               "converter": f"llama.cpp {LLAMA_CPP_COMMIT}" + ("" if args.llama_cpp else
                                                               f" (llama-cpp-python {LLAMA_CPP_PYTHON} sdist)"),
               "created_unix": int(time.time())}
