@@ -109,6 +109,7 @@ def main(argv=None) -> Path | None:
         # the name is claimed before the data is read (a held name is refused at once); a dry run claims nothing
         with claim_on_main(launch.is_main, root, name, cfg["if_output_exists"], cfg["dry_run"]) as run:
             # ---- data -------------------------------------------------------------------------------
+            step("data", "reading the tokenizer and %s", cfg["DATASET_PATH"] or f"the {cfg['DATASET_CHOICE']} hub dataset")
             tokenizer = load_tokenizer(cfg["MODEL_NAME"], cfg["trust_remote_code"])
             prompt_format = ensure_chat_template(tokenizer, cfg["MODEL_NAME"])  # "model" | "plain" (saved with the output)
             data = load_training_data(cfg, tokenizer)
