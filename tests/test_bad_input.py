@@ -251,6 +251,17 @@ def test_disk_full_is_explained_with_the_size_needed(writer, tmp_path):
                                "checkpoint")
 
 
+def test_an_error_during_a_progress_bar_is_a_line_of_its_own():
+    """A failure while a progress bar is drawn (a disk filling up during a save) ends the bar's line first."""
+    result = subprocess.run([sys.executable, "-c", "from tqdm import tqdm\n"
+                             "from qlora.core.errors import UserError, one_line_errors\n"
+                             "with one_line_errors():\n"
+                             "    bar = tqdm(total=10, desc='saving')\n"
+                             "    bar.update(3)\n"
+                             "    raise UserError('the disk is full')\n"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == "error: the disk is full"
+
+
 def test_other_save_failures_are_not_called_disk_full(tmp_path):
     assert explain_disk_full(DISK_FULL_ERRORS["torch.save"], 1, tmp_path) is None  # the space is there
     assert explain_disk_full(OSError(errno.EIO, "Input/output error"), 10**18, tmp_path) is None

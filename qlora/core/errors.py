@@ -52,15 +52,25 @@ def one_line_errors():
     try:
         yield
     except UserError as err:
+        _close_progress_bars()
         raise SystemExit(f"error: {err}") from None
     except OSError as err:
         if err.errno not in PATH_ERRNOS:
             raise
+        _close_progress_bars()
         raise SystemExit(f"error: {err.strerror}: {_shortened(err.filename)}; give a path the system accepts") from None
     except KeyboardInterrupt:
+        _close_progress_bars()
         sys.stderr.write("\nerror: interrupted (Ctrl-C); nothing was published, and a run that had started training "
                          "resumes from its last checkpoint when the same command runs again\n")
         raise SystemExit(130) from None
+
+
+def _close_progress_bars() -> None:
+    """End every unfinished tqdm bar with its line, so that the error is a line of its own, not the bar's tail."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)  # only bars that exist: tqdm imported means there may be some
+    for bar in list(getattr(tqdm, "_instances", None) or []):
+        bar.close()
 
 
 # Errors the system gives for a path itself, whatever it is for: each one line naming the path.
