@@ -15,8 +15,8 @@ from qlora.core.files import absolute_if_local, non_finite_as_null, non_finite_v
 from qlora.core.memory import weight_footprint
 from qlora.data.formats import (DATASETS, get_dataset_spec, load_rows, resolve_source, split_rows, squad_answers,
                                 to_sft_dataset)
-from qlora.model.loading import (check_safetensors_weights, load_causal_lm, load_tokenizer, pick_device,
-                                 quiet_bitsandbytes_notices)
+from qlora.model.loading import (check_safetensors_weights, checkpoint_bytes, load_causal_lm, load_tokenizer,
+                                 pick_device, quiet_bitsandbytes_notices)
 from qlora.outputs.loss_plot import pyplot
 from qlora.outputs.model_card import write_model_cards
 from qlora.outputs.read import (base_load_extras, check_finished, check_remote_code, load_output_dir, metadata_fields,
@@ -235,6 +235,8 @@ def evaluate_dir(path: Path, split: dict, rows, examples, options: EvalOptions) 
         **score(split["name"], predictions, rows),
         "heldout_loss": loss, "perplexity": perplexity(loss),
         "weights_bytes": footprint["total_bytes"], "weight_footprint": footprint,
+        # a compressed-tensors sibling (GPTQ, W8A8) is decompressed to 16 bits on load: its files say what it saves
+        "weights_on_disk_bytes": checkpoint_bytes(path) if load.kind != "adapter" else None,
         "load_seconds": round(load_seconds, 3), "generated_tokens": new_tokens,
         "tokens_per_second": new_tokens / gen_seconds if gen_seconds else None,
         "device": str(next(model.parameters()).device), "max_new_tokens": options.max_new_tokens,
@@ -257,7 +259,8 @@ def evaluate_dir(path: Path, split: dict, rows, examples, options: EvalOptions) 
 def markdown_table(results: list[dict]) -> str:
     metrics = [m for m in ("accuracy", "exact_match", "f1") if any(m in r for r in results)]
     quality = any("quality_vs_source" in r for r in results)  # PTQ siblings: measured by tools/quantize.py
-    header = ["model", "method", "peft", "loaded as", *metrics, "held-out loss", "perplexity", "weights MB", "load s",
+    header = ["model", "method", "peft", "loaded as", *metrics, "held-out loss", "perplexity", "in memory MB", "on disk MB",
+              "load s",
               "tokens/s", "rows", *(["KL vs 16-bit source"] if quality else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
@@ -265,6 +268,7 @@ def markdown_table(results: list[dict]) -> str:
         cells = [Path(r["directory"]).name, r["method"], r["peft"] or "-", loaded,
                  *[f"{r[m]:.1f}" if m in r else "" for m in metrics],
                  f"{r['heldout_loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['weights_bytes'] / 1e6:.2f}",
+                 f"{r['weights_on_disk_bytes'] / 1e6:.2f}" if r.get("weights_on_disk_bytes") else "-",
                  f"{r['load_seconds']:.2f}", f"{r['tokens_per_second']:.1f}" if r["tokens_per_second"] else "n/a",
                  str(r["rows"]),
                  *([f"{r['quality_vs_source']['mean_kl']:.3g}" if "quality_vs_source" in r else "-"] if quality else [])]

@@ -109,6 +109,8 @@ def test_evaluate_end_to_end_on_base_and_adapter(adapter_only_run, tiny_model_di
     assert tuned["dataset"]["eval_rows"] == 16 and tuned["dataset"]["seed"] == 42  # the training split
     # the 4-bit base really is 4-bit: its linear weights are stored in far fewer bytes than the bf16 base's
     assert tuned["weight_footprint"]["quantized_params"] > 0 and base["weight_footprint"]["quantized_params"] == 0
+    assert base["weights_on_disk_bytes"] == sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    assert tuned["weights_on_disk_bytes"] is None  # an adapter's base lies elsewhere
     assert 0 <= tuned["accuracy"] <= 100 and tuned["heldout_loss"] > 0 and tuned["generated_tokens"] > 0
     on_disk = json.loads((adapter_only_run / "eval_results.json").read_text())
     assert on_disk["heldout_loss"] == tuned["heldout_loss"]
@@ -119,4 +121,5 @@ def test_evaluate_end_to_end_on_base_and_adapter(adapter_only_run, tiny_model_di
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = markdown_table(results)
     assert table.count("\n") == 3 and adapter_only_run.name in table and "| accuracy |" in table
+    assert "| in memory MB | on disk MB |" in table
     assert "| QLORA | LoRa8 | adapter on 4-bit base |" in table

@@ -204,10 +204,10 @@ def evaluation_section(results: dict | None) -> str | None:
         return None
     metric_names = {"accuracy": "accuracy (%)", "exact_match": "exact match (%)", "f1": "F1 (%)",
                     "heldout_loss": "held-out loss (nats per completion token)", "perplexity": "perplexity",
-                    "weights_bytes": "weight footprint (bytes)", "tokens_per_second": "generation tokens/s",
-                    "load_seconds": "load time (s)"}
+                    "weights_bytes": "weights in memory (bytes)", "weights_on_disk_bytes": "weight files (bytes)",
+                    "tokens_per_second": "generation tokens/s", "load_seconds": "load time (s)"}
     dataset = results.get("dataset") or {}
-    rows = [(label, fmt(results[key])) for key, label in metric_names.items() if key in results]
+    rows = [(label, fmt(results[key])) for key, label in metric_names.items() if results.get(key) is not None]
     return ("## Evaluation\n\n"
             f"tools/evaluate.py on {results.get('rows')} held-out rows of {dataset.get('name')} "
             f"({dataset.get('path') or 'hub'}, split seed {dataset.get('seed')}), loaded as {results.get('load_kind')} "
