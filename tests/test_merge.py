@@ -342,6 +342,31 @@ def test_merge_check_reloads_within_a_budget_through_offloading(tiny_model_dir, 
     assert torch.equal(logits_on(whole, [batch])[0], logits_on(offloaded, [batch])[0])
 
 
+@pytest.mark.parametrize("model_type, options", [
+    ("qwen3", {}), ("llama", {}), ("mistral", {}),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}),  # the softcap is applied after each chunk of the head
+    ("olmo", {}),  # outside HEAD_ONLY_FAMILIES: chunks of the whole row's logits
+])
+def test_logits_a_chunk_at_a_time_are_the_forwards_logits(model_type, options, tmp_path):
+    """The merge check takes a candidate's logits a chunk of positions at a time (the decoder once, the head per
+    chunk): bit for bit the logits of the model's own forward, whole or offloaded."""
+    import torch
+
+    from qlora.checks.logits import logit_chunks, logits_on
+    from qlora.model.fixtures import build_random_model, tokenizer_corpus, train_bpe_tokenizer
+    from qlora.model.loading import load_merged_dir
+
+    build_random_model(tmp_path, train_bpe_tokenizer(tokenizer_corpus(20), 300), model_type=model_type, **options)
+    ids = torch.randint(0, 300, (1, 37), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for budget in (None, 50_000):
+        model = load_merged_dir(tmp_path, device="cpu", budget_bytes=budget)
+        (whole,) = logits_on(model, [batch])
+        chunks = list(logit_chunks(model, batch, chunk=8))
+        assert [start for start, _ in chunks] == [0, 8, 16, 24, 32]
+        assert torch.equal(torch.cat([logits for _, logits in chunks]), whole[0]), (model_type, budget)
+
+
 def test_reading_a_repacked_4bit_weight_leaves_the_layer_as_it_was(tiny_model_dir):
     """On CPUs where bitsandbytes repacks 4-bit weights at the first inference forward, the rounding floor reads
     each weight (keep_layout) without unpacking it for good; the merge's read afterwards is unchanged by it."""

@@ -35,28 +35,95 @@ def logits_on(model, batches) -> list:
 
 
 COMPARE_CHUNK_TOKENS = 16  # tokens compared at a time: the comparison's fp32 copies are of a chunk, not of a row
+# Families whose logits are the head applied to the decoder's last hidden states, then (Gemma 2 and 3) softcapped
+# by `final_logit_softcapping`: their logits can be made a chunk of positions at a time (`logit_chunks`)
+HEAD_ONLY_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"})
+
+
+class _HeadReached(Exception):
+    """Raised from the head's forward pre-hook: the decoder's work is done, the head's input is captured."""
+
+
+def _logits_after_head(model):
+    """What the model's forward does to the head's output, as a function; None for a family not known to be only
+    the head (and Gemma's softcapping)."""
+    import torch
+
+    config = model.config.get_text_config()
+    if config.model_type not in HEAD_ONLY_FAMILIES:
+        return None
+    cap = getattr(config, "final_logit_softcapping", None)
+    if not cap:
+        return lambda logits: logits
+    return lambda logits: torch.tanh(logits / cap) * cap  # as transformers' Gemma forward writes it
+
+
+def logit_chunks(model, batch, chunk: int = COMPARE_CHUNK_TOKENS):
+    """(start, logits of positions start..start+chunk on CPU) of a one-row batch, a chunk at a time: the decoder
+    runs once and the head is applied to `chunk` positions at a time, so a row's logits over a large vocabulary
+    (256 tokens x 262k: 0.13 GiB in bf16) are never held. Families outside HEAD_ONLY_FAMILIES give chunks of
+    the whole row's logits."""
+    import torch
+
+    head, after_head = model.get_output_embeddings(), _logits_after_head(model)
+    if after_head is None:
+        (logits,) = logits_on(model, [batch])
+        for start in range(0, logits.shape[1], chunk):
+            yield start, logits[0, start:start + chunk]
+        return
+    captured = {}
+
+    def stop_at_head(module, args):
+        captured["hidden"] = args[0]
+        raise _HeadReached
+
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), "cpu")
+    hook = head.register_forward_pre_hook(stop_at_head)
+    try:
+        with torch.no_grad():
+            model(**{k: v.to(device) for k, v in batch.items()})
+    except _HeadReached:
+        pass
+    finally:
+        hook.remove()
+    hidden = captured["hidden"]
+    with torch.no_grad():
+        for start in range(0, hidden.shape[1], chunk):
+            yield start, after_head(head(hidden[:, start:start + chunk].contiguous()))[0].cpu()
 
 
 def _comparison_sums(ref, cand, batch) -> dict[str, float]:
     """One batch's share of `compare_logits`: sums and maxima over its non-padding tokens, taken
     COMPARE_CHUNK_TOKENS at a time (at a 152k vocabulary a whole row's log-softmaxes took 1.2 GiB at 256 tokens)."""
-    import torch
-
     mask = batch["attention_mask"].reshape(-1).bool()
     ref, cand = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
     if not bool(mask.all()):
         ref, cand = ref[mask], cand[mask]
-    sums = {"max_abs": 0.0, "max_logit": 0.0, "diff_sq": 0.0, "ref_sq": 0.0, "kl_sum": 0.0, "tokens": int(mask.sum())}
+    sums = _empty_sums()
     for start in range(0, ref.shape[0], COMPARE_CHUNK_TOKENS):
-        r, c = ref[start:start + COMPARE_CHUNK_TOKENS].float(), cand[start:start + COMPARE_CHUNK_TOKENS].float()
-        diff = r - c
-        ref_logp, cand_logp = torch.log_softmax(r, -1), torch.log_softmax(c, -1)
-        sums["max_abs"] = max(sums["max_abs"], diff.abs().max().item())
-        sums["max_logit"] = max(sums["max_logit"], r.abs().max().item())
-        sums["diff_sq"] += diff.pow(2).sum().item()
-        sums["ref_sq"] += r.pow(2).sum().item()
-        sums["kl_sum"] += (ref_logp.exp() * (ref_logp - cand_logp)).sum().item()
+        _add_chunk(sums, ref[start:start + COMPARE_CHUNK_TOKENS], cand[start:start + COMPARE_CHUNK_TOKENS])
     return sums
+
+
+def _empty_sums() -> dict[str, float]:
+    return {"max_abs": 0.0, "max_logit": 0.0, "diff_sq": 0.0, "ref_sq": 0.0, "kl_sum": 0.0, "tokens": 0}
+
+
+def _add_chunk(sums: dict[str, float], ref, cand) -> None:
+    """Add a chunk of tokens (reference and candidate logits, [tokens, vocab], any float dtype) to `sums`, in fp32."""
+    import torch
+
+    if ref.shape[0] == 0:
+        return
+    r, c = ref.float(), cand.float()
+    diff = r - c
+    ref_logp, cand_logp = torch.log_softmax(r, -1), torch.log_softmax(c, -1)
+    sums["max_abs"] = max(sums["max_abs"], diff.abs().max().item())
+    sums["max_logit"] = max(sums["max_logit"], r.abs().max().item())
+    sums["diff_sq"] += diff.pow(2).sum().item()
+    sums["ref_sq"] += r.pow(2).sum().item()
+    sums["kl_sum"] += (ref_logp.exp() * (ref_logp - cand_logp)).sum().item()
+    sums["tokens"] += r.shape[0]
 
 
 def _comparison(parts: list[dict[str, float]]) -> dict[str, Any]:
@@ -201,6 +268,13 @@ class SpilledLogits:
         for i in range(self.count):
             yield load_file(str(self.directory / f"{i}.safetensors"))["logits"]
 
+    def row_reader(self, i: int):
+        """A context manager giving `read(start, stop)`: positions start..stop of row i's logits ([tokens, vocab]),
+        read with pread (a memory map would keep every page read resident until the row is done)."""
+        from safetensors import safe_open
+
+        return safe_open(str(self.directory / f"{i}.safetensors"), framework="pt", device="cpu", backend="pread")
+
 
 def trained_reference(model, batches, directory: Path) -> tuple[SpilledLogits, float, float]:
     """The trained model's logits of each check row (spilled to `directory`), their loss, and the rounding floor:
@@ -218,16 +292,25 @@ def trained_reference(model, batches, directory: Path) -> tuple[SpilledLogits, f
     return logits, sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1), _comparison(floor)["mean_kl"]
 
 
-def measure_candidate(model, trained_logits, batches) -> dict[str, Any]:
-    """Merge-check figures of one candidate against the trained model's logits, one batch at a time (only one
-    row of the trained model's logits is read at a time)."""
-    parts, losses = [], []
-    for ref, batch in zip(trained_logits, batches):
-        (cand,) = logits_on(model, [batch])
-        parts.append(_comparison_sums(ref, cand, batch))
-        losses.append(_loss_sum(cand, batch))
-        del cand, ref
-    return {**_comparison(parts), "loss": sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1)}
+def measure_candidate(model, trained_logits: SpilledLogits, batches) -> dict[str, Any]:
+    """Merge-check figures of one candidate against the trained model's spilled logits, a chunk of positions at a
+    time on both sides (`logit_chunks`, `SpilledLogits.row_reader`): neither model's row of logits is held whole.
+    The check rows are single sequences without padding (`tokenize_for_check`)."""
+    import torch
+
+    sums, loss, loss_tokens = _empty_sums(), 0.0, 0
+    for i, batch in enumerate(batches):
+        input_ids = batch["input_ids"][0]
+        with trained_logits.row_reader(i) as reader:
+            rows = reader.get_slice("logits")
+            for start, cand in logit_chunks(model, batch):
+                stop = start + cand.shape[0]
+                _add_chunk(sums, rows[0:1, start:stop][0], cand)
+                labels = input_ids[start + 1:stop + 1]  # position t predicts token t + 1; the last predicts none
+                if len(labels):
+                    loss += torch.nn.functional.cross_entropy(cand[:len(labels)].float(), labels, reduction="sum").item()
+                    loss_tokens += len(labels)
+    return {**_comparison([sums]), "loss": loss / max(loss_tokens, 1)}
 
 
 def kl_limit(rounding_floor_kl: float, max_kl: float) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 from qlora.core.errors import ConfigError, UserError
 from qlora.core.heap import freed_blocks_leave_the_heap
 from qlora.core.logs import step
-from qlora.core.memory import available_memory, describe_footprint, weight_footprint
+from qlora.core.memory import available_memory, describe_footprint, format_size, weight_footprint
 from qlora.model.checkpoint import checkpoint_reader
 
 
@@ -351,6 +351,10 @@ def load_merged_dir(directory: str | Path, quantization_config=None, device: str
     device = device or pick_device()
     offload = (quantization_config is None and budget_bytes is not None and checkpoint_bytes(directory) > budget_bytes
                and not trust_remote_code)
+    if budget_bytes is not None:
+        step("check", "%s: %s of weights against %s of headroom: %s", Path(directory).name,
+             format_size(checkpoint_bytes(directory)), format_size(max(budget_bytes, 0)),
+             "offloaded (accelerate)" if offload else "loaded whole")
     if offload:
         model = load_offloaded(directory, device, budget_bytes, trust_remote_code)
     else:
