@@ -3,6 +3,7 @@ through llama.cpp's converter, read back with the gguf package. The round trip n
 tool downloads it on first use) and gguf + sentencepiece installed; it is skipped, saying which, otherwise."""
 
 import json
+import os
 import shutil
 from importlib.util import find_spec
 
@@ -166,7 +167,8 @@ def test_the_demo_models_locally_trained_tokenizer_exports_and_tokenizes_alike(t
     record = json.loads((directory / "metadata.json").read_text())["exports"][-1]
     assert record["tokenizer_pre"] == "gpt-2" and record["architecture"] == "qwen3"
     assert record["tokenization_check"]["checked"] and record["tokenization_check"]["texts"] >= 3
-    assert gguf_file.is_file()
+    assert gguf_file.is_file() and record["ollama_template"] == "chatml"
+    assert f"FROM ./{gguf_file.name}" in gguf_file.with_suffix(".Modelfile").read_text()
 
 
 def test_a_gguf_that_tokenizes_differently_is_removed_and_refused(tmp_path, monkeypatch):
@@ -182,3 +184,62 @@ def test_a_gguf_that_tokenizes_differently_is_removed_and_refused(tmp_path, monk
     message = str(raised.value.code)
     assert message.startswith("error: the GGUF does not tokenize as the model's tokenizer (pre-tokenizer qwen2)")
     assert "\n" not in message and not list(directory.glob("*.gguf")) and not list(directory.glob(".*.partial"))
+
+
+# Renders an Ollama TEMPLATE with Go's text/template over Ollama's .Messages (each .Role, .Content), as Ollama does
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	text, _ := os.ReadFile(os.Args[1])
+	var messages []Message
+	json.Unmarshal([]byte(os.Args[2]), &messages)
+	t := template.Must(template.New("t").Parse(string(text)))
+	if err := t.Execute(os.Stdout, map[string]any{"Messages": messages}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.parametrize("template", ["model", "plain"])
+def test_modelfile_template_renders_what_the_chat_template_does(template, tmp_path):
+    """The Modelfile's TEMPLATE, run by Go's text/template (Ollama's engine), renders each probe conversation as the
+    saved Jinja chat template does: the demo's ChatML template, and the plain prompt format of a base model."""
+    import re
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from qlora.data.chat_format import ensure_chat_template
+    from qlora.outputs.gguf import PROBES, modelfile_text, ollama_format
+
+    if shutil.which("go") is None:
+        pytest.skip("go is not installed (Debian: golang-go): the template is rendered with Go's text/template")
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    if template == "plain":
+        tokenizer.chat_template = None
+        assert ensure_chat_template(tokenizer) == "plain"
+    format_name = ollama_format(tokenizer)
+    assert format_name == {"model": "chatml", "plain": "plain"}[template]
+    modelfile = modelfile_text("m.gguf", tokenizer, format_name)
+    assert "FROM ./m.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "PARAMETER temperature 0" in modelfile
+    (tmp_path / "template.tmpl").write_text(re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1))
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    subprocess.run(["go", "build", "-o", str(tmp_path / "render"), str(tmp_path / "render.go")], check=True,
+                   cwd=tmp_path, env={**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GO111MODULE": "off"})
+    for probe in PROBES:
+        rendered = subprocess.run([str(tmp_path / "render"), str(tmp_path / "template.tmpl"), json.dumps(probe)],
+                                  capture_output=True, text=True, check=True).stdout
+        assert rendered == tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 from qlora.outputs.read import check_finished, check_remote_code, read_metadata
 from qlora.core.files import write_json
 from qlora.core.errors import UserError
-from qlora.outputs.gguf import KNOWN_PRE, gguf_tokenizer, recognized_pre, tokenization_mismatch
+from qlora.outputs.gguf import (KNOWN_PRE, gguf_tokenizer, modelfile_text, ollama_format, recognized_pre,
+                                tokenization_mismatch)
 
 LLAMA_CPP_PYTHON = "0.3.36"  # llama-cpp-python release whose sdist vendors the converter
 LLAMA_CPP_COMMIT = "0c1e57098"  # the llama.cpp commit it vendors (its CHANGELOG: "update llama.cpp to ...@0c1e57098")
@@ -225,6 +226,20 @@ def check_tokenization(directory: Path, outfile: Path, metadata: dict | None, tr
     return {"checked": True, "pre": pre, "texts": len(texts), "source": source, "equal": True}
 
 
+def write_modelfile(directory: Path, outfile: Path, trust_remote_code: bool) -> dict:
+    """OUTFILE.Modelfile beside the GGUF, for `ollama create`: its TEMPLATE translated from the directory's chat
+    template (the plain prompt format or ChatML), greedy, stopped at the end-of-sequence token. Returns its record."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    format_name = ollama_format(tokenizer)
+    path = outfile.with_suffix(".Modelfile")
+    path.write_text(modelfile_text(outfile.name, tokenizer, format_name), encoding="utf-8")
+    said = f"its prompt format: {format_name}" if format_name else "no TEMPLATE (a chat template it does not translate)"
+    print(f"export   | {path.name}: Ollama Modelfile, {said}", flush=True)
+    return {"modelfile": path.name, "ollama_template": format_name}
+
+
 def read_gguf(path: Path) -> dict:
     """What the gguf package reads back from a GGUF file: architecture, tensor count, file type, tokenizer."""
     from gguf import GGUFReader
@@ -293,12 +308,13 @@ def main(argv=None) -> Path | None:
         if written:  # by this call, and found wrong: not left to be used
             outfile.unlink(missing_ok=True)
         raise SystemExit(f"error: {err}") from None
+    modelfile = write_modelfile(directory, outfile, args.trust_remote_code)
     if tokenization["checked"]:
         print(f"export   | tokenization: the GGUF's vocabulary gives the model tokenizer's ids on {tokenization['source']}",
               flush=True)
     record = {"format": "gguf", "file": outfile.name if outfile.parent.resolve() == directory.resolve() else str(outfile.resolve()),
               "outtype": args.outtype, **facts, "bytes": outfile.stat().st_size, "seconds": round(time.time() - started, 2),
-              "tokenization_check": tokenization,
+              "tokenization_check": tokenization, **modelfile,
               "converter": f"llama.cpp {LLAMA_CPP_COMMIT}" + ("" if args.llama_cpp else
                                                               f" (llama-cpp-python {LLAMA_CPP_PYTHON} sdist)"),
               "created_unix": int(time.time())}

@@ -152,5 +152,67 @@ def run_converter_knowing(pre: str, script: Path, arguments: list[str]) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+# ----- Ollama -------------------------------------------------------------------------------------------------
+# Ollama renders prompts with Go templates over .Messages (each .Role, .Content), not with the Jinja chat template:
+# the formats translated here are recognised by rendering probe conversations with the saved template and
+# comparing with `_render` (each rendering below is the Go template's, written in Python).
+PROBES = (
+    [{"role": "user", "content": "What is 2+3?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+3?"},
+     {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4+4?"}],
+)
+OLLAMA_TEMPLATES = {
+    "plain": ('{{- range $i, $_ := .Messages }}{{ if $i }}\n\n{{ end }}'
+              '{{ if eq .Role "system" }}{{ .Content }}'
+              '{{ else if eq .Role "user" }}### User:\n{{ .Content }}'
+              '{{ else if eq .Role "assistant" }}### Assistant:\n{{ .Content }}{EOS}{{ end }}{{ end }}'
+              '\n\n### Assistant:\n'),
+    "chatml": '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
+}
+
+
+def _render(format_name: str, messages: list[dict[str, str]], eos: str) -> str:
+    """A conversation with the generation prompt, as OLLAMA_TEMPLATES[format_name] renders it."""
+    if format_name == "plain":
+        blocks = {"system": "{}", "user": "### User:\n{}", "assistant": "### Assistant:\n{}" + eos}
+        return "\n\n".join(blocks[m["role"]].format(m["content"]) for m in messages) + "\n\n### Assistant:\n"
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
+def ollama_format(tokenizer) -> str | None:
+    """"plain" or "chatml" when the tokenizer's chat template renders every probe conversation as that format does
+    (a leading BOS aside: llama.cpp adds it from the GGUF's own setting), else None."""
+    if not tokenizer.chat_template:
+        return None
+    bos = tokenizer.bos_token or ""
+    for name in OLLAMA_TEMPLATES:
+        try:
+            rendered = [tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+                        for probe in PROBES]
+        except Exception:  # a template that refuses a probe (no system role, say) is none of these
+            return None
+        if all(text.removeprefix(bos) == _render(name, probe, tokenizer.eos_token or "")
+               for text, probe in zip(rendered, PROBES)):
+            return name
+    return None
+
+
+def modelfile_text(gguf_name: str, tokenizer, format_name: str | None) -> str:
+    """An Ollama Modelfile for `gguf_name` (beside it): the prompt format the model was trained with, greedy
+    decoding (what the run's checks ran), and its end-of-sequence token as the stop."""
+    eos = tokenizer.eos_token or ""
+    lines = ["# Ollama: ollama create NAME -f this-file; then ollama run NAME", f"FROM ./{gguf_name}"]
+    if format_name is None:
+        lines.append("# No TEMPLATE: the model's chat template is neither the plain prompt format nor ChatML, the two "
+                     "this tool translates; Ollama picks one from the GGUF's chat template if it knows it")
+    else:
+        template = OLLAMA_TEMPLATES[format_name].replace("{EOS}", eos)
+        lines.append(f'TEMPLATE """{template}"""')
+    if eos:
+        lines.append(f"PARAMETER stop {json.dumps(eos)}")
+    lines += ["# greedy, as the generation check and tools/chat.py decode", "PARAMETER temperature 0"]
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":  # python -m qlora.outputs.gguf PRE SCRIPT [converter arguments]
     run_converter_knowing(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
