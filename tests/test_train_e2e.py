@@ -170,3 +170,20 @@ print("KL", (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).
     assert result.returncode == 0, result.stderr[-3000:]
     assert "BASE Linear4bit" in result.stdout
     assert float(result.stdout.split("KL")[-1]) < 1e-3
+
+
+def test_the_cards_code_runs_verbatim_from_another_folder(trained, tmp_path):
+    """Each Python block of the model card (the merged model; the adapter on its 4-bit base), pasted as is and run
+    from an unrelated working directory, loads the model: the card names the output and the base by absolute paths."""
+    import re
+    import subprocess
+    import sys
+
+    out, _ = trained
+    card = (out / EXPECTED_NAME / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(blocks) == 2  # the merged model, the adapter
+    for block in blocks:
+        code = block + "\nprint('LOADED', type(model).__name__)\n"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0 and "LOADED" in result.stdout, (block, result.stderr[-2000:])
