@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora.checks.logits import CHECK_ROW_COPIES, COMPARE_CHUNK_TOKENS
 from qlora.planner.memory import CPU_LOSS_TILES, QUANT_BITS, TrainingSetup, lora_parameter_count, parameter_counts, plan_load_memory, plan_training_memory
 from qlora.core.memory import GIB, count_parameters, describe_footprint, weight_footprint
 from qlora.model.fixtures import build_random_model, train_bpe_tokenizer
@@ -265,7 +266,7 @@ def test_planner_counts_every_phase_after_training():
     # the row's bf16 logits
     on_cpu = plan_for_train_config(arch, {**cfg, "merge_after_train": True}, "cpu")
     checked = with_merge_check(on_cpu, [100, 300], 151936, "cpu")
-    assert checked["merge_check_logits_bytes"] == 151936 * (2 * 2 * 300 + 4 * 8 * 16)
+    assert checked["merge_check_logits_bytes"] == 151936 * (2 * 2 * 300 + 4 * CHECK_ROW_COPIES * COMPARE_CHUNK_TOKENS)
     assert checked["merge_peak_bytes"] == (on_cpu["merge_peak_bytes"] - on_cpu["merge_check_logits_bytes"]
                                            + checked["merge_check_logits_bytes"])
     assert with_merge_check(merged, [100, 300], 151936, "cuda")["merge_check_logits_bytes"] == 2 * 151936 * 300

@@ -34,7 +34,10 @@ def logits_on(model, batches) -> list:
     return outputs
 
 
-COMPARE_CHUNK_TOKENS = 16  # tokens compared at a time: the comparison's fp32 copies are of a chunk, not of a row
+# Tokens compared at a time: the comparison's CHECK_ROW_COPIES fp32 copies are of a chunk, not of a row (at a 262k
+# vocabulary, 4 tokens' copies take 32 MiB, 16 tokens' 128 MiB)
+COMPARE_CHUNK_TOKENS = 4
+HEAD_CHUNK_TOKENS = 16  # positions the head is applied to at a time (each call reads the whole head)
 # Families whose logits are the head applied to the decoder's last hidden states, then (Gemma 2 and 3) softcapped
 # by `final_logit_softcapping`: their logits can be made a chunk of positions at a time (`logit_chunks`)
 HEAD_ONLY_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"})
@@ -58,7 +61,7 @@ def _logits_after_head(model):
     return lambda logits: torch.tanh(logits / cap) * cap  # as transformers' Gemma forward writes it
 
 
-def logit_chunks(model, batch, chunk: int = COMPARE_CHUNK_TOKENS):
+def logit_chunks(model, batch, chunk: int = HEAD_CHUNK_TOKENS):
     """(start, logits of positions start..start+chunk on CPU) of a one-row batch, a chunk at a time: the decoder
     runs once and the head is applied to `chunk` positions at a time, so a row's logits over a large vocabulary
     (256 tokens x 262k: 0.13 GiB in bf16) are never held. Families outside HEAD_ONLY_FAMILIES give chunks of
@@ -299,17 +302,22 @@ def measure_candidate(model, trained_logits: SpilledLogits, batches) -> dict[str
     import torch
 
     sums, loss, loss_tokens = _empty_sums(), 0.0, 0
-    for i, batch in enumerate(batches):
-        input_ids = batch["input_ids"][0]
-        with trained_logits.row_reader(i) as reader:
-            rows = reader.get_slice("logits")
-            for start, cand in logit_chunks(model, batch):
-                stop = start + cand.shape[0]
-                _add_chunk(sums, rows[0:1, start:stop][0], cand)
-                labels = input_ids[start + 1:stop + 1]  # position t predicts token t + 1; the last predicts none
-                if len(labels):
-                    loss += torch.nn.functional.cross_entropy(cand[:len(labels)].float(), labels, reduction="sum").item()
-                    loss_tokens += len(labels)
+    with freed_blocks_leave_the_heap():  # the chunks' buffers leave when freed, not kept by the heap
+        for i, batch in enumerate(batches):
+            input_ids = batch["input_ids"][0]
+            with trained_logits.row_reader(i) as reader:
+                rows = reader.get_slice("logits")
+                for head_start, head_chunk in logit_chunks(model, batch):
+                    for offset in range(0, head_chunk.shape[0], COMPARE_CHUNK_TOKENS):
+                        cand = head_chunk[offset:offset + COMPARE_CHUNK_TOKENS]
+                        start = head_start + offset
+                        stop = start + cand.shape[0]
+                        _add_chunk(sums, rows[0:1, start:stop][0], cand)
+                        labels = input_ids[start + 1:stop + 1]  # position t predicts token t + 1; the last, none
+                        if len(labels):
+                            loss += torch.nn.functional.cross_entropy(cand[:len(labels)].float(), labels,
+                                                                      reduction="sum").item()
+                            loss_tokens += len(labels)
     return {**_comparison([sums]), "loss": loss / max(loss_tokens, 1)}
 
 
