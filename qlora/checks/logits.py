@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -271,12 +272,20 @@ class SpilledLogits:
         for i in range(self.count):
             yield load_file(str(self.directory / f"{i}.safetensors"))["logits"]
 
-    def row_reader(self, i: int):
-        """A context manager giving `read(start, stop)`: positions start..stop of row i's logits ([tokens, vocab]),
-        read with pread (a memory map would keep every page read resident until the row is done)."""
+    @contextmanager
+    def row(self, i: int):
+        """Row i's logits ([1, tokens, vocab]) as a slice that reads only what is indexed, with pread (a memory map
+        would keep every page read resident until the row is done)."""
         from safetensors import safe_open
 
-        return safe_open(str(self.directory / f"{i}.safetensors"), framework="pt", device="cpu", backend="pread")
+        with safe_open(str(self.directory / f"{i}.safetensors"), framework="pt", device="cpu", backend="pread") as f:
+            yield f.get_slice("logits")
+
+
+def _reference_row(reference, i: int):
+    """Row i of reference logits, sliceable as [1, tokens, vocab]: read a chunk at a time from SpilledLogits, or a
+    tensor already in memory (a list of them)."""
+    return reference.row(i) if isinstance(reference, SpilledLogits) else nullcontext(reference[i])
 
 
 def trained_reference(model, batches, directory: Path) -> tuple[SpilledLogits, float, float]:
@@ -295,18 +304,18 @@ def trained_reference(model, batches, directory: Path) -> tuple[SpilledLogits, f
     return logits, sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1), _comparison(floor)["mean_kl"]
 
 
-def measure_candidate(model, trained_logits: SpilledLogits, batches) -> dict[str, Any]:
-    """Merge-check figures of one candidate against the trained model's spilled logits, a chunk of positions at a
-    time on both sides (`logit_chunks`, `SpilledLogits.row_reader`): neither model's row of logits is held whole.
-    The check rows are single sequences without padding (`tokenize_for_check`)."""
+def measure_candidate(model, trained_logits, batches) -> dict[str, Any]:
+    """Merge-check figures of one candidate against the trained model's logits (SpilledLogits, or a list of
+    tensors), a chunk of positions at a time on both sides (`logit_chunks`, `SpilledLogits.row`): the candidate's
+    row of logits is never held whole, nor a spilled reference row. The rows are single sequences without
+    padding (`tokenize_for_check`)."""
     import torch
 
     sums, loss, loss_tokens = _empty_sums(), 0.0, 0
     with freed_blocks_leave_the_heap():  # the chunks' buffers leave when freed, not kept by the heap
         for i, batch in enumerate(batches):
             input_ids = batch["input_ids"][0]
-            with trained_logits.row_reader(i) as reader:
-                rows = reader.get_slice("logits")
+            with _reference_row(trained_logits, i) as rows:
                 for head_start, head_chunk in logit_chunks(model, batch):
                     for offset in range(0, head_chunk.shape[0], COMPARE_CHUNK_TOKENS):
                         cand = head_chunk[offset:offset + COMPARE_CHUNK_TOKENS]
