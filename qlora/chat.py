@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from qlora.checks.generation import eos_token_ids, prompt_ids
+from qlora.checks.generation import eos_token_ids, prompt_ids, until_eos
 from qlora.core.errors import UserError
 from qlora.data.chat_format import ensure_chat_template
 from qlora.evaluation import detect_load_kind, load_for_eval
@@ -128,11 +128,8 @@ def generate_reply(model, tokenizer, messages: list[dict[str, str]], options: Ch
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                              max_new_tokens=options.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
                              streamer=streamer, **sampling)
-    tokens = out[0, len(ids):].tolist()
-    stop = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
-    tokens = tokens if stop is None else tokens[:stop + 1]
-    return {"answer": tokenizer.decode(tokens, skip_special_tokens=True), "new_tokens": len(tokens),
-            "stopped": stop is not None}
+    tokens, stopped = until_eos(out[0, len(ids):].tolist(), set(eos_ids))
+    return {"answer": tokenizer.decode(tokens, skip_special_tokens=True), "new_tokens": len(tokens), "stopped": stopped}
 
 
 def answer_prompts(conversation_for: Callable[[], Conversation], prompts: list[str], as_json: bool,

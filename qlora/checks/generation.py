@@ -55,7 +55,7 @@ def _left_padded(rows: list[list[int]], pad_id: int):
     attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
     return input_ids, attention_mask
 
-def _until_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+def until_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
     """The generated tokens up to and including the first eos, and whether there was one."""
     for i, token in enumerate(tokens):
         if token in eos_ids:
@@ -102,7 +102,7 @@ def generation_check(model, tokenizer, rows, max_prompts: int = GENERATION_PROMP
                                        do_sample=False, max_new_tokens=budget, eos_token_id=eos_ids,
                                        pad_token_id=pad_id, max_time=None if max_seconds is None else remaining)
         for row in generated[:, input_ids.shape[1]:].cpu():
-            tokens, stopped = _until_eos(row.tolist(), set(eos_ids))
+            tokens, stopped = until_eos(row.tolist(), set(eos_ids))
             timed_out = not stopped and len(tokens) < budget
             cut += timed_out
             outputs.append((tokens, stopped, timed_out))

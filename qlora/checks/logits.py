@@ -19,14 +19,19 @@ def head_dtype_name(model) -> str:
     return short_dtype_name(str(model.get_output_embeddings().weight.dtype))
 
 
+def input_device(model):
+    """Where a model's inputs go: the device of its first parameter in memory (an offloaded model's first
+    parameters may be on "meta", kept in the files)."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), "cpu")
+
+
 def logits_on(model, batches) -> list:
     """Logits of `model` on each batch (dicts of input_ids / attention_mask), on CPU, in the dtype the model
     computed them in (bf16, or fp16 for an fp16 head): their fp32 upcast is exact, so the comparisons make it a
     chunk at a time instead of holding a row in fp32 (a 256-token row at a 262k vocabulary: 0.25 GiB)."""
     import torch
 
-    # an offloaded model's first parameters may be on "meta" (kept in the files): inputs go where weights run
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), "cpu")
+    device = input_device(model)
     outputs = []
     with torch.no_grad():
         for batch in batches:
@@ -81,11 +86,10 @@ def logit_chunks(model, batch, chunk: int = HEAD_CHUNK_TOKENS):
         captured["hidden"] = args[0]
         raise _HeadReached
 
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), "cpu")
     hook = head.register_forward_pre_hook(stop_at_head)
     try:
         with torch.no_grad():
-            model(**{k: v.to(device) for k, v in batch.items()})
+            model(**{k: v.to(input_device(model)) for k, v in batch.items()})
     except _HeadReached:
         pass
     finally:
@@ -266,12 +270,6 @@ class SpilledLogits:
     def __len__(self) -> int:
         return self.count
 
-    def __iter__(self):
-        from safetensors.torch import load_file
-
-        for i in range(self.count):
-            yield load_file(str(self.directory / f"{i}.safetensors"))["logits"]
-
     @contextmanager
     def row(self, i: int):
         """Row i's logits ([1, tokens, vocab]) as a slice that reads only what is indexed, with pread (a memory map
@@ -315,19 +313,23 @@ def measure_candidate(model, trained_logits, batches) -> dict[str, Any]:
     with freed_blocks_leave_the_heap():  # the chunks' buffers leave when freed, not kept by the heap
         for i, batch in enumerate(batches):
             input_ids = batch["input_ids"][0]
-            with _reference_row(trained_logits, i) as rows:
-                for head_start, head_chunk in logit_chunks(model, batch):
-                    for offset in range(0, head_chunk.shape[0], COMPARE_CHUNK_TOKENS):
-                        cand = head_chunk[offset:offset + COMPARE_CHUNK_TOKENS]
-                        start = head_start + offset
-                        stop = start + cand.shape[0]
-                        _add_chunk(sums, rows[0:1, start:stop][0], cand)
-                        labels = input_ids[start + 1:stop + 1]  # position t predicts token t + 1; the last, none
-                        if len(labels):
-                            loss += torch.nn.functional.cross_entropy(cand[:len(labels)].float(), labels,
-                                                                      reduction="sum").item()
-                            loss_tokens += len(labels)
+            with _reference_row(trained_logits, i) as reference:
+                for start, cand in _compared_chunks(model, batch):
+                    _add_chunk(sums, reference[0:1, start:start + cand.shape[0]][0], cand)
+                    labels = input_ids[start + 1:start + cand.shape[0] + 1]  # position t predicts token t + 1
+                    if len(labels):  # the last position predicts none
+                        loss += torch.nn.functional.cross_entropy(cand[:len(labels)].float(), labels,
+                                                                  reduction="sum").item()
+                        loss_tokens += len(labels)
     return {**_comparison([sums]), "loss": loss / max(loss_tokens, 1)}
+
+
+def _compared_chunks(model, batch):
+    """(start, logits) of a one-row batch COMPARE_CHUNK_TOKENS positions at a time, the head run HEAD_CHUNK_TOKENS
+    positions at a time (`logit_chunks`)."""
+    for head_start, head_chunk in logit_chunks(model, batch):
+        for offset in range(0, head_chunk.shape[0], COMPARE_CHUNK_TOKENS):
+            yield head_start + offset, head_chunk[offset:offset + COMPARE_CHUNK_TOKENS]
 
 
 def kl_limit(rounding_floor_kl: float, max_kl: float) -> float:
