@@ -43,25 +43,16 @@ def _pre_tokenization(name: str):
 KNOWN_PRE = ("gpt-2", "qwen2")
 
 
-def _as_json(component) -> dict | None:
-    """A tokenizers component as tokenizer.json writes it, without trim_offsets (offsets only, never ids)."""
+def _component_json(slot: str, component) -> dict | None:
+    """A tokenizers component (`slot`: "normalizer" | "pre_tokenizer") as tokenizer.json writes it, serialized
+    through a tokenizer (components have no public to_json)."""
     if component is None:
         return None
     from tokenizers import Tokenizer, models
 
     probe = Tokenizer(models.BPE())
-    probe.pre_tokenizer = component  # serialize through a tokenizer: components have no public to_json
-    return _without_offsets(json.loads(probe.to_str())["pre_tokenizer"])
-
-
-def _normalizer_json(component) -> dict | None:
-    if component is None:
-        return None
-    from tokenizers import Tokenizer, models
-
-    probe = Tokenizer(models.BPE())
-    probe.normalizer = component
-    return json.loads(probe.to_str())["normalizer"]
+    setattr(probe, slot, component)
+    return json.loads(probe.to_str())[slot]
 
 
 def _without_offsets(value):
@@ -85,8 +76,9 @@ def recognized_pre(directory: Path) -> str | None:
         return None
     for name in KNOWN_PRE:
         normalizer, pre_tokenizer = _pre_tokenization(name)
-        if (_without_offsets(spec.get("pre_tokenizer")) == _as_json(pre_tokenizer)
-                and spec.get("normalizer") == _normalizer_json(normalizer)):
+        # offsets (trim_offsets) never change ids
+        if (_without_offsets(spec.get("pre_tokenizer")) == _without_offsets(_component_json("pre_tokenizer", pre_tokenizer))
+                and spec.get("normalizer") == _component_json("normalizer", normalizer)):
             return name
     return None
 
