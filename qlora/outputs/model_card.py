@@ -264,11 +264,30 @@ def adapter_loading(metadata: dict, adapter_path: str) -> str:
             f"BitsAndBytesConfig\n\nbnb_config = {bnb_code(arguments)}\n"
             f"base = AutoModelForCausalLM.from_pretrained({base!r}, quantization_config=bnb_config, dtype=torch.bfloat16)\n"
             f"model = PeftModel.from_pretrained(base, {adapter_path!r})\n"
-            "# or: AutoPeftModelForCausalLM.from_pretrained(adapter_path, quantization_config=bnb_config, "
-            "dtype=torch.bfloat16)\n```\n\n"
-            "A client that loads the adapter with defaults (`AutoPeftModelForCausalLM` without `quantization_config`, "
-            "lm-eval's `peft=`, vLLM's LoRA) puts it on the 16-bit weights, which it was not trained on. To serve "
-            "it without bitsandbytes, use the merged model, which was checked against the trained one.\n")
+            + ("" if (metadata.get("shared_base") or {}).get("passed") else  # else the config names the shared base
+               "# or: AutoPeftModelForCausalLM.from_pretrained(adapter_path, quantization_config=bnb_config, "
+               "dtype=torch.bfloat16)\n")
+            + "```\n\n" + shared_base_loading(metadata, adapter_path))
+
+
+def shared_base_loading(metadata: dict, adapter_path: str) -> str:
+    """Serving the adapter without bitsandbytes: on the shared bf16 base (tools/shared_base.py), once checked."""
+    shared = metadata.get("shared_base") or {}
+    if not shared.get("passed"):
+        return ("A client that loads the adapter with defaults (`AutoPeftModelForCausalLM` without "
+                "`quantization_config`, lm-eval's `peft=`, vLLM's LoRA) puts it on the 16-bit weights, which it was "
+                "not trained on. To serve it without bitsandbytes, use the merged model, which was checked against the "
+                "trained one, or write the shared bf16 base of its 4-bit weights: `python tools/shared_base.py "
+                "DIR`.\n")
+    return ("Without bitsandbytes: `adapter_config.json` names the **shared base** "
+            f"`{shared['path']}`, the base's NF4 weights dequantized and saved in bf16, which is what the adapter was "
+            "trained on. PEFT with its defaults loads it:\n\n"
+            "```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({adapter_path!r})\n```\n\n"
+            f"Checked on {shared.get('check_rows')} against the trained model: mean KL {fmt(shared.get('mean_kl'), 3)}, "
+            f"max |logit diff| {fmt(shared.get('max_abs_logit_diff'))} (limit {fmt(shared.get('kl_limit'), 3)}). "
+            "A LoRA server takes the same pair: the shared base as the model, this directory as the adapter "
+            f"(vLLM: `vllm serve {shared['path']} --enable-lora --lora-modules tuned={adapter_path}`).\n")
 
 
 def merged_loading(metadata: dict, path: str) -> str:
@@ -295,8 +314,10 @@ def moved_note(metadata: dict, path: str, with_base: bool) -> str:
     local_base = with_base and base and hub_id(base) is None
     return (f"The paths above are where this directory was written, so the code runs as it is from any folder of "
             f"that machine. Copied elsewhere, replace `{path}` with its new path"
-            + (f", and `{base}` with the base model's (`adapter/adapter_config.json` names it too)." if local_base
-               else ".") + "\n")
+            + (f", and `{base}` with the base model's" if local_base else "")
+            + (" (`adapter/adapter_config.json` names the shared base: copy it too, and give its new path there)."
+               if with_base and (metadata.get("shared_base") or {}).get("passed") else
+               " (`adapter/adapter_config.json` names it too)." if local_base else ".") + "\n")
 
 
 def project_loading(path: str) -> str:
