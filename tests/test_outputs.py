@@ -13,7 +13,8 @@ import yaml
 from qlora.core.errors import ConfigError
 from conftest import run_python
 from qlora.outputs.loss_plot import write_loss_plot
-from qlora.outputs.model_card import adapter_card, bnb_code, bnb_arguments, ptq_card, training_card, write_model_cards
+from qlora.outputs.model_card import (adapter_card, base_model_license, bnb_code, bnb_arguments, ptq_card, training_card,
+                                      write_model_cards)
 from quantization_utils import build_metadata, build_quantization_plan
 
 NAME = "Qwen3-0.6B-openmath_SFT_LoRa8_QLORA_w4_headbf16"
@@ -87,6 +88,31 @@ def test_card_code_names_the_published_directory_and_what_to_change_after_a_copy
     assert f"python tools/chat.py {PATH}" in card
     hub_card = training_card(metadata(), NAME, None, PATH)
     assert f"replace `{PATH}` with its new path." in hub_card  # a hub base needs no change
+
+
+def test_the_base_models_license_is_carried_into_the_front_matter(tmp_path):
+    """A local base whose card names a license: the run records it and both cards carry it; a base without a card,
+    or with one that does not parse, has none (not a guess)."""
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# a base\n")
+    assert base_model_license(str(tmp_path)) == "apache-2.0"
+    assert base_model_license(str(tmp_path / "missing")) is None and base_model_license("Qwen/not-cached") is None
+    (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n")
+    assert base_model_license(str(tmp_path)) is None
+    meta = metadata(base_license="apache-2.0")
+    assert front_matter(training_card(meta, NAME, None, PATH))["license"] == "apache-2.0"
+    assert front_matter(adapter_card(meta, NAME, None, PATH))["license"] == "apache-2.0"
+    assert "license" not in front_matter(training_card(metadata(), NAME, None, PATH))
+
+
+def test_the_adapter_card_shows_the_shared_base_only_once_it_passed():
+    shared = {"path": "/outputs/shared-bases/Qwen3-0.6B-nf4-dq-bf16-0123456789", "passed": True, "mean_kl": 2e-4,
+              "max_abs_logit_diff": 0.3, "kl_limit": 5e-3, "check_rows": "8 held-out rows"}
+    card = adapter_card(metadata(shared_base=shared), NAME, None, PATH)
+    assert f"AutoPeftModelForCausalLM.from_pretrained('{PATH}/adapter')" in card and shared["path"] in card
+    assert "# or: AutoPeftModelForCausalLM" not in card  # the config names the shared base now, not the 4-bit one
+    assert "names the shared base: copy it too" in card
+    failed = adapter_card(metadata(shared_base={**shared, "passed": False}), NAME, None, PATH)
+    assert shared["path"] not in failed and "tools/shared_base.py" in failed
 
 
 def test_ptq_card_tags_its_own_format_not_the_sources_bitsandbytes():

@@ -43,7 +43,7 @@ from qlora.data.formats import DATASETS, load_rows, to_sft_dataset
 from qlora.core.errors import reading_user_file, root_message
 from qlora.evaluation import held_out_rows, training_split
 from qlora.outputs.loss_plot import write_loss_plot
-from qlora.outputs.model_card import write_model_cards
+from qlora.outputs.model_card import base_model_license, write_model_cards
 from qlora.model.loading import check_safetensors_weights, save_tokenizer
 from qlora.outputs.run_dir import claim, discard_staging
 from quantization_utils import (PTQ_METHODS, QuantSpec, build_metadata, build_ptq_plan,
@@ -394,6 +394,7 @@ def main(argv=None) -> Path:
             metadata = build_metadata(
                 spec,
                 base_model=meta.get("base_model", str(source.dir.resolve())),
+                base_license=meta.get("base_license", base_model_license(str(source.dir))),
                 dataset=meta.get("dataset"),
                 peft=meta.get("peft"),
                 artifact={"kind": "ptq", "merged": True, "weights_bytes": weights_bytes},

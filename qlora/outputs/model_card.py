@@ -46,6 +46,24 @@ def dataset_hub_id(metadata: dict) -> str | None:
     return getattr(spec, "hub_id", None)
 
 
+def base_model_license(model_name: str | None) -> str | None:
+    """The `license` of the base model's own card (README.md front matter): a local directory's, or a hub repo's
+    already in the local cache (nothing is downloaded for it); None when no card says one."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    if not model_name:
+        return None
+    local = Path(model_name) / CARD_FILE
+    card_file = local if local.is_file() else (try_to_load_from_cache(model_name, CARD_FILE) if hub_id(model_name) else None)
+    if not isinstance(card_file, (str, Path)) or not Path(card_file).is_file():
+        return None
+    try:
+        license_name = ModelCard.load(card_file).data.license
+    except Exception:  # a stranger's card that does not parse: the license is unknown, the run goes on
+        return None
+    return license_name if isinstance(license_name, str) and license_name else None
+
+
 def bnb_arguments(metadata: dict) -> dict[str, Any] | None:
     """The BitsAndBytesConfig arguments that differ from the defaults, of the 4-bit base the run trained on
     (rebuilt from the metadata's quantization block by the same builder the run used); None for a 16-bit base."""
@@ -87,7 +105,8 @@ def front_matter(metadata: dict, library: str, relation: str | None, tags: list[
     base = hub_id(metadata.get("base_model"))
     dataset = dataset_hub_id(metadata)
     data = ModelCardData(base_model=base, base_model_relation=relation if base else None, library_name=library,
-                         pipeline_tag="text-generation", tags=tags, datasets=[dataset] if dataset else None)
+                         pipeline_tag="text-generation", tags=tags, datasets=[dataset] if dataset else None,
+                         license=metadata.get("base_license"))
     return f"---\n{data.to_yaml()}\n---\n"
 
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from qlora.core.files import absolute_if_local, write_json
 from qlora.outputs.loss_plot import write_loss_plot
-from qlora.outputs.model_card import write_model_cards
+from qlora.outputs.model_card import base_model_license, write_model_cards
 from qlora.train.peft import PeftKind, peft_options
 from quantization_utils import build_metadata, peft_tag
 
@@ -39,7 +39,8 @@ def run_metadata(*, spec, cfg: dict, data, prompt_format: str, parameters: tuple
     to reproduce and trust the run; every value is of the directory it is written into."""
     trainable, total = parameters
     return build_metadata(
-        spec, base_model=absolute_if_local(cfg["MODEL_NAME"]), peft=peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"]),
+        spec, base_model=absolute_if_local(cfg["MODEL_NAME"]), base_license=base_model_license(cfg["MODEL_NAME"]),
+        peft=peft_tag(cfg["PEFT_CONFIG"], cfg["lora_r"]),
         peft_options=peft_options(cfg), config=cfg, versions=library_versions(),
         dataset={**data.metadata(), "prompt_format": prompt_format},
         artifact={**artifact, "adapter_dir": "adapter" if cfg["PEFT_CONFIG"] != PeftKind.FULL else None},
