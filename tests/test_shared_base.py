@@ -140,3 +140,13 @@ def test_bad_directories_are_one_line(case, tmp_path):
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message
     assert not (tmp_path / SHARED_BASES).exists()
+
+
+def test_a_gemma_adapter_passes_on_its_shared_base(gemma_base_dir, tmp_path):
+    """Gemma 3 (tied and scaled embedding, softcapped logits, four norms a layer): the adapter of an adapter-only run
+    passes the check on its shared base and the config names it."""
+    train_on_openmath_sample(gemma_base_dir, tmp_path, *FAST_TRAIN_ARGS, "--max_steps=4", "--merge_after_train=false")
+    (run,) = [d for d in tmp_path.iterdir() if d.name != SHARED_BASES]
+    record = shared_base([str(run)])
+    assert record["passed"] and record["mean_kl"] <= record["kl_limit"]
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == record["path"]
