@@ -4,7 +4,6 @@ reused, the adapter on it with PEFT's defaults (no bitsandbytes) reproduces the 
 the check, and strangers' directories and bad input are one line."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -114,6 +113,18 @@ def test_a_strangers_directory_in_its_place_is_refused(runs, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         shared_base([str(runs["adapter"]), f"--root={root}"])
     assert "not a shared base this project wrote" in str(exit_info.value.code)
+
+
+def test_too_little_disk_is_one_line_and_leaves_nothing(runs, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 1024))
+    with pytest.raises(SystemExit) as exit_info:
+        shared_base([str(runs["adapter"]), f"--root={tmp_path}"])
+    assert "not enough free disk" in str(exit_info.value.code) and "the shared base" in str(exit_info.value.code)
+    assert list((tmp_path / SHARED_BASES).iterdir()) == []  # the staged copy removed
 
 
 def test_two_writers_at_once_keep_the_first_and_mix_nothing(tmp_path):

@@ -24,8 +24,10 @@ from typing import Any, Callable
 from qlora.checks.logits import (FINGERPRINT_TOKENS, MERGE_CHECK_ROWS, kl_limit, measure_saved, tokenize_for_check,
                                  trained_reference)
 from qlora.core.errors import UserError
-from qlora.core.files import absolute_if_local, read_json_file, write_json
+from qlora.core.files import (absolute_if_local, check_free_disk, disk_full_is_a_user_error, read_json_file,
+                              write_json)
 from qlora.core.heap import freed_blocks_leave_the_heap, release_free_heap
+from qlora.core.memory import format_size
 from qlora.core.shards import SHARD_BYTES, write_checkpoint
 from qlora.merge.weights import merged_config, merged_layout, release_wrapped_model, streams_merge
 from qlora.model.base_weights import MERGE_BASE_WEIGHTS
@@ -124,8 +126,10 @@ def write_shared_base(key: dict[str, Any], bnb_config, directory: Path, device: 
             raise UserError(f"transformers renames {model.config.model_type} weights on load; a shared base is "
                             "written only for families saved under the names they are loaded by")
         specs = merged_layout(model, MERGE_BASE_WEIGHTS["dequantized"], None, torch.bfloat16)
-        report(f"writing {len(specs)} tensors of {base} dequantized to bf16 into {directory}")
-        with (torch.no_grad(), freed_blocks_leave_the_heap(),
+        needed = sum(spec.nbytes for spec in specs)
+        check_free_disk(directory.parent, needed, "the shared base")
+        report(f"writing {len(specs)} tensors of {base} dequantized to bf16 ({format_size(needed)}) into {directory}")
+        with (torch.no_grad(), freed_blocks_leave_the_heap(), disk_full_is_a_user_error(needed, directory.parent),
               tqdm(total=len(specs), desc="dequantizing", unit="tensor", leave=False) as bar):
             write_checkpoint(staged, specs, SHARD_BYTES, on_tensor=lambda _: bar.update())
         merged_config(model, torch.bfloat16).save_pretrained(staged)
