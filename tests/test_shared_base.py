@@ -4,6 +4,7 @@ reused, the adapter on it with PEFT's defaults (no bitsandbytes) reproduces the 
 the check, and strangers' directories and bad input are one line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,6 +55,10 @@ def test_adapter_on_the_shared_base_is_the_merged_model_with_peft_defaults(runs)
     shared = run.parent / SHARED_BASES
     (directory,) = shared.iterdir()
     assert record["path"] == str(directory)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (directory / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # shared: not 0600
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~mask
     config = json.loads((directory / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())

@@ -53,6 +53,13 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
+def apply_umask(directory: Path) -> None:
+    """Give `directory` and everything in it the modes the umask allows (safetensors writes 0600, mkdtemp 0700)."""
+    mask = _umask()
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
 @dataclass
 class RunDir:
     """A claimed output name: where to stage, where it will be published, and the held lock."""
@@ -82,10 +89,7 @@ class RunDir:
         directory to its final name. Returns the final path."""
         if not self.staged_complete:
             raise RuntimeError(f"{self.staging} is not marked complete; call mark_staged() first")
-        mask = _umask()
-        for path in [self.staging, *self.staging.rglob("*")]:
-            if not path.is_symlink():
-                path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        apply_umask(self.staging)
         replaced = self.final.with_name(f".{self.final.name}.replaced")
         if self.final.exists():
             if not self.replaces:

@@ -24,8 +24,8 @@ from typing import Any, Callable
 from qlora.checks.logits import (FINGERPRINT_TOKENS, MERGE_CHECK_ROWS, kl_limit, measure_saved, tokenize_for_check,
                                  trained_reference)
 from qlora.core.errors import UserError
-from qlora.core.files import (absolute_if_local, check_free_disk, disk_full_is_a_user_error, read_json_file,
-                              write_json)
+from qlora.core.files import (absolute_if_local, check_free_disk, disk_full_is_a_user_error, fsync_path,
+                              read_json_file, write_json)
 from qlora.core.heap import freed_blocks_leave_the_heap, release_free_heap
 from qlora.core.memory import format_size
 from qlora.core.shards import SHARD_BYTES, write_checkpoint
@@ -34,6 +34,7 @@ from qlora.model.base_weights import MERGE_BASE_WEIGHTS
 from qlora.model.loading import (load_adapter_model, load_causal_lm, load_merged_dir, load_tokenizer,
                                  safetensors_files)
 from qlora.outputs.read import quantization_plan_from_metadata, run_config
+from qlora.outputs.run_dir import apply_umask
 from quantization_utils import base_model_name
 
 SHARED_BASES = "shared-bases"  # the folder under OUTPUT_ROOT that holds them
@@ -140,10 +141,15 @@ def write_shared_base(key: dict[str, Any], bnb_config, directory: Path, device: 
         load_tokenizer(base, trust_remote_code).save_pretrained(staged)
         write_json(staged / KEY_FILE, {"key": key, "dtype": "bf16", "created_unix": int(time.time()),
                                        "written_with": _versions()})
+        for path in [*staged.rglob("*"), staged]:  # on disk before the rename makes it visible
+            fsync_path(path)
+        apply_umask(staged)  # shared: readable by whoever the umask lets read the runs
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    return publish_once(staged, directory)
+    published = publish_once(staged, directory)
+    fsync_path(directory.parent)
+    return published
 
 
 def _versions() -> dict[str, str]:
