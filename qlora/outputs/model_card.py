@@ -306,7 +306,8 @@ def shared_base_loading(metadata: dict, adapter_path: str) -> str:
             f"Checked on {shared.get('check_rows')} against the trained model: mean KL {fmt(shared.get('mean_kl'), 3)}, "
             f"max |logit diff| {fmt(shared.get('max_abs_logit_diff'))} (limit {fmt(shared.get('kl_limit'), 3)}). "
             "A LoRA server takes the same pair: the shared base as the model, this directory as the adapter "
-            f"(vLLM: `vllm serve {shared['path']} --enable-lora --lora-modules tuned={adapter_path}`).\n")
+            f"(vLLM: `vllm serve {shared['path']} --enable-lora --lora-modules tuned={adapter_path}`, with "
+            "`--max-lora-rank` at least the adapter's rank when it is above vLLM's default of 16).\n")
 
 
 def merged_loading(metadata: dict, path: str) -> str:
