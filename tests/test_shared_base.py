@@ -59,6 +59,8 @@ def test_adapter_on_the_shared_base_is_the_merged_model_with_peft_defaults(runs)
     os.umask(mask)
     assert (directory / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # shared: not 0600
     assert directory.stat().st_mode & 0o777 == 0o777 & ~mask
+    card = (directory / "README.md").read_text()
+    assert f"from_pretrained({str(directory)!r}" in card and "bitsandbytes" in card
     config = json.loads((directory / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())

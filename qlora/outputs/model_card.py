@@ -425,6 +425,22 @@ def ptq_card(metadata: dict, name: str, results: dict | None, path: str) -> str:
                 + moved_note(metadata, path, False))
 
 
+def shared_base_card(key: dict, path: str) -> str:
+    """README.md of a shared base (tools/shared_base.py) published at `path` (absolute)."""
+    base, quant = key["base_model"], key["quantization"]
+    plan = f"{str(quant.get('bnb_4bit_quant_type')).upper()}{', double quantization' if quant.get('bnb_4bit_use_double_quant') else ''}"
+    intro = (f"# {Path(path).name}\n\n`{base}` as this project's QLoRA runs train on it: its weights quantized by "
+             f"bitsandbytes ({plan}) and dequantized, saved in bf16. A plain transformers model (no bitsandbytes "
+             "needed); the adapters trained on the 4-bit base compute on it what they computed in training. Written "
+             f"once by tools/shared_base.py and shared by every run on this base and plan; `shared_base.json` records "
+             "what it was written from.\n")
+    loading = ("## How to load\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+               f"base = AutoModelForCausalLM.from_pretrained({path!r}, dtype=\"auto\")\n"
+               "model = PeftModel.from_pretrained(base, \"RUN_DIR/adapter\")  # an adapter trained on this base\n```\n")
+    return join(front_matter({"base_model": base}, "transformers", "quantized", ["bitsandbytes-dequantized", "nf4"]),
+                intro, loading)
+
+
 def read_eval_results(directory: Path) -> dict | None:
     file = Path(directory) / EVAL_FILE
     if not file.is_file():

@@ -33,6 +33,7 @@ from qlora.merge.weights import merged_config, merged_layout, release_wrapped_mo
 from qlora.model.base_weights import MERGE_BASE_WEIGHTS
 from qlora.model.loading import (load_adapter_model, load_causal_lm, load_merged_dir, load_tokenizer,
                                  safetensors_files)
+from qlora.outputs.model_card import CARD_FILE, shared_base_card
 from qlora.outputs.read import quantization_plan_from_metadata, run_config
 from qlora.outputs.run_dir import apply_umask
 from quantization_utils import base_model_name
@@ -141,6 +142,7 @@ def write_shared_base(key: dict[str, Any], bnb_config, directory: Path, device: 
         load_tokenizer(base, trust_remote_code).save_pretrained(staged)
         write_json(staged / KEY_FILE, {"key": key, "dtype": "bf16", "created_unix": int(time.time()),
                                        "written_with": _versions()})
+        (staged / CARD_FILE).write_text(shared_base_card(key, str(directory.resolve())), encoding="utf-8")
         for path in [*staged.rglob("*"), staged]:  # on disk before the rename makes it visible
             fsync_path(path)
         apply_umask(staged)  # shared: readable by whoever the umask lets read the runs
