@@ -11,16 +11,16 @@ from pathlib import Path
 
 from qlora.checks.scoring import math_answer_correct, perplexity, squad_exact_match, squad_f1
 from qlora.core.errors import reading_user_file
-from qlora.core.files import absolute_if_local, non_finite_as_null, non_finite_values, write_json
+from qlora.core.files import absolute_if_local, non_finite_as_null, non_finite_values, read_json_file, write_json
 from qlora.core.memory import weight_footprint
 from qlora.data.formats import (DATASETS, get_dataset_spec, load_rows, resolve_source, split_rows, squad_answers,
                                 to_sft_dataset)
-from qlora.model.loading import (check_safetensors_weights, checkpoint_bytes, load_causal_lm, load_tokenizer,
-                                 pick_device, quiet_bitsandbytes_notices)
+from qlora.model.loading import (check_safetensors_weights, checkpoint_bytes, load_adapter_model, load_causal_lm,
+                                 load_tokenizer, pick_device, quiet_bitsandbytes_notices)
 from qlora.outputs.loss_plot import pyplot
 from qlora.outputs.model_card import write_model_cards
 from qlora.outputs.read import (base_load_extras, check_finished, check_remote_code, load_output_dir, metadata_fields,
-                                read_metadata, run_config)
+                                quantization_plan_from_metadata, read_metadata, run_config)
 from quantization_utils import QuantMethod, detect_quant_method
 
 
@@ -360,4 +360,65 @@ def evaluate_dirs(dirs: list, options: EvalOptions = EvalOptions()) -> list[dict
     if len(results) > 1 and len(names) == 1 and names <= set(MAIN_METRIC):  # a chart of the answer metric
         write_chart(results, Path(options.chart))
         print(f"\nchart: {options.chart}")
+    return results
+
+
+# ----- one adapter on the bases a client may put it on --------------------------------------------------
+
+KL_ROWS = 16  # held-out rows (prompt and reference completion) the KL to the trained model is taken over
+
+def adapter_loaders(path: Path, metadata: dict, device: str) -> dict:
+    """name -> loader of each way a client loads a run's adapter (and its merged model, when it has one): the
+    trained model (the adapter on its 4-bit base by the run's plan), the adapter by AutoPeftModelForCausalLM with
+    defaults (on the base adapter_config.json names: the shared base once tools/shared_base.py passed), and the
+    adapter on the original 16-bit base."""
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    adapter = path / ((metadata.get("artifact") or {}).get("adapter_dir") or "adapter")
+    _, bnb_config = quantization_plan_from_metadata(metadata)
+    loaders = {"trained (adapter on its 4-bit base)": lambda: load_adapter_model(
+        metadata["base_model"], adapter, bnb_config, device)}
+    if (metadata.get("artifact") or {}).get("kind") in ("merged_bf16", "merged_nf4"):
+        loaders["merged"] = lambda: load_causal_lm(str(path), None, device, dtype="auto")
+    named = Path(str(read_json_file(adapter / "adapter_config.json").get("base_model_name_or_path"))).name
+    loaders[f"PEFT defaults (base: {named})"] = lambda: AutoPeftModelForCausalLM.from_pretrained(
+        str(adapter), dtype=torch.bfloat16, device_map={"": device})
+    loaders["adapter on the original 16-bit base"] = lambda: PeftModel.from_pretrained(
+        load_causal_lm(metadata["base_model"], None, device), str(adapter))
+    return loaders
+
+
+def _log_probs(model, tokenizer, texts: list[str]) -> list:
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [torch.log_softmax(model(**tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device))
+                                  .logits.float().cpu(), -1) for text in texts]
+
+
+def compare_adapter_bases(path: Path, rows: int, max_new_tokens: int = 64, batch_size: int = 16,
+                          device: str | None = None) -> list[dict]:
+    """A run's adapter (and merged model) loaded each way `adapter_loaders` lists, scored on the run's held-out
+    rows, with each one's mean KL(trained || it) per token over KL_ROWS rows (prompt and reference completion)."""
+    import gc
+
+    metadata = read_metadata(path)
+    split = training_split(metadata)
+    raw, examples = held_out_rows(split, rows)
+    tokenizer = load_tokenizer(str(path))
+    texts = [tokenizer.apply_chat_template(e["prompt"] + e["completion"], tokenize=False)
+             for e in examples.select(range(min(KL_ROWS, len(examples))))]
+    reference, results = None, []
+    for name, load in adapter_loaders(path, metadata, device or pick_device()).items():
+        model = load().eval()
+        log_probs = _log_probs(model, tokenizer, texts)
+        reference = reference or log_probs  # the first loader is the trained model
+        kl = sum(float((r.exp() * (r - q)).sum()) for r, q in zip(reference, log_probs)) / sum(r.shape[1] for r in reference)
+        predictions, _, _ = generate(model, tokenizer, list(examples["prompt"]), max_new_tokens, batch_size)
+        results.append({"loaded as": name, **score(split["name"], predictions, raw), "mean_kl_vs_trained": kl,
+                        "rows": len(raw), "kl_tokens": sum(r.shape[1] for r in reference)})
+        del model
+        gc.collect()
     return results

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from conftest import FAST_TRAIN_ARGS, ROOT, train_on_openmath_sample
 from qlora.outputs.read import read_metadata
 from qlora.outputs.shared_base import KEY_FILE, SHARED_BASES, publish_once
+from tools.compare_adapter_bases import main as compare_adapter_bases
 from tools.shared_base import main as shared_base
 
 DEMO_MODEL = ROOT / "models" / "Qwen3-arith-1M"
@@ -168,3 +169,13 @@ def test_a_gemma_adapter_passes_on_its_shared_base(gemma_base_dir, tmp_path):
     record = shared_base([str(run)])
     assert record["passed"] and record["mean_kl"] <= record["kl_limit"]
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == record["path"]
+
+
+def test_compare_adapter_bases_scores_each_way_a_client_loads_the_adapter(runs):
+    shared_base([str(runs["merged"])])  # adapter_config.json names the shared base (written, or reused)
+    results = compare_adapter_bases([str(runs["merged"]), "--rows=4", "--max-new-tokens=8", "--device=cpu"])
+    kl = {r["loaded as"].split(" (")[0]: r["mean_kl_vs_trained"] for r in results}
+    assert list(kl) == ["trained", "merged", "PEFT defaults", "adapter on the original 16-bit base"]
+    assert kl["trained"] == 0.0 and all(r["rows"] == 4 and "accuracy" in r for r in results)
+    assert kl["PEFT defaults"] <= read_metadata(runs["merged"])["merge_check"]["kl_limit"]
+    assert kl["adapter on the original 16-bit base"] > 20 * kl["PEFT defaults"]

@@ -17,13 +17,13 @@ Python code shipped with the base runs only with --trust-remote-code.
 import argparse
 from pathlib import Path
 
-from qlora.core.errors import UserError, one_line_errors
+from qlora.core.errors import one_line_errors
 from qlora.core.files import write_json
 from qlora.core.logs import setup_logging, step
 from qlora.evaluation import held_out_rows, training_split
 from qlora.model.loading import pick_device
 from qlora.outputs.model_card import write_model_cards
-from qlora.outputs.read import check_finished, check_remote_code, metadata_fields, read_metadata
+from qlora.outputs.read import check_adapter_run, check_remote_code, metadata_fields
 from qlora.outputs.shared_base import serve_on_shared_base
 
 
@@ -39,27 +39,12 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def check_run_dir(directory: Path) -> dict:
-    """The run's metadata, once DIR is a finished training output with a QLoRA adapter."""
-    if not directory.is_dir():
-        raise UserError(f"{directory} is not a directory; give a finished output directory of Fine-tuning/01_Train.py")
-    check_finished(directory)
-    metadata = read_metadata(directory)
-    if metadata is None:
-        raise UserError(f"{directory} has no metadata.json: not an output directory of Fine-tuning/01_Train.py")
-    adapter = (metadata.get("artifact") or {}).get("adapter_dir")
-    if not adapter or not (directory / adapter / "adapter_config.json").is_file():
-        raise UserError(f"{directory} has no adapter (a full fine-tune, or adapter/ removed): nothing to serve on a "
-                        "shared base")
-    return metadata
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging(is_main=True)
     with one_line_errors():
         directory = Path(args.dir)
-        metadata = check_run_dir(directory)
+        metadata = check_adapter_run(directory)
         check_remote_code(directory, metadata, args.trust_remote_code)
         root = Path(args.root) if args.root else directory.resolve().parent
         with metadata_fields(directory):

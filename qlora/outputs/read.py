@@ -110,4 +110,18 @@ def check_remote_code(directory: str | Path, metadata: dict | None, trust_remote
                             f"{config.get('model_type')!r}, which transformers has no class for; pass "
                             "--trust-remote-code if you trust its source")
 
+def check_adapter_run(directory: Path) -> dict:
+    """The run's metadata, once `directory` is a finished training output with an adapter."""
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory; give a finished output directory of Fine-tuning/01_Train.py")
+    check_finished(directory)
+    metadata = read_metadata(directory)
+    if metadata is None:
+        raise UserError(f"{directory} has no metadata.json: not an output directory of Fine-tuning/01_Train.py")
+    adapter = (metadata.get("artifact") or {}).get("adapter_dir")
+    if not adapter or not (directory / adapter / "adapter_config.json").is_file():
+        raise UserError(f"{directory} has no adapter (a full fine-tune, or adapter/ removed); give a run that kept "
+                        "one")
+    return metadata
+
 # ----- writing --------------------------------------------------------------------------------------------
