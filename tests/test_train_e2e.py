@@ -7,6 +7,7 @@ import yaml
 from safetensors import safe_open
 
 from conftest import FAST_TRAIN_ARGS, OPENMATH_SAMPLE, SEED_QUANTIZATION_BLOCK, run_python, run_train
+from qlora.planner.memory import CPU_RUNTIME_BYTES, GIB
 
 EXPECTED_NAME = "Qwen3-0.6B-openmath_SFT_LoRa256_QLORA_w4_headbf16"
 
@@ -37,6 +38,10 @@ def test_metadata_has_the_seed_block_and_true_values(trained):
     assert meta["artifact"]["kind"] == "merged_bf16" and meta["merge_check"]["passed"]
     assert 0 < meta["parameters"]["trainable"] < meta["parameters"]["total"]
     assert meta["peak_memory"]["peak_rss_gib"] > 0 and "overall_max_allocated_gib" in meta["peak_memory"]
+    # on CPU the plan starts from what the process held at the plan step, measured, below what the run then reached
+    plan = meta["memory_plan"]
+    assert plan["parts"]["runtime"] == plan["setup"]["runtime_bytes"] != CPU_RUNTIME_BYTES
+    assert 0.2 * GIB < plan["parts"]["runtime"] < meta["peak_memory"]["by_phase"]["train"]["rss_gib"] * GIB
     assert set(meta["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl"}
 
 

@@ -16,7 +16,7 @@ from qlora.checks.logits import MERGE_CHECK_ROWS, comparison_bytes
 from qlora.core.errors import ConfigError, UserError
 from qlora.core.files import existing_ancestor
 from qlora.core.logs import step
-from qlora.core.memory import GIB, available_memory, format_size
+from qlora.core.memory import GIB, available_memory, format_size, proc_status_bytes
 from qlora.data.chat_format import example_token_ids
 from qlora.planner.disk import disk_needed_for_config
 from qlora.train.options import OPTIMIZERS
@@ -77,6 +77,9 @@ class TrainingSetup:
     device: str = "cpu"  # cpu (peak RSS, with the runtime term) | cuda (max allocated)
     checkpoint_mapped: bool = False  # plain from_pretrained (TRL's recipe): the bf16 checkpoint stays memory-mapped
     longest_row_tokens: int = 0  # the longest training row's tokens before truncation (0: not known)
+    # CPU: the process's resident memory before the model loads; the training script measures its own at the plan
+    # step (its tokenizer and data are in it), a plan made from a config alone takes the stack's import
+    runtime_bytes: int = CPU_RUNTIME_BYTES
 
 # RMSNorms of one decoder layer by model_type: (over hidden_size, over head_dim as q_norm + k_norm).
 # Gemma 2/3 normalise before and after attention and the MLP; Qwen3 and Gemma 3 normalise q and k per head.
@@ -137,7 +140,8 @@ def layer_activation_bytes(cfg: Mapping[str, Any], tokens: int, lora_targets: tu
     return tokens * per_token
 
 def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "cpu",
-                     checkpoint_mapped: bool = False, dtype: str = "bf16") -> dict[str, Any]:
+                     checkpoint_mapped: bool = False, dtype: str = "bf16",
+                     runtime_bytes: int = CPU_RUNTIME_BYTES) -> dict[str, Any]:
     """Predicted peak while loading a bf16 checkpoint as `dtype` (bf16, or fp32 for full fine-tuning's master
     weights; `quant` None) or 4-bit, before training.
 
@@ -155,14 +159,14 @@ def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "c
     weights = counts["linear"] * bits / 8 + 2 * (counts["embedding"] + counts["lm_head"] + counts["norms"])
     cpu = device == "cpu"
     if quant is None and dtype != "bf16":  # converted on load: allocated, on CPU too
-        parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": DTYPE_BYTES[dtype] * sum(counts.values())}
+        parts = {"runtime": runtime_bytes if cpu else 0, "weights": DTYPE_BYTES[dtype] * sum(counts.values())}
         total = sum(parts.values())
     elif quant is None:  # on CPU the weights are the mapped checkpoint, not yet read
-        parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": 0 if cpu else int(weights)}
+        parts = {"runtime": runtime_bytes if cpu else 0, "weights": 0 if cpu else int(weights)}
         total = sum(parts.values())
     elif checkpoint_mapped:
         largest = max(i * o for i, o in _linear_shapes(cfg).values())
-        parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": int(weights),
+        parts = {"runtime": runtime_bytes if cpu else 0, "weights": int(weights),
                  "checkpoint_pages": 2 * counts["linear"] if cpu else 0,
                  "transient": 2 * largest}  # the bf16 tensor being quantized
         total = sum(parts.values())
@@ -173,7 +177,7 @@ def plan_load_memory(cfg: Mapping[str, Any], quant: str | None, device: str = "c
         # is read twice, then quantized.
         largest = max(i * o for i, o in _linear_shapes(cfg).values())
         head, embedding = 2 * counts["lm_head"], 2 * counts["embedding"]
-        parts = {"runtime": CPU_RUNTIME_BYTES if cpu else 0, "weights": int(weights), "transient": 2 * 2 * largest}
+        parts = {"runtime": runtime_bytes if cpu else 0, "weights": int(weights), "transient": 2 * 2 * largest}
         total = max(sum(parts.values()), parts["runtime"] + head + 2 * embedding, parts["runtime"] + 2 * head)
         parts["embedding_read"] = max(0, total - sum(parts.values()))  # while the head and embedding are read
     return {"parts": parts, "peak_bytes": total, "peak_gib": round(total / GIB, 3)}
@@ -182,7 +186,8 @@ def _loading_peak(cfg: Mapping[str, Any], setup: TrainingSetup, counts: dict[str
     """`plan_load_memory` for the setup, and the loading phase's peak including k-bit preparation."""
     # Loading comes before kbit preparation: the weights are as loaded (see plan_load_memory).
     load = plan_load_memory(cfg, setup.quant if setup.method == "qlora" else None, setup.device,
-                            setup.checkpoint_mapped, setup.full_weights_dtype if setup.method == "full" else "bf16")
+                            setup.checkpoint_mapped, setup.full_weights_dtype if setup.method == "full" else "bf16",
+                            setup.runtime_bytes)
     if setup.method != "qlora" or setup.embeddings_dtype != "fp32":
         return load, load["peak_bytes"]  # prepare_kbit_model makes no fp32 copy (qlora.model.loading)
     # peft's prepare_model_for_kbit_training (embeddings_dtype fp32): every 16-bit parameter replaced by an fp32
@@ -239,7 +244,7 @@ def plan_training_memory(cfg: Mapping[str, Any], setup: TrainingSetup) -> dict[s
                       if setup.device == "cpu" and OPTIMIZERS[setup.optim].bitsandbytes else 0)
     head_cast = plain // (2 if counts["lm_head"] else 1) * 2 if setup.embeddings_dtype == "fp32" and setup.method == "qlora" else 0
     parts = {
-        "runtime": CPU_RUNTIME_BYTES if setup.device == "cpu" else 0,
+        "runtime": setup.runtime_bytes if setup.device == "cpu" else 0,
         "weights": int(weights),
         "adapters": int(adapters),
         "gradients": int(trainable * trainable_bytes),
@@ -337,7 +342,7 @@ def token_stats(data, tokenizer, seed: int = 0) -> TokenStats:
                       estimated, held_out)
 
 def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], device: str,
-                          tokens: TokenStats | None = None) -> dict[str, Any]:
+                          tokens: TokenStats | None = None, runtime_bytes: int = CPU_RUNTIME_BYTES) -> dict[str, Any]:
     """The planner applied to 01_Train.py's resolved constants; `{"peak_gib": None, "reason": ...}` when
     the run has something the planner does not model (its prediction is then simply absent). With `tokens`,
     batches are as long as the longest row allows (up to max_seq_length), the tokenization of the longest
@@ -352,7 +357,7 @@ def plan_for_train_config(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, 
         optim=train_cfg["optim"], device=device, full_weights_dtype=train_cfg["full_weights_dtype"],
         # qlora.model.loading.load_causal_lm reads with pread, except a model with its own code: from_pretrained maps it
         checkpoint_mapped=bool(train_cfg.get("trust_remote_code", False)),
-        longest_row_tokens=tokens.longest_tokens if tokens else 0)
+        longest_row_tokens=tokens.longest_tokens if tokens else 0, runtime_bytes=runtime_bytes)
     try:
         plan = {"setup": setup.__dict__ | {"target_modules": list(targets)}, **plan_training_memory(model_cfg, setup)}
     except (KeyError, ValueError) as err:
@@ -497,13 +502,14 @@ def _describe_change(cfg: Mapping[str, Any], change: Mapping[str, Any]) -> str:
     return " with ".join(f"{name} {cfg[name]}->{value}" for name, value in change.items())
 
 def fitting_levers(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], device: str, budget: int,
-                   tokens: TokenStats | None = None, count: int = 3) -> list[tuple[str, int]]:
+                   tokens: TokenStats | None = None, count: int = 3,
+                   runtime_bytes: int = CPU_RUNTIME_BYTES) -> list[tuple[str, int]]:
     """Up to `count` single changes that bring the planned peak under `budget`, cheapest first, each with its
     planned peak in bytes; for a lever with several settings, the gentlest that fits. When no single change
     fits, the changes that lower the peak most, and all of them together as the last entry."""
     fits, lowers, combined = [], [], dict(train_cfg)
     for lever in LEVERS.values():
-        tried = [(change, plan_for_train_config(model_cfg, {**train_cfg, **change}, device, tokens))
+        tried = [(change, plan_for_train_config(model_cfg, {**train_cfg, **change}, device, tokens, runtime_bytes))
                  for change in lever(train_cfg)]
         tried = [(change, plan["peak_bytes"]) for change, plan in tried if plan.get("peak_gib") is not None]
         fitting = [(change, peak) for change, peak in tried if peak <= budget]
@@ -515,7 +521,7 @@ def fitting_levers(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], d
             combined.update(lowest[0])
     if fits:
         return fits[:count]
-    together = plan_for_train_config(model_cfg, combined, device, tokens)
+    together = plan_for_train_config(model_cfg, combined, device, tokens, runtime_bytes)
     best = sorted(lowers, key=lambda item: item[1])[:count]
     if together.get("peak_gib") is not None and combined != dict(train_cfg):
         best.append((_describe_change(train_cfg, {k: v for k, v in combined.items() if train_cfg[k] != v})
@@ -537,7 +543,8 @@ def fit_verdict(plan: Mapping[str, Any], model_cfg: Mapping[str, Any], train_cfg
         return True, f"{peak}; fit not checked ({source})"
     if plan["peak_bytes"] <= budget:
         return True, f"{peak} fits in {budget / GIB:.2f} GiB ({source})"
-    levers = fitting_levers(model_cfg, train_cfg, device, budget, tokens)
+    levers = fitting_levers(model_cfg, train_cfg, device, budget, tokens,
+                            runtime_bytes=(plan.get("setup") or {}).get("runtime_bytes", CPU_RUNTIME_BYTES))
     fits = [text for text, bytes_ in levers if bytes_ <= budget]
     listed = "; ".join(f"{text}: {bytes_ / GIB:.2f} GiB" for text, bytes_ in levers)
     advice = (f"changes that fit: {listed}" if fits else f"no single change fits; the largest cuts: {listed}")
@@ -550,7 +557,8 @@ def plan_run(model_cfg: Mapping[str, Any], cfg: Mapping[str, Any], device: str, 
     MemoryBudgetError, a dry run (cfg dry_run) logs the plan, the merge and the disk and raises nothing."""
 
     tokens = token_stats(data, tokenizer, cfg["seed"])
-    plan = plan_for_train_config(model_cfg, cfg, device, tokens)
+    # what this process holds before any weights load (the stack, the tokenizer, the rows) stays through the run
+    plan = plan_for_train_config(model_cfg, cfg, device, tokens, proc_status_bytes("VmRSS") or CPU_RUNTIME_BYTES)
     fits, verdict = fit_verdict(plan, model_cfg, cfg, device, tokens)
     if not cfg["dry_run"]:
         step("plan", "%s", format_plan(plan))
