@@ -179,3 +179,16 @@ def test_compare_adapter_bases_scores_each_way_a_client_loads_the_adapter(runs):
     assert kl["trained"] == 0.0 and all(r["rows"] == 4 and "accuracy" in r for r in results)
     assert kl["PEFT defaults"] <= read_metadata(runs["merged"])["merge_check"]["kl_limit"]
     assert kl["adapter on the original 16-bit base"] > 20 * kl["PEFT defaults"]
+
+
+def test_the_check_falls_back_on_fixed_texts_when_the_held_out_rows_are_gone(tmp_path):
+    """A run whose dataset file was moved (or a hub dataset offline) is still checked, on FALLBACK_TEXTS, and says so."""
+    from qlora.model.loading import load_tokenizer
+    from qlora.outputs.shared_base import FALLBACK_TEXTS, check_batches
+
+    def moved(metadata, rows):
+        raise FileNotFoundError(f"{tmp_path}/rows.jsonl")
+
+    batches, rows = check_batches(tmp_path, {"config": {"max_seq_length": 128}}, load_tokenizer(str(DEMO_MODEL)), moved)
+    assert len(batches) == len(FALLBACK_TEXTS) and rows.startswith(f"{len(FALLBACK_TEXTS)} fixed texts")
+    assert all(b["input_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[1] > 5 for b in batches)
