@@ -19,8 +19,8 @@ from qlora.model.loading import (check_safetensors_weights, checkpoint_bytes, lo
                                  load_tokenizer, pick_device, quiet_bitsandbytes_notices)
 from qlora.outputs.loss_plot import pyplot
 from qlora.outputs.model_card import write_model_cards
-from qlora.outputs.read import (base_load_extras, check_finished, check_remote_code, load_output_dir, metadata_fields,
-                                quantization_plan_from_metadata, read_metadata, run_config)
+from qlora.outputs.read import (adapter_path, base_load_extras, check_finished, check_remote_code, load_output_dir,
+                                metadata_fields, quantization_plan_from_metadata, read_metadata, run_config)
 from quantization_utils import QuantMethod, detect_quant_method
 
 
@@ -375,7 +375,7 @@ def adapter_loaders(path: Path, metadata: dict, device: str) -> dict:
     import torch
     from peft import AutoPeftModelForCausalLM, PeftModel
 
-    adapter = path / ((metadata.get("artifact") or {}).get("adapter_dir") or "adapter")
+    adapter = adapter_path(path, metadata)
     _, bnb_config = quantization_plan_from_metadata(metadata)
     loaders = {"trained (adapter on its 4-bit base)": lambda: load_adapter_model(
         metadata["base_model"], adapter, bnb_config, device)}

@@ -283,10 +283,15 @@ def adapter_loading(metadata: dict, adapter_path: str) -> str:
             f"BitsAndBytesConfig\n\nbnb_config = {bnb_code(arguments)}\n"
             f"base = AutoModelForCausalLM.from_pretrained({base!r}, quantization_config=bnb_config, dtype=torch.bfloat16)\n"
             f"model = PeftModel.from_pretrained(base, {adapter_path!r})\n"
-            + ("" if (metadata.get("shared_base") or {}).get("passed") else  # else the config names the shared base
+            + ("" if shared_base_passed(metadata) else  # else the config names the shared base
                "# or: AutoPeftModelForCausalLM.from_pretrained(adapter_path, quantization_config=bnb_config, "
                "dtype=torch.bfloat16)\n")
             + "```\n\n" + shared_base_loading(metadata, adapter_path))
+
+
+def shared_base_passed(metadata: dict) -> bool:
+    """tools/shared_base.py checked the adapter on the shared base and adapter_config.json names it."""
+    return bool((metadata.get("shared_base") or {}).get("passed"))
 
 
 def shared_base_loading(metadata: dict, adapter_path: str) -> str:
@@ -336,7 +341,7 @@ def moved_note(metadata: dict, path: str, with_base: bool) -> str:
             f"that machine. Copied elsewhere, replace `{path}` with its new path"
             + (f", and `{base}` with the base model's" if local_base else "")
             + (" (`adapter/adapter_config.json` names the shared base: copy it too, and give its new path there)."
-               if with_base and (metadata.get("shared_base") or {}).get("passed") else
+               if with_base and shared_base_passed(metadata) else
                " (`adapter/adapter_config.json` names it too)." if local_base else ".") + "\n")
 
 

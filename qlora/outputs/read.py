@@ -47,7 +47,7 @@ def load_output_dir(path: str | Path, device: str | None = None, trust_remote_co
     artifact = metadata.get("artifact") or {}
     if artifact.get("primary", "merged") == "adapter" or artifact.get("kind") == "adapter_only":
         _, bnb_config = quantization_plan_from_metadata(metadata)
-        model = load_adapter_model(metadata["base_model"], path / artifact.get("adapter_dir", "adapter"), bnb_config,
+        model = load_adapter_model(metadata["base_model"], adapter_path(path, metadata), bnb_config,
                                    device, trust_remote_code)
     else:
         model = load_merged_dir(path, None, device, trust_remote_code)
@@ -109,6 +109,10 @@ def check_remote_code(directory: str | Path, metadata: dict | None, trust_remote
             raise UserError(f"{config_file} points to Python code shipped with the model (auto_map) for model_type "
                             f"{config.get('model_type')!r}, which transformers has no class for; pass "
                             "--trust-remote-code if you trust its source")
+
+def adapter_path(directory: str | Path, metadata: dict) -> Path:
+    """Where a run directory keeps its adapter: metadata.json's `artifact.adapter_dir`, `adapter` by default."""
+    return Path(directory) / ((metadata.get("artifact") or {}).get("adapter_dir") or "adapter")
 
 def check_adapter_run(directory: Path) -> dict:
     """The run's metadata, once `directory` is a finished training output with an adapter."""

@@ -34,7 +34,7 @@ from qlora.model.base_weights import MERGE_BASE_WEIGHTS
 from qlora.model.loading import (load_adapter_model, load_causal_lm, load_merged_dir, load_tokenizer,
                                  safetensors_files)
 from qlora.outputs.model_card import CARD_FILE, shared_base_card
-from qlora.outputs.read import quantization_plan_from_metadata, run_config
+from qlora.outputs.read import adapter_path, quantization_plan_from_metadata, run_config
 from qlora.outputs.run_dir import apply_umask
 from quantization_utils import base_model_name
 
@@ -183,7 +183,7 @@ def check_adapter_on(directory: Path, run_dir: Path, metadata: dict, batches: li
     from peft import PeftModel
 
     _, bnb_config = quantization_plan_from_metadata(metadata)
-    adapter_dir = run_dir / ((metadata.get("artifact") or {}).get("adapter_dir") or "adapter")
+    adapter_dir = adapter_path(run_dir, metadata)
     trained = load_adapter_model(metadata["base_model"], adapter_dir, bnb_config, device, trust_remote_code)
     spill = Path(tempfile.mkdtemp(prefix=".check-", dir=directory.parent))
     try:
@@ -230,7 +230,7 @@ def serve_on_shared_base(run_dir: Path, metadata: dict, root: Path, device: str,
     batches, rows = check_batches(run_dir, metadata, load_tokenizer(str(run_dir), trust_remote_code), held_out)
     report(f"checking the adapter on it with PEFT's defaults against the trained model on {rows}")
     figures = check_adapter_on(directory, run_dir, metadata, batches, device, trust_remote_code)
-    adapter_dir = run_dir / ((metadata.get("artifact") or {}).get("adapter_dir") or "adapter")
+    adapter_dir = adapter_path(run_dir, metadata)
     if figures["passed"]:
         name_base_in_adapter(adapter_dir, directory)
     return {"path": str(directory.resolve()), "written_now": written, "check_rows": rows,
