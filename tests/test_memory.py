@@ -331,3 +331,32 @@ def test_phase_peaks_files_memory_under_the_step_the_log_last_named():
     assert list(report) == ["start", "model", "train", "merge"]
     assert report["train"]["rss_gib"] - report["model"]["rss_gib"] > 0.25
     assert report["merge"]["rss_gib"] < report["train"]["rss_gib"] - 0.25
+
+
+def test_the_trained_model_leaves_memory_before_the_merge_check(tiny_dir, tmp_path):
+    """After training, the flow frees the trained model before it reloads the merged one: nothing may keep it alive.
+    Two things did: bitsandbytes' process-wide optimizer registry (the Trainer registers the embedding there for
+    32-bit state) and peft's bound prepare_inputs_for_generation, left on the tuner by a generate()."""
+    import gc
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from qlora.merge.weights import release_wrapped_model
+    from qlora.train.adapter import take_trained_model
+
+    base = prepare_kbit_model(load_causal_lm(str(tiny_dir), bnb("nf4", True), "cpu"), gradient_checkpointing=False)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit",
+                                                          report_to="none", use_cpu=True))
+    trainer.create_optimizer()  # where the Trainer registers the embedding with bitsandbytes
+    model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    wrapped = weakref.ref(base)
+    embedding = weakref.ref(base.get_input_embeddings().weight)
+    del base
+
+    model = take_trained_model(trainer, {}, None, "cpu", tmp_path / "adapter", fsdp=False)
+    release_wrapped_model(model)
+    gc.collect()
+    assert wrapped() is None and embedding() is None

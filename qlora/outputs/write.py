@@ -81,6 +81,7 @@ def merge_and_check(model, *, staging: Path, model_name: str, batches, merge_bas
         release_wrapped_model(model)
     del model
     gc.collect()
+    release_free_heap()  # the trained model's freed blocks leave the process before the candidates are reloaded
     for base in bases:
         step("check", "%s merge reloaded from its files, against the trained model's logits", base)
         candidates[base], fingerprints[base], head_names[base] = measure_saved(

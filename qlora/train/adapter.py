@@ -59,6 +59,7 @@ def take_trained_model(trainer, cfg: Mapping[str, Any], bnb_config, device: str,
     model = trainer.model.eval()
     trainer.accelerator.free_memory()  # its references to the optimizer, the scheduler and the wrapped model
     trainer.optimizer = trainer.lr_scheduler = trainer.model = trainer.model_wrapped = None
+    forget_optimizer_overrides(model)
     gc.collect()
     release_free_heap()  # what training freed (activations, loss tiles) leaves the process
     if not fsdp:
@@ -66,3 +67,16 @@ def take_trained_model(trainer, cfg: Mapping[str, Any], bnb_config, device: str,
 
     del model
     return load_adapter_model(cfg["MODEL_NAME"], adapter_dir, bnb_config, device, cfg["trust_remote_code"])
+
+
+def forget_optimizer_overrides(model) -> None:
+    """Drop `model`'s modules from bitsandbytes' optimizer-override registry. The Trainer registers the embeddings
+    there for 32-bit state when the optimizer is a bitsandbytes one, and the registry, a process-wide singleton,
+    keeps them (and so the whole embedding: 0.31 GiB on Gemma 3 270M) alive after training, under the merge and its
+    check."""
+    from bitsandbytes.optim import GlobalOptimManager
+
+    manager = GlobalOptimManager.get_instance()
+    ours = {id(module) for module in model.modules()}
+    manager.module_weight_config_triple = [entry for entry in manager.module_weight_config_triple
+                                           if id(entry[0]) not in ours]
