@@ -60,10 +60,9 @@ def weights_identity(model_name: str) -> list[list]:
     return identity
 
 
-def shared_base_key(metadata: dict) -> dict[str, Any]:
+def shared_base_key(metadata: dict, bnb_config) -> dict[str, Any]:
     """What a shared base for this run must have been written from: the base model, its weight files, and the
-    quantization options that decide the dequantized values."""
-    _, bnb_config = quantization_plan_from_metadata(metadata)
+    quantization options (the run's `bnb_config`) that decide the dequantized values."""
     if bnb_config is None or not getattr(bnb_config, "load_in_4bit", False):
         raise UserError("this run's base was not loaded in 4-bit: its adapter serves exactly on the base model "
                         "itself, no shared base is needed")
@@ -175,14 +174,13 @@ def check_batches(run_dir: Path, metadata: dict, tokenizer, held_out: Callable[[
         return batches, f"{len(FALLBACK_TEXTS)} fixed texts (held-out rows unreadable: {str(err)[:120]})"
 
 
-def check_adapter_on(directory: Path, run_dir: Path, metadata: dict, batches: list, device: str,
+def check_adapter_on(directory: Path, run_dir: Path, metadata: dict, bnb_config, batches: list, device: str,
                      trust_remote_code: bool) -> dict[str, Any]:
     """The run's adapter loaded by PEFT on the shared base in `directory` (plain transformers, PEFT's defaults),
-    measured against the trained model (the adapter on its 4-bit base by the run's plan) as the merge check
-    measures a merge: max |logit diff|, mean KL(trained || on shared base), against the same limit."""
+    measured against the trained model (the adapter on its 4-bit base by `bnb_config`, the run's plan) as the merge
+    check measures a merge: max |logit diff|, mean KL(trained || on shared base), against the same limit."""
     from peft import PeftModel
 
-    _, bnb_config = quantization_plan_from_metadata(metadata)
     adapter_dir = adapter_path(run_dir, metadata)
     trained = load_adapter_model(metadata["base_model"], adapter_dir, bnb_config, device, trust_remote_code)
     spill = Path(tempfile.mkdtemp(prefix=".check-", dir=directory.parent))
@@ -215,21 +213,21 @@ def serve_on_shared_base(run_dir: Path, metadata: dict, root: Path, device: str,
                          held_out: Callable[[dict, int], Any], report: Callable[[str], None] = print) -> dict[str, Any]:
     """Find or write the shared base of a finished run's adapter (under `root`), check the adapter on it, and, when
     it passes, name it in the adapter's adapter_config.json. Returns metadata.json's `shared_base` record."""
-    key = shared_base_key(metadata)
+    _, bnb_config = quantization_plan_from_metadata(metadata)  # the plan the run trained with
+    key = shared_base_key(metadata, bnb_config)
     directory = shared_base_dir(root, key)
     started = time.time()
     if check_existing(directory, key):
         report(f"reusing {directory}")
         written = False
     else:
-        _, bnb_config = quantization_plan_from_metadata(metadata)
         written = write_shared_base(key, bnb_config, directory, device, trust_remote_code, report)
         if not written:
             report(f"another run wrote {directory} meanwhile: using it")
         check_existing(directory, key)
     batches, rows = check_batches(run_dir, metadata, load_tokenizer(str(run_dir), trust_remote_code), held_out)
     report(f"checking the adapter on it with PEFT's defaults against the trained model on {rows}")
-    figures = check_adapter_on(directory, run_dir, metadata, batches, device, trust_remote_code)
+    figures = check_adapter_on(directory, run_dir, metadata, bnb_config, batches, device, trust_remote_code)
     adapter_dir = adapter_path(run_dir, metadata)
     if figures["passed"]:
         name_base_in_adapter(adapter_dir, directory)
