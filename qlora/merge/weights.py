@@ -19,7 +19,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from qlora.core.heap import freed_blocks_leave_the_heap
+from qlora.core.heap import freed_blocks_leave_the_heap, release_free_heap
 from qlora.core.shards import SHARD_BYTES, TensorSpec, write_checkpoint
 from qlora.model.base_weights import MERGE_BASE_WEIGHTS
 from qlora.model.checkpoint import checkpoint_reader
@@ -83,6 +83,17 @@ def release_wrapped_model(peft_model) -> None:
     tuner = vars(peft_model.base_model)
     for name in [name for name, value in tuner.items() if getattr(value, "__self__", None) is wrapped]:
         del tuner[name]
+
+
+def free_wrapped_model(peft_model) -> None:
+    """`release_wrapped_model`, then the wrapped model collected and its blocks given back to the OS, before a
+    phase reloads a model: it holds itself in reference cycles (its forward, bound and stored on it), so dropping
+    the references alone leaves it in memory until Python's next full collection."""
+    import gc
+
+    release_wrapped_model(peft_model)
+    gc.collect()
+    release_free_heap()
 
 
 def merged_weight(module, adapter: str, weight):

@@ -26,10 +26,10 @@ from qlora.checks.logits import (FINGERPRINT_TOKENS, MERGE_CHECK_ROWS, kl_limit,
 from qlora.core.errors import UserError
 from qlora.core.files import (absolute_if_local, check_free_disk, disk_full_is_a_user_error, fsync_path,
                               read_json_file, write_json)
-from qlora.core.heap import freed_blocks_leave_the_heap, release_free_heap
+from qlora.core.heap import freed_blocks_leave_the_heap
 from qlora.core.memory import format_size
 from qlora.core.shards import SHARD_BYTES, write_checkpoint
-from qlora.merge.weights import merged_config, merged_layout, release_wrapped_model, streams_merge
+from qlora.merge.weights import free_wrapped_model, merged_config, merged_layout, streams_merge
 from qlora.model.base_weights import MERGE_BASE_WEIGHTS
 from qlora.model.loading import (load_adapter_model, load_causal_lm, load_merged_dir, load_tokenizer,
                                  safetensors_files)
@@ -186,10 +186,8 @@ def check_adapter_on(directory: Path, run_dir: Path, metadata: dict, bnb_config,
     spill = Path(tempfile.mkdtemp(prefix=".check-", dir=directory.parent))
     try:
         reference, trained_loss, floor = trained_reference(trained, batches, spill)
-        release_wrapped_model(trained)
+        free_wrapped_model(trained)
         del trained
-        gc.collect()
-        release_free_heap()
         reload = lambda path: PeftModel.from_pretrained(  # noqa: E731
             load_merged_dir(path, None, device, trust_remote_code), str(adapter_dir)).eval()
         figures, fingerprint, _ = measure_saved(directory, reload, reference, batches,

@@ -12,7 +12,8 @@ from qlora.checks.logits import (FINGERPRINT_TOKENS, MERGE_CHECK_ROWS, check_log
 from qlora.core.heap import release_free_heap
 from qlora.core.logs import step
 from qlora.core.memory import headroom_bytes
-from qlora.merge.weights import cast_weights, merge_lora, release_wrapped_model, streams_merge, write_merged
+from qlora.merge.weights import (cast_weights, free_wrapped_model, merge_lora, release_wrapped_model, streams_merge,
+                                 write_merged)
 from qlora.model.loading import load_adapter_model, load_merged_dir, set_lm_head_dtype
 from qlora.train.peft import PeftKind
 from quantization_utils import QuantMethod, build_quantization_plan
@@ -135,8 +136,6 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
     """Write the run's model into `staging` beside its adapter: the fully fine-tuned model, or the merged one
     (checked against the trained model first), or nothing more for an adapter-only run. Returns
     (merge_check, artifact) for metadata.json; `model` is consumed."""
-    import gc
-
     import torch
 
     fingerprint_ids = tokenize_for_check(tokenizer, check_rows.select(range(1)), FINGERPRINT_TOKENS)[0]["input_ids"][0]
@@ -153,9 +152,7 @@ def write_model(model, *, cfg: dict, staging: Path, tokenizer, check_rows, bnb_c
                       "fingerprints": {"merged": logits_fingerprint(reload(staging), fingerprint_ids.tolist())}}
     if not cfg["merge_after_train"]:  # what the adapter gives when reloaded on the 4-bit base by the same plan
         # (the trained model in memory differs from the reloaded one by a bf16 step in places: the reload it is)
-        release_wrapped_model(model)  # the trained weights go before the reload: one copy in memory at a time
-        gc.collect()  # the wrapped model holds itself in cycles (its forward, bound and stored on it)
-        release_free_heap()
+        free_wrapped_model(model)  # the trained weights go before the reload: one copy in memory at a time
         step("check", "the adapter reloaded on its base, for its fingerprint")
         return None, {"kind": "adapter_only", "weights_bits": None, "merge_base": None, "primary": "adapter",
                       "fingerprints": {"adapter": logits_fingerprint(load_trained(), fingerprint_ids.tolist())}}
