@@ -294,11 +294,13 @@ def trained_reference(model, batches, directory: Path) -> tuple[SpilledLogits, f
     with freed_blocks_leave_the_heap():  # each row's logits and each layer's re-rounded copy leave when freed
         for i, batch in enumerate(batches):
             (ref,) = logits_on(model, [batch])
+            release_free_heap()  # the forward's small blocks: freed heap that the next forward re-touches stays resident
             losses.append(_loss_sum(ref, batch))
             if i < FLOOR_ROWS:
                 floor.append(_comparison_sums(ref, _rerounded_logits(model, linears, batch), batch))
             logits.append(ref)
             del ref
+            release_free_heap()
     return logits, sum(t for t, _ in losses) / max(sum(c for _, c in losses), 1), _comparison(floor)["mean_kl"]
 
 
@@ -321,6 +323,7 @@ def measure_candidate(model, trained_logits, batches) -> dict[str, Any]:
                         loss += torch.nn.functional.cross_entropy(cand[:len(labels)].float(), labels,
                                                                   reduction="sum").item()
                         loss_tokens += len(labels)
+            release_free_heap()
     return {**_comparison([sums]), "loss": loss / max(loss_tokens, 1)}
 
 
