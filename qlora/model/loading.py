@@ -244,23 +244,29 @@ def prepare_kbit_model(model, gradient_checkpointing: bool, keep_embeddings_bf16
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
-def keep_4bit_weights_dequantizable(peft_model) -> None:
-    """Keep the 4-bit weights under DoRA adapters in bitsandbytes' storage layout on CPU.
+def keep_4bit_storage_layout(model) -> None:
+    """No inference repacking of `model`'s 4-bit weights on CPU, for the model's whole life.
 
-    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its own kernel on the first inference
-    forward. peft's DoRA dequantizes the base weight on every forward to take its norm, reading the repacked
-    bytes as if they were the storage layout: a QDoRA model in eval mode then computes a wrong function
-    (measured on the tiny test model: logits off by 0.06 at a scale of 1.2, and by 0 with this). Plain LoRA
-    never dequantizes in the forward, so it keeps the faster kernel.
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its own kernel on the first forward without
+    gradients, for good, with its block scales rounded to bf16; unpacking it again (a state dict, as the adapter's
+    save takes; the merge's dequantization) quantizes those rounded scales anew. The trained model keeps the layout
+    it was trained in: its evaluations, generation check, merge-check reference and merge base are the function
+    training computed, and no layer is converted back and forth (those conversions left up to 0.4 GiB of freed
+    heap resident on the Qwen3-0.6B architecture). peft's DoRA needs it too: it dequantizes the base weight on
+    every forward to take its norm, reading repacked bytes as if they were the storage layout (measured on the tiny
+    test model: logits off by 0.06 at a scale of 1.2 when repacked).
     """
     import bitsandbytes as bnb
 
-    if not any(getattr(cfg, "use_dora", False) for cfg in getattr(peft_model, "peft_config", {}).values()):
-        return
-    for module in peft_model.modules():
+    for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
 
+def keep_4bit_weights_dequantizable(peft_model) -> None:
+    """A reloaded DoRA adapter's 4-bit base kept in its storage layout (`keep_4bit_storage_layout`); plain LoRA,
+    which never dequantizes in the forward, keeps bitsandbytes' faster inference kernel, as a user's load does."""
+    if any(getattr(cfg, "use_dora", False) for cfg in getattr(peft_model, "peft_config", {}).values()):
+        keep_4bit_storage_layout(peft_model)
 
 def _cast_input_to_head_dtype(module, args):
     return (args[0].to(module.weight.dtype), *args[1:])

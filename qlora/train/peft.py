@@ -14,7 +14,7 @@ from qlora.core.logs import step
 from qlora.core.memory import count_parameters
 from qlora.model.base_weights import MERGE_BASE_WEIGHTS
 from qlora.model.checkpoint import checkpoint_reader
-from qlora.model.loading import keep_4bit_weights_dequantizable, prepare_kbit_model
+from qlora.model.loading import keep_4bit_storage_layout, prepare_kbit_model
 
 
 # Every projection of a Llama/Qwen/Gemma/Mistral decoder layer (attention and MLP), as the QLoRA paper trains.
@@ -178,7 +178,8 @@ def prepare_for_training(model, cfg: Mapping[str, Any], quantized: bool, fsdp: b
     if cfg["PEFT_CONFIG"] != PeftKind.FULL:
         check_target_modules(model, cfg["target_modules"])
         model = get_peft_model(model, lora_config(cfg))
-        keep_4bit_weights_dequantizable(model)
+    if quantized:  # trained, evaluated, checked and merged in the layout it trains in
+        keep_4bit_storage_layout(model)
     if cfg["init_lora_weights"] == "loftq":
         error = loftq_initialise(model, cfg["MODEL_NAME"])
         step("model", "LoftQ init: ||W - model|| / ||W|| over the adapted layers %.4g (4-bit alone) -> %.4g",

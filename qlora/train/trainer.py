@@ -4,7 +4,6 @@ what it measured (TrainResult)."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -123,19 +122,17 @@ def train(trainer, resume_checkpoint: Path | None) -> TrainResult:
     resumed = TrainerState.load_from_json(str(resume_checkpoint / "trainer_state.json")) if resume_checkpoint else None
     step("train", "training%s", f" from {resume_checkpoint.name}" if resumed else "")
     started = time.time()
-    # the held-out evaluations (every save_steps and the last one) run the kernel training ran
-    with weights_kept_as_trained(trainer.model):
-        if resumed is not None and resumed.global_step >= resumed.max_steps:
-            restore_finished(trainer, resume_checkpoint)
-            train_loss = None
-        else:
-            train_loss = trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resumed else None).training_loss
-        seconds = time.time() - started
-        stop_on_signal(trainer)
-        eval_loss = None
-        if trainer.eval_dataset is not None:
-            step("eval", "held-out loss on %d rows", len(trainer.eval_dataset))
-            eval_loss = trainer.evaluate()["eval_loss"]
+    if resumed is not None and resumed.global_step >= resumed.max_steps:
+        restore_finished(trainer, resume_checkpoint)
+        train_loss = None
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resumed else None).training_loss
+    seconds = time.time() - started
+    stop_on_signal(trainer)
+    eval_loss = None
+    if trainer.eval_dataset is not None:
+        step("eval", "held-out loss on %d rows", len(trainer.eval_dataset))
+        eval_loss = trainer.evaluate()["eval_loss"]
     history = trainer.state.log_history
     eval_by_step = {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}  # last per step
     result = TrainResult(trainer.state.global_step, resumed.global_step if resumed else 0, train_loss, eval_loss,
@@ -145,24 +142,6 @@ def train(trainer, resume_checkpoint: Path | None) -> TrainResult:
     step("train", "%d steps (%d in this run) in %.1fs, %s", result.steps, result.steps - result.resumed_step,
          result.seconds, result.losses_text())
     return result
-
-
-@contextmanager
-def weights_kept_as_trained(model):
-    """No inference repacking of 4-bit weights while training. On a CPU with AVX512-BF16, bitsandbytes converts
-    a 4-bit layer to its inference layout (bf16 absmax) on the first forward without gradients, for good: the
-    training steps after a held-out evaluation would compute another function, and a run resumed from a
-    checkpoint would not repeat the steps it redoes. Switched off for training and its held-out evaluations, the last
-    one included, restored after them: repacked there, every layer would be unpacked again by the adapter's save
-    (its state dict), and those conversions left up to 0.4 GiB of freed heap resident on Qwen3-0.6B."""
-    layers = [module for module in model.modules() if getattr(module, "support_avx512bf16_for_cpu", False)]
-    for module in layers:
-        module.support_avx512bf16_for_cpu = False
-    try:
-        yield
-    finally:
-        for module in layers:
-            module.support_avx512bf16_for_cpu = True
 
 
 def stop_on_signal(trainer) -> None:
