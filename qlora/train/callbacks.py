@@ -109,10 +109,9 @@ class ReleaseFreeHeapCallback(TrainerCallback):
     and during training between the decoder and the LM head's loss.
 
     A CPU step frees most of what it allocates below glibc's mmap threshold into the heap, where it stays resident
-    between live blocks (glibc trims only the heap's top): on the Qwen3-0.6B architecture, 0.28 GiB of free heap
-    was resident at the step's peak, in the loss, and the resident memory between steps grew by 0.06 GiB a step.
-    The loss's tiles then came on top of the forward's freed blocks. Trimming costs a walk of the heap a few times
-    a step (docs/measurements.md, "The heap between steps").
+    between live blocks (glibc trims only the heap's top), and the loss's tiles came on top of the forward's freed
+    blocks. Trimming costs a walk of the heap a few times a step; what it saved on the Qwen3-0.6B and Gemma 3
+    architectures: docs/measurements.md, "The heap between steps".
     """
 
     def __init__(self):
