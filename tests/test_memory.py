@@ -381,6 +381,8 @@ def test_cpu_training_gives_freed_heap_back_and_the_trained_model_keeps_its_4bit
 
     trims = []
     monkeypatch.setattr(callbacks, "release_free_heap", lambda: trims.append(1) or True)
+    # every Linear4bit starts out allowed to repack, as on a CPU with AVX512-BF16, whatever this machine's CPU
+    monkeypatch.setattr(bnb_lib.nn.modules, "has_avx512bf16", lambda: True)
     cfg = {**training_defaults(), "lora_r": 4, "max_steps": 2, "per_device_train_batch_size": 2,
            "gradient_accumulation_steps": 1, "max_seq_length": 64, "logging_steps": 1, "save_steps": 50}
     rows = to_sft_dataset(load_rows("openmath", OPENMATH_SAMPLE, 12), "openmath")
@@ -396,5 +398,6 @@ def test_cpu_training_gives_freed_heap_back_and_the_trained_model_keeps_its_4bit
     assert result.steps == 2 and result.eval_loss is not None and len(trims) >= 2 * 2 + 2
     assert not decoder._forward_hooks
     model.eval().generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     assert all(torch.equal(m.weight.quant_state.absmax, before) for m, before in zip(layers, absmax_before))

@@ -250,7 +250,8 @@ def keep_4bit_storage_layout(model) -> None:
     On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its own kernel on the first forward without
     gradients, for good, with its block scales rounded to bf16; unpacking it again (a state dict, as the adapter's
     save takes; the merge's dequantization) quantizes those rounded scales anew. The trained model keeps the layout
-    it was trained in: its evaluations, generation check, merge-check reference and merge base are the function
+    it was trained in: the steps after a held-out evaluation, and those a resumed run redoes, compute the function
+    the first steps did; its evaluations, generation check, merge-check reference and merge base are the function
     training computed, and no layer is converted back and forth (those conversions left up to 0.4 GiB of freed
     heap resident on the Qwen3-0.6B architecture). peft's DoRA needs it too: it dequantizes the base weight on
     every forward to take its norm, reading repacked bytes as if they were the storage layout (measured on the tiny
